@@ -1,0 +1,200 @@
+"""``mobizo`` command line: train, eval, demo (and the engines' extra commands)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import MobizoError
+
+
+def _quiet_imports() -> None:
+    # Third-party import chatter (torchao's optional CUDA kernels, pytree deprecations) is
+    # noise to a user on a CPU box; mobizo's own warnings go through stderr explicitly.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model directory, or 'tiny' (built-in; default)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="task name (default: synthetic); see README for the list")
+    p.add_argument("--data", help="directory or file with the task's train/validation data")
+    p.add_argument("--template", help='prompt template for custom-cls, e.g. "Review: {text} Sentiment:"')
+    p.add_argument("--label-words", help="comma-separated label words for custom-cls, e.g. bad,good")
+    p.add_argument("--max-length", type=int, help="max tokens per sequence (default 128)")
+    p.add_argument("--truncation", choices=["left", "error"], help="too-long prompts: cut from the left (default) or fail")
+    p.add_argument("--eval-examples", type=int, help="validation examples to use (default 500; 0 = all)")
+    p.add_argument("--eval-batch-size", type=int, help="rows per eval forward (default 32)")
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha; scaling = alpha/r (default 16)")
+    p.add_argument("--target-modules", type=_csv_list, help="comma-separated module names (default per architecture)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--estimator", help="prge | prge-outer | mezo | fo (default prge)")
+    p.add_argument("--queries", "-q", type=int, help="query directions per step q (default 4)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 16)")
+    p.add_argument("--data-mode", choices=["repeat", "split"], help="every direction sees the batch, or a 1/q slice")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    p.add_argument("--eps", type=float, help="perturbation scale epsilon (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
+    p.add_argument("--max-grad", type=float, help="skip steps with |projected grad| above this (default: no bound)")
+    p.add_argument("--max-bad-steps", type=int, help="stop after this many consecutive skipped steps (default 3)")
+    p.add_argument("--steps", type=int, help="total training steps (default 1000)")
+    p.add_argument("--seed", type=int, help="run seed: adapters' A, noise, data order (default 0)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer of the fo estimator (default sgd)")
+    p.add_argument("--train-a", action="store_true", default=None, help="fo: train A too (plain LoRA)")
+    p.add_argument("--train-examples", type=int, help="sample this many training examples (default all)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps; 0 = only at the end (default 100)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps; 0 = only at the end (default 100)")
+    p.add_argument("--engine", choices=["eager", "executorch"], help="who runs the step (default eager)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mobizo", description="Fine-tune LLMs with forward passes only (P-RGE + MP-LoRA)."
+    )
+    parser.add_argument("--version", action="version", version=f"mobizo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune an adapter")
+    _add_model_args(p)
+    _add_task_args(p)
+    _add_adapter_args(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
+    _add_model_args(p)
+    _add_task_args(p)
+    p.add_argument("--adapter", help="PEFT adapter directory (omit to score the untouched model)")
+    p.add_argument("--seed", type=int, help="seed for --eval-examples sampling (default 0)")
+    p.add_argument("--json", help="also write the metrics as JSON to this file")
+
+    p = sub.add_parser("demo", help="the built-in demo: eval, train with prge, eval again")
+    p.add_argument("--out", help="directory for demo.json and the runs")
+    p.add_argument("--steps", type=int, default=None, help="training steps per leg")
+    p.add_argument("--engines", type=_csv_list, default=None, help="legs to run (default: eager,executorch)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def train_config(args: argparse.Namespace):
+    from .trainer import TrainConfig, resolve_resume
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    given.pop("resume", None), given.pop("overwrite", None)
+    if getattr(args, "eval_examples", None) == 0:
+        given["eval_examples"] = None
+    cfg = TrainConfig(**given, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return resolve_resume(cfg, set(given))
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    summary = train(train_config(args))
+    acc = summary.get("eval_accuracy")
+    print(
+        f"step {summary['final_step']}: loss {summary['final_loss']:.4f}"
+        + (f", eval accuracy {acc:.4f}" if acc is not None else f", eval loss {summary['eval_loss']:.4f}")
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import read_adapter
+    from .data import Encoder
+    from .engines.eager import EagerEngine
+    from .evaluate import evaluate
+    from .models import load_model
+    from .mplora import inject, load_adapter_state
+    from .trainer import TrainConfig, load_task_data
+
+    cfg = TrainConfig(
+        model=args.model or "tiny",
+        task=args.task or "synthetic",
+        data=args.data,
+        template=args.template,
+        label_words=args.label_words,
+        seed=args.seed or 0,
+        max_length=args.max_length or 128,
+        eval_examples=None if args.eval_examples == 0 else (args.eval_examples or 500),
+    )
+    task, _, validation = load_task_data(cfg, need_train=False)
+    adapter = read_adapter(args.adapter) if args.adapter else None
+    model, tokenizer = load_model(cfg.model, trust_remote_code=args.trust_remote_code)
+    if adapter is not None:
+        state, config = adapter
+        modules = sorted({k.rsplit(".", 1)[0] for k in state})
+        inject(model, modules, int(config["r"]), float(config["lora_alpha"]), 0)
+        load_adapter_state(model, state)
+    engine = EagerEngine(model, estimator=None)  # scoring only
+    metrics = evaluate(engine, task.kind, validation, Encoder(tokenizer), tokenizer.pad_token_id, cfg.max_length, args.eval_batch_size or 32)
+    metrics = {"task": cfg.task, "model": cfg.model, "adapter": args.adapter, **metrics}
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print(f"{k}: {v:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, steps=args.steps, engines=args.engines, progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_imports()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MobizoError as e:
+        print(f"mobizo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobizo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""From examples to fixed-layout batches.
+
+Layout (the same for training, eval and the exported program):
+
+* sequences are ``prompt + answer`` token ids, **left-padded** to length T, so
+  every answer ends at position T-1;
+* ``labels`` has shape (rows, K): the answer ids right-aligned in a window of
+  the last K positions, -100 where a row's answer is shorter (or the row is a
+  masked padding row). Logits are needed only at positions T-K-1 .. T-2,
+  which is how the step avoids projecting the whole sequence to the vocabulary.
+
+Which examples make up step s is a pure function of (seed, s): resuming at any
+step reproduces the batches of an uninterrupted run without saving data state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import MobizoError
+from .tasks.base import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (rows, T) int64
+    attention_mask: torch.Tensor  # (rows, T) int64
+    labels: torch.Tensor  # (rows, K) int64, IGNORE outside answers
+    n_real: int  # leading rows that are real examples; the rest are masked filler
+    truncated: int = 0  # how many examples lost prompt tokens to --max-length
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Encoder:
+    """Tokenizes prompt/answer pairs so the answer tokens are exactly what follows the prompt.
+
+    The pair is tokenized jointly and the prompt's tokens are split off, which
+    gets leading-space handling right for BPE (``Ġgood``) and SentencePiece
+    (``▁good``) tokenizers alike; multi-token answers are kept whole.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self._eos_suffix = bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
+        self._cache: dict[tuple[str, str], Encoded] = {}
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if special and self._eos_suffix and ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return list(ids)
+
+    def __call__(self, prompt: str, answer: str) -> Encoded:
+        key = (prompt, answer)
+        if key not in self._cache:
+            if prompt[-1:].isspace() and answer.startswith(" "):
+                answer = answer[1:]
+            p = self._ids(prompt, True)
+            full = self._ids(prompt + answer, True)
+            if len(full) > len(p) and full[: len(p)] == p:
+                a = full[len(p) :]
+            else:
+                a = self._ids(answer, False)
+            if not a:
+                raise MobizoError(f"answer {answer!r} tokenizes to nothing")
+            if not p:
+                raise MobizoError(f"prompt {prompt[:40]!r} tokenizes to nothing")
+            self._cache[key] = Encoded(p, a)
+        return self._cache[key]
+
+    def example(self, ex: Example) -> Encoded:
+        return self(ex.prompt, ex.answer)
+
+
+def collate(
+    encs: list[Encoded],
+    pad_id: int,
+    max_length: int,
+    length: int | None = None,
+    answer_len: int | None = None,
+    rows: int | None = None,
+) -> Batch:
+    """Left-pad ``encs`` into a :class:`Batch`.
+
+    ``length``/``answer_len``/``rows`` fix T, K and the row count (exported
+    programs have static shapes); by default they fit the batch. Prompts too
+    long for ``max_length`` lose tokens from the left; answers never do.
+    """
+    if not encs:
+        raise MobizoError("cannot make a batch of zero examples")
+    if rows is not None and len(encs) > rows:
+        raise MobizoError(f"batch of {len(encs)} examples does not fit the {rows} rows of the program")
+    limit = min(max_length, length) if length else max_length
+    seqs, answers, truncated = [], [], 0
+    for e in encs:
+        a = e.answer_ids
+        if answer_len is not None and len(a) > answer_len:
+            raise MobizoError(
+                f"an answer of {len(a)} tokens is longer than the program's answer window of {answer_len} tokens"
+            )
+        if len(a) + 1 > limit:
+            raise MobizoError(f"an answer of {len(a)} tokens does not fit --max-length {limit} with its prompt")
+        p = e.prompt_ids
+        if len(p) + len(a) > limit:
+            p = p[len(p) + len(a) - limit :]
+            truncated += 1
+        seqs.append(p + a)
+        answers.append(a)
+    T = length or max(len(s) for s in seqs)
+    K = answer_len or max(len(a) for a in answers)
+    if T < K + 1:
+        raise MobizoError(f"sequence length {T} leaves no room for a prompt before a {K}-token answer window")
+    n_real = len(seqs)
+    n_rows = rows or n_real
+    ids = torch.full((n_rows, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((n_rows, T), dtype=torch.long)
+    labels = torch.full((n_rows, K), IGNORE, dtype=torch.long)
+    for i in range(n_rows):
+        s = seqs[i % n_real]  # filler rows repeat real ones (finite activations) ...
+        ids[i, T - len(s) :] = torch.tensor(s)
+        mask[i, T - len(s) :] = 1
+        if i < n_real:  # ... but have no supervised tokens
+            a = answers[i]
+            labels[i, K - len(a) :] = torch.tensor(a)
+    return Batch(ids, mask, labels, n_real, truncated)
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"mobizo-data:{seed}:{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def step_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of 1-based training ``step``: a seeded reshuffle every epoch."""
+    if n < 1:
+        raise MobizoError("no training examples")
+    out: list[int] = []
+    pos = (step - 1) * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos + len(out), n)
+        take = min(batch_size - len(out), n - off)
+        out.extend(_permutation(n, seed, epoch)[off : off + take])
+    return out

@@ -1,0 +1,26 @@
+"""Engines drive the one step implementation (:mod:`mobizo.step`).
+
+An engine exposes:
+
+* ``name``; ``shapes``: fixed (length, answer_len, rows) for batches, ``None`` where free;
+* ``train_step(batch, step, lr, eps) -> StepOutput``;
+* ``score(batch) -> (sums, counts)``: per-row answer cross-entropy sums and token counts (eval);
+* ``adapter_state()`` / ``load_adapter_state(state)``; ``optimizer_state()`` / ``load_optimizer_state``.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Shapes:
+    length: int | None = None
+    answer_len: int | None = None
+    rows: int | None = None
+    eval_rows: int | None = None
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    projected_grads: list[float] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)  # [plus per direction, minus per direction]

@@ -1,0 +1,78 @@
+"""The eager PyTorch engine: calls :class:`mobizo.step.ZOStep` (or the FO baseline) directly."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MobizoError
+from ..mplora import adapter_state, load_adapter_state, make_trainable
+from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses
+from . import Shapes, StepOutput
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class EagerEngine:
+    name = "eager"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        estimator: str | None,
+        zo: ZOConfig | None = None,
+        optimizer: str = "sgd",
+        train_a: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        self.model = model
+        self.estimator = estimator
+        self.shapes = Shapes()
+        self.optimizer = None
+        if estimator == "fo":
+            if optimizer not in OPTIMIZERS:
+                raise MobizoError(f"unknown --optimizer {optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+            params = make_trainable(model, train_a)
+            cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+            self.optimizer = cls(params, lr=0.0, weight_decay=weight_decay)
+            self.loss = AnswerLoss(model)
+        elif estimator is not None:  # None: an engine that only scores (eval)
+            self.step = ZOStep(model, zo or ZOConfig(estimator=estimator))
+
+    def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels)
+            loss.backward()
+            self.optimizer.step()
+            return StepOutput(loss=float(loss))
+        with torch.no_grad():
+            losses, grads = self.step(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.labels,
+                torch.tensor(step, dtype=torch.int64),
+                torch.tensor(lr, dtype=torch.float32),
+                torch.tensor(eps, dtype=torch.float32),
+            )
+        return StepOutput(
+            loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist()
+        )
+
+    @torch.no_grad()
+    def score(self, batch):
+        return answer_losses(self.model, batch.input_ids, batch.attention_mask, batch.labels)
+
+    def adapter_state(self):
+        return adapter_state(self.model)
+
+    def load_adapter_state(self, state) -> None:
+        load_adapter_state(self.model, state)
+
+    def optimizer_state(self):
+        return None if self.optimizer is None else self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state) -> None:
+        if self.optimizer is not None and state is not None:
+            self.optimizer.load_state_dict(state)

@@ -1,0 +1,130 @@
+"""Model loading: local Hugging Face checkpoints (offline) and the built-in ``tiny`` model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+from .errors import MobizoError  # noqa: E402
+
+TINY = "tiny"
+
+# Built-in default: a small randomly initialised Llama. Small enough for a
+# 2-core laptop to train in seconds, big enough to be a real transformer.
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY_VOCAB = 1024
+TINY_SEED = 1234
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained (deterministically) on a built-in corpus.
+
+    Any UTF-8 text encodes (byte fallback); the synthetic task's words and
+    common English words are single tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tasks.synthetic import tokenizer_corpus
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+    )
+
+
+def build_tiny(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of the built-in tiny Llama; same weights every time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_CONFIG,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.config.name_or_path = TINY
+    return model.to(dtype).eval(), tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from ``tiny`` or a local Hugging Face model directory, offline."""
+    if path == TINY:
+        return build_tiny(dtype)
+    p = Path(path)
+    if not p.exists():
+        raise MobizoError(f"model directory {path} does not exist (use --model tiny for the built-in model)")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        raise MobizoError(f"{path} has no *.safetensors weights (mobizo loads weights only from safetensors)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model dir
+        raise MobizoError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, local_files_only=True, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    model.config.name_or_path = str(p.resolve())
+    return model.eval(), tokenizer
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the frozen base weights (names, shapes, bytes): identifies a base model."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base.", ".")  # same hash before and after MP-LoRA injection
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""

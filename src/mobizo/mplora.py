@@ -1,0 +1,174 @@
+"""MP-LoRA: multi-perturbed LoRA on LoRA-FA, and its injection into a model.
+
+A :class:`MPLoRALinear` wraps a frozen ``nn.Linear`` with a frozen, seeded
+down-projection ``A`` (r x in) and a trained up-projection ``B`` (out x r,
+zero init), scaled by ``alpha / r`` exactly like LoRA / PEFT.
+
+In a ZO step the batch holds ``C`` copies laid out copy-major
+(``[copy0 rows, copy1 rows, ...]``) and :attr:`copies` holds one perturbed
+``B`` per copy, shape ``(C, out, r)``. The base layer and ``x @ A^T`` run once
+over the whole batch; only the tiny rank-r product is done per copy (``bmm``).
+With :attr:`copies` unset the layer is an ordinary LoRA layer using ``B``.
+
+``A`` and ``B`` are buffers (ExecuTorch keeps mutable state in buffers); the
+first-order baseline turns them into parameters with :func:`make_trainable`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MobizoError
+
+# Sensible defaults per Hugging Face ``model_type`` (the modules the LoRA/MeZO
+# literature adapts: the attention query and value projections).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+}
+
+
+class MPLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+        super().__init__()
+        if rank < 1:
+            raise MobizoError(f"--rank must be >= 1, got {rank}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        dtype = base.weight.dtype
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        # Same init as PEFT's LoRA A (kaiming uniform, a=sqrt(5)), seeded per layer.
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.register_buffer("lora_A", a.to(dtype))
+        self.register_buffer("lora_B", torch.zeros(self.out_features, rank, dtype=dtype))
+        self.copies: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        xa = F.linear(x, self.lora_A)  # once for the whole batch
+        if self.copies is None:
+            delta = F.linear(xa, self.lora_B)
+        else:
+            n_copies = self.copies.shape[0]
+            lead = xa.shape[:-1]
+            xa = xa.reshape(n_copies, -1, self.rank)  # copy-major batch
+            delta = torch.bmm(xa, self.copies.transpose(1, 2)).reshape(*lead, self.out_features)
+        return y + delta * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    for t in targets:
+        if name == t or name.endswith("." + t):
+            return True
+        if any(ch in t for ch in "*[]()|\\") and re.fullmatch(t, name):
+            return True
+    return False
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise MobizoError(
+            f"no default --target-modules for model type {model_type!r}; pass --target-modules explicitly"
+        )
+    return list(DEFAULT_TARGETS[model_type])
+
+
+def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: float, seed: int) -> list[str]:
+    """Replace every targeted ``nn.Linear`` with an :class:`MPLoRALinear`.
+
+    Freezes all original parameters. Returns the adapted module names in a
+    stable (sorted) order; that order defines each layer's noise stream id.
+    """
+    targets = list(targets) if targets else default_targets(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = sorted(n for n, m in model.named_modules() if n and _matches(n, targets))
+    bad = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+    if bad:
+        raise MobizoError(f"target modules must be nn.Linear layers; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}")
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise MobizoError(
+            f"--target-modules {','.join(targets)} matched no layer of the model (its linear layers: {', '.join(linear)})"
+        )
+    for i, name in enumerate(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % (2**63))
+        setattr(parent, child, MPLoRALinear(getattr(parent, child), rank, alpha, gen))
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, MPLoRALinear]]:
+    """(name, layer) of every MP-LoRA layer, in the sorted order used for noise streams."""
+    return sorted(((n, m) for n, m in model.named_modules() if isinstance(m, MPLoRALinear)), key=lambda t: t[0])
+
+
+def make_trainable(model: nn.Module, train_a: bool = False) -> list[nn.Parameter]:
+    """Turn B (and A if ``train_a``: plain LoRA) into autograd parameters for the FO baseline."""
+    params = []
+    for _, layer in lora_layers(model):
+        names = ["lora_B"] + (["lora_A"] if train_a else [])
+        for attr in names:
+            value = getattr(layer, attr)
+            if attr in layer._buffers:
+                del layer._buffers[attr]
+            p = nn.Parameter(value.detach().clone(), requires_grad=True)
+            setattr(layer, attr, p)
+            params.append(p)
+    return params
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name + '.lora_A' / '.lora_B': tensor} for every MP-LoRA layer."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_A"] = layer.lora_A.detach().clone()
+        state[f"{name}.lora_B"] = layer.lora_B.detach().clone()
+    return state
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    layers = dict(lora_layers(model))
+    expected = {f"{n}.lora_{w}" for n in layers for w in "AB"}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise MobizoError(
+            f"adapter does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for key, value in state.items():
+            name, _, attr = key.rpartition(".")
+            target = getattr(layers[name], attr)
+            if tuple(value.shape) != tuple(target.shape):
+                raise MobizoError(
+                    f"adapter tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}"
+                )
+            target.copy_(value.to(target.dtype))

@@ -1,0 +1,193 @@
+"""The ZO training step: one module used by the eager engine, the benchmarks and the ExecuTorch export.
+
+:class:`ZOStep` performs a whole P-RGE step in ``forward``:
+
+1. make z_i for every adapted layer and direction i from (seed, step) (:mod:`mobizo.perturb`);
+2. for each forward pass of the estimator's plan, give every layer its perturbed copies
+   ``B + sign * eps * z_i`` (MP-LoRA) and run the model once over the copy-major batch;
+3. per-copy masked token losses (logits only at the answer positions);
+4. projected gradients g_i = (L+_i - L-_i) / (2 eps);
+5. in-place update B <- B - lr * (mean_i g_i z_i + wd * B);
+
+and returns (losses, g). The estimators differ only in how copies are grouped
+into forward passes, so with the same seed they compute the same update:
+
+* ``prge``: one pass with 2q copies (+eps z_0 .. +eps z_{q-1}, -eps z_0 .. -eps z_{q-1});
+* ``prge-outer``: two passes with q copies (all +, then all -);
+* ``mezo``: 2q passes with one copy each (+z_0, -z_0, +z_1, ...): MeZO when q=1.
+
+Everything is static-shape tensor code with B in buffers, so ``torch.export``
+captures the step (including the buffer update) as a single graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MobizoError
+from .mplora import MPLoRALinear, lora_layers
+from .perturb import direction_noise
+
+ZO_ESTIMATORS = ("prge", "prge-outer", "mezo")
+ESTIMATORS = ZO_ESTIMATORS + ("fo",)
+DATA_MODES = ("repeat", "split")
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    estimator: str = "prge"
+    queries: int = 4
+    seed: int = 0
+    data_mode: str = "repeat"
+    weight_decay: float = 0.0
+    max_grad: float = float("inf")  # |g| above this (or non-finite losses) -> the step is skipped in-graph
+
+    def __post_init__(self):
+        if self.estimator not in ZO_ESTIMATORS:
+            raise MobizoError(f"unknown ZO estimator {self.estimator!r} (choose from {', '.join(ZO_ESTIMATORS)})")
+        if self.queries < 1:
+            raise MobizoError(f"--queries must be >= 1, got {self.queries}")
+        if self.data_mode not in DATA_MODES:
+            raise MobizoError(f"unknown --data-mode {self.data_mode!r} (choose from {', '.join(DATA_MODES)})")
+
+    def check_batch(self, batch_size: int) -> None:
+        if self.data_mode == "split" and batch_size % self.queries:
+            raise MobizoError(
+                f"--data-mode split needs --batch-size divisible by --queries ({batch_size} % {self.queries} != 0)"
+            )
+
+
+def forward_plan(estimator: str, q: int) -> list[list[tuple[int, float]]]:
+    """Forward passes, each a list of (direction, sign) copies in batch order."""
+    plus = [(i, 1.0) for i in range(q)]
+    minus = [(i, -1.0) for i in range(q)]
+    if estimator == "prge":
+        return [plus + minus]
+    if estimator == "prge-outer":
+        return [plus, minus]
+    if estimator == "mezo":
+        return [[c] for i in range(q) for c in ((i, 1.0), (i, -1.0))]
+    raise MobizoError(f"unknown ZO estimator {estimator!r}")
+
+
+def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
+    """Per-row summed cross-entropy over the answer window and per-row token counts.
+
+    Only the K positions that predict answer tokens are projected to the
+    vocabulary (``logits_to_keep``), never the whole sequence.
+    """
+    T, K = input_ids.shape[1], labels.shape[1]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(T - K - 1, T - 1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(labels.shape)
+    valid = labels != -100
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    return ce.sum(-1), valid.sum(-1)
+
+
+def _copy_rows(t: torch.Tensor, copies: list[tuple[int, float]], queries: int, split: bool) -> torch.Tensor:
+    """The copy-major batch of one pass: the whole batch per copy, or direction i's chunk in split mode."""
+    if not split:
+        return t.repeat(len(copies), *([1] * (t.dim() - 1)))
+    chunks = t.chunk(queries, dim=0)
+    return torch.cat([chunks[d] for d, _ in copies], dim=0)
+
+
+class ZOStep(nn.Module):
+    """A whole zeroth-order step over a model with MP-LoRA layers (see module docstring)."""
+
+    def __init__(self, model: nn.Module, config: ZOConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.layer_names = [n for n, _ in lora_layers(model)]
+        if not self.layer_names:
+            raise MobizoError("the model has no MP-LoRA layers (inject adapters first)")
+        self.plan = forward_plan(config.estimator, config.queries)
+
+    def _layers(self) -> list[MPLoRALinear]:
+        return [self.model.get_submodule(n) for n in self.layer_names]
+
+    def noise(self, step) -> list[torch.Tensor]:
+        """z for every layer: (q, out, r) each, from (seed, step, layer index)."""
+        q, seed = self.config.queries, self.config.seed
+        return [
+            direction_noise(seed, step, i, layer.lora_B.shape, q, layer.lora_B.dtype)
+            for i, layer in enumerate(self._layers())
+        ]
+
+    def forward(self, input_ids, attention_mask, labels, step, lr, eps):
+        cfg = self.config
+        q, split = cfg.queries, cfg.data_mode == "split"
+        layers = self._layers()
+        zs = self.noise(step)
+        loss_of: dict[tuple[int, float], torch.Tensor] = {}
+        try:
+            for copies in self.plan:
+                signs = torch.tensor([s for _, s in copies], dtype=torch.float32)
+                for layer, z in zip(layers, zs):
+                    zc = torch.stack([z[d] for d, _ in copies])
+                    delta = (eps * signs).to(z.dtype).reshape(-1, 1, 1) * zc
+                    layer.copies = layer.lora_B.unsqueeze(0) + delta
+                sums, counts = answer_losses(
+                    self.model,
+                    _copy_rows(input_ids, copies, q, split),
+                    _copy_rows(attention_mask, copies, q, split),
+                    _copy_rows(labels, copies, q, split),
+                )
+                n = len(copies)
+                per_copy = sums.reshape(n, -1).sum(-1) / counts.reshape(n, -1).sum(-1).clamp(min=1)
+                for j, c in enumerate(copies):
+                    loss_of[c] = per_copy[j]
+        finally:
+            for layer in layers:
+                layer.copies = None
+        plus = torch.stack([loss_of[(i, 1.0)] for i in range(q)])
+        minus = torch.stack([loss_of[(i, -1.0)] for i in range(q)])
+        grads = (plus - minus) / (2 * eps)
+        # Divergence guard, in-graph: a bad step (non-finite loss or |g| > max_grad) leaves B untouched.
+        ok = torch.isfinite(plus).all() & torch.isfinite(minus).all() & (grads.abs() <= cfg.max_grad).all()
+        apply_update(layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay)
+        return torch.stack([plus, minus]), grads
+
+
+def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0) -> None:
+    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``."""
+    for layer, z in zip(layers, zs):
+        g = grads.to(z.dtype).reshape(-1, 1, 1)
+        update = (g * z).mean(0)
+        if weight_decay:
+            update = update + weight_decay * layer.lora_B
+        layer.lora_B.copy_(layer.lora_B - lr * update)
+
+
+def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
+    """Host-side twin of the in-graph guard, for logging and counting skipped steps."""
+    return bool(torch.isfinite(losses).all()) and bool((grads.abs() <= max_grad).all())
+
+
+class AnswerLoss(nn.Module):
+    """Mean answer-token cross-entropy of a batch: the first-order baseline's objective."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        sums, counts = answer_losses(self.model, input_ids, attention_mask, labels)
+        return sums.sum() / counts.sum().clamp(min=1)

@@ -1,0 +1,86 @@
+"""The task layer: what an example is, how a task loads and how it is scored.
+
+Every task turns its raw records into :class:`Example` objects. An example is
+always "prompt, then answer" (MeZO-style prompting): the answer tokens are the
+only supervised tokens. How the answer is chosen and scored depends on
+``Task.kind``:
+
+* ``classification``: ``candidates`` are the label words (with their leading
+  space), ``label`` indexes the gold one; eval compares the summed log-prob of
+  each candidate.
+* ``multiple_choice``: same, but eval compares the *mean* log-prob per token.
+* ``generation``: ``target`` is the gold completion, ``answers`` all accepted
+  answers; eval generates greedily and reports token F1 / exact match.
+* ``lm``: ``target`` is a completion; eval reports the answer loss only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..errors import MobizoError
+
+KINDS = ("classification", "multiple_choice", "generation", "lm")
+
+
+@dataclass
+class Example:
+    prompt: str
+    candidates: list[str] = field(default_factory=list)
+    label: int | None = None
+    target: str | None = None
+    answers: list[str] | None = None
+
+    @property
+    def answer(self) -> str:
+        """The supervised text for training."""
+        if self.target is not None:
+            return self.target
+        if self.label is None:
+            raise MobizoError("example has neither a target nor a label")
+        return self.candidates[self.label]
+
+
+class Task:
+    """Base class. Subclasses set ``name``/``kind`` and implement :meth:`load_split`."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "classification"
+    needs_data: ClassVar[bool] = True
+
+    def __init__(self, data: str | None = None, **options):
+        if self.needs_data and not data:
+            raise MobizoError(f"task {self.name} needs --data DIR")
+        self.data = data
+        self.options = options
+
+    def load_split(self, split: str) -> list[Example]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
+        examples = self.load_split(split)
+        if not examples:
+            raise MobizoError(f"task {self.name}: the {split} split is empty")
+        if limit is not None and 0 < limit < len(examples):
+            rng = random.Random(f"{seed}:{split}")
+            examples = rng.sample(examples, limit)
+        return examples
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, data: str | None = None, **options) -> Task:
+    from . import custom, synthetic  # noqa: F401 - registration side effects
+
+    if name not in TASKS:
+        raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name](data=data, **options)
+

@@ -1,0 +1,374 @@
+"""The training loop: data -> batch -> engine step -> metrics / eval / checkpoint.
+
+All validation (model, task, data, adapters, output directory) happens in
+:func:`prepare` before anything is written, so bad input never leaves a
+half-written ``--out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import atomic_write_text, load_checkpoint, resolve_dir, save_adapter, save_checkpoint
+from .data import Encoder, collate, step_indices
+from .errors import MobizoError
+from .evaluate import evaluate
+from .step import ESTIMATORS, ZOConfig
+
+# Fields that define the trajectory: a resumed run must use the same values.
+TRAJECTORY_FIELDS = (
+    "model", "task", "data", "template", "label_words", "estimator", "queries", "batch_size", "data_mode",
+    "lr", "eps", "weight_decay", "max_grad", "rank", "alpha", "target_modules", "seed", "max_length",
+    "optimizer", "train_a", "engine", "train_examples", "truncation",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    task: str = "synthetic"
+    data: str | None = None
+    template: str | None = None
+    label_words: str | None = None
+    estimator: str = "prge"
+    queries: int = 4
+    batch_size: int = 16
+    data_mode: str = "repeat"
+    lr: float = 1e-3
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad: float = float("inf")
+    max_bad_steps: int = 3
+    steps: int = 1000
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | None = None
+    seed: int = 0
+    max_length: int = 128
+    truncation: str = "left"
+    optimizer: str = "sgd"
+    train_a: bool = False
+    engine: str = "eager"
+    eval_every: int = 100
+    eval_at_start: bool = False
+    eval_examples: int | None = 500
+    train_examples: int | None = None
+    eval_batch_size: int = 32
+    save_every: int = 100
+    out: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def trajectory(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in TRAJECTORY_FIELDS}
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, validated."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    task: object
+    train: list
+    validation: list
+    encoder: Encoder
+    engine: object
+    targets: list[str]
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.estimator not in ESTIMATORS:
+        raise MobizoError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
+    for name in ("queries", "batch_size", "steps", "rank", "max_length", "eval_batch_size", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            raise MobizoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("lr", "eps", "alpha"):
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v <= 0:
+            raise MobizoError(f"--{name} must be a positive number, got {v}")
+    if cfg.eval_every < 0 or cfg.save_every < 0:
+        raise MobizoError("--eval-every and --save-every must be >= 0")
+    if cfg.truncation not in ("left", "error"):
+        raise MobizoError(f"--truncation must be left or error, got {cfg.truncation!r}")
+    if cfg.engine not in ("eager", "executorch"):
+        raise MobizoError(f"unknown --engine {cfg.engine!r} (choose from eager, executorch)")
+    if cfg.estimator != "fo":
+        ZOConfig(cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode, cfg.weight_decay, cfg.max_grad).check_batch(
+            cfg.batch_size
+        )
+
+
+def load_task_data(cfg: TrainConfig, need_train: bool = True):
+    from .tasks import get_task
+
+    task = get_task(cfg.task, data=cfg.data, template=cfg.template, label_words=cfg.label_words)
+    train = task.load("train", cfg.train_examples, cfg.seed) if need_train else []
+    validation = task.load("validation", cfg.eval_examples, cfg.seed)
+    return task, train, validation
+
+
+def check_lengths(encoder: Encoder, examples, max_length: int, truncation: str, what: str) -> int:
+    """Encode everything once (fails fast on bad text); count prompts that must be truncated."""
+    long = 0
+    for ex in examples:
+        encs = [encoder(ex.prompt, c) for c in ex.candidates] or [encoder.example(ex)]
+        for e in encs:
+            if len(e.answer_ids) + 1 > max_length:
+                raise MobizoError(f"{what}: an answer of {len(e.answer_ids)} tokens does not fit --max-length {max_length}")
+        if any(len(e.prompt_ids) + len(e.answer_ids) > max_length for e in encs):
+            long += 1
+            if truncation == "error":
+                raise MobizoError(
+                    f"{what}: a prompt of {len(encs[0].prompt_ids)} tokens is longer than --max-length {max_length} "
+                    "allows (raise --max-length or use --truncation left)"
+                )
+    return long
+
+
+def build_engine(cfg: TrainConfig, model, tokenizer, out: Path | None):
+    if cfg.engine == "executorch":
+        from .engines.executorch import ExecuTorchEngine
+
+        return ExecuTorchEngine.for_training(cfg, model, tokenizer, out)
+    from .engines.eager import EagerEngine
+
+    zo = None
+    if cfg.estimator != "fo":
+        zo = ZOConfig(cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode, cfg.weight_decay, cfg.max_grad)
+    return EagerEngine(model, cfg.estimator, zo, cfg.optimizer, cfg.train_a, cfg.weight_decay)
+
+
+def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
+    from .models import load_model
+    from .mplora import inject
+
+    check_config(cfg)
+    task, train, validation = load_task_data(cfg)
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    targets = inject(model, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed)
+    encoder = Encoder(tokenizer)
+    for what, exs in (("train", train), ("validation", validation)):
+        n = check_lengths(encoder, exs, cfg.max_length, cfg.truncation, what)
+        if n:
+            print(f"mobizo: warning: {n} {what} examples exceed --max-length {cfg.max_length}; "
+                  "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
+    engine = build_engine(cfg, model, tokenizer, out)
+    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets)
+
+
+def make_batch(run: Run, step: int):
+    cfg = run.cfg
+    idx = step_indices(len(run.train), cfg.batch_size, step, cfg.seed)
+    shapes = run.engine.shapes
+    return collate(
+        [run.encoder.example(run.train[i]) for i in idx],
+        run.tokenizer.pad_token_id,
+        cfg.max_length,
+        length=shapes.length,
+        answer_len=shapes.answer_len,
+        rows=shapes.rows,
+    )
+
+
+def run_eval(run: Run) -> dict:
+    return evaluate(
+        run.engine,
+        run.task.kind,
+        run.validation,
+        run.encoder,
+        run.tokenizer.pad_token_id,
+        run.cfg.max_length,
+        run.cfg.eval_batch_size,
+    )
+
+
+class BadSteps(MobizoError):
+    pass
+
+
+def _check_out(cfg: TrainConfig) -> Path | None:
+    if cfg.out is None:
+        return None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise MobizoError(f"--out {out} exists and is not a directory")
+    if cfg.resume:
+        if resolve_dir(out / "checkpoint") is None:
+            raise MobizoError(f"--resume: no checkpoint in {out}")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise MobizoError(f"--out {out} is not empty (use --resume to continue that run or --overwrite to replace it)")
+    return out
+
+
+def resolve_resume(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """With --resume, unspecified flags take the saved run's values; conflicting ones are an error."""
+    if not cfg.resume:
+        return cfg
+    out = _check_out(cfg)
+    d = resolve_dir(out / "checkpoint")
+    try:
+        saved = json.loads((d / "state.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MobizoError(f"--resume: unreadable checkpoint state in {d} ({e})") from e
+    updates = {}
+    for k, v in saved.items():
+        if k not in TRAJECTORY_FIELDS:
+            continue
+        if k in given and getattr(cfg, k) != v:
+            raise MobizoError(f"--resume: the run in {out} used --{k.replace('_', '-')} {v}, not {getattr(cfg, k)}")
+        updates[k] = v
+    return dataclasses.replace(cfg, **updates)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train per ``cfg``; returns the summary (also written to ``out/summary.json``)."""
+    out = _check_out(cfg)
+    run = prepare(cfg, out)
+    start_step = 0
+    if cfg.resume:
+        adapter, _, state, opt_state = load_checkpoint(out / "checkpoint")
+        if state.get("config", {}) and {k: state["config"].get(k) for k in TRAJECTORY_FIELDS} != cfg.trajectory():
+            raise MobizoError(f"--resume: the checkpoint in {out} belongs to a different run configuration")
+        run.engine.load_adapter_state(adapter)
+        run.engine.load_optimizer_state(opt_state)
+        start_step = int(state["step"])
+    if out is not None:
+        if cfg.overwrite and not cfg.resume and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    return _loop(run, out, start_step)
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    if not path.exists():
+        return []
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(rec, dict) and "step" in rec and rec["step"] <= upto:
+            keep.append(line)
+    return keep
+
+
+def _loop(run: Run, out: Path | None, start_step: int) -> dict:
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    metrics_path = out / "metrics.jsonl" if out else None
+    if metrics_path is not None:
+        # Steps after the checkpoint will be redone: drop their records.
+        lines = _read_metrics(metrics_path, start_step)
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in lines))
+    metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path else None
+    last_eval: dict = {}
+    last_eval_step = None
+    last_loss = float("nan")
+    bad_run, skipped, times = 0, 0, []
+    last_good_ckpt = start_step if cfg.resume else None
+
+    def save_ckpt(step: int) -> None:
+        nonlocal last_good_ckpt
+        if out is None:
+            return
+        if metrics_file and not metrics_file.closed:
+            metrics_file.flush()
+        save_checkpoint(
+            out / "checkpoint",
+            run.engine.adapter_state(),
+            cfg.rank,
+            cfg.alpha,
+            cfg.model,
+            {"step": step, "config": cfg.trajectory(), "mobizo_version": __version__},
+            run.engine.optimizer_state(),
+        )
+        last_good_ckpt = step
+
+    start_eval = run_eval(run) if cfg.eval_at_start else None
+    bar = tqdm(
+        range(start_step + 1, cfg.steps + 1),
+        initial=start_step,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        desc=f"{cfg.engine}/{cfg.estimator}",
+        dynamic_ncols=True,
+    )
+    step = start_step
+    try:
+        for step in bar:
+            batch = make_batch(run, step)
+            t0 = time.perf_counter()
+            res = run.engine.train_step(batch, step, cfg.lr, cfg.eps)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            good = math.isfinite(res.loss) and all(
+                math.isfinite(g) and abs(g) <= cfg.max_grad for g in res.projected_grads
+            )
+            rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads,
+                   "lr": cfg.lr, "eps": cfg.eps, "seconds": dt}  # fmt: skip
+            if good:
+                bad_run = 0
+                last_loss = res.loss
+            else:
+                bad_run += 1
+                skipped += 1
+                rec["skipped"] = True
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                last_eval, last_eval_step = run_eval(run), step
+                rec.update({f"eval_{k}": v for k, v in last_eval.items() if k != "n"})
+                bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{last_eval.get('accuracy', float('nan')):.3f}")
+            else:
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if metrics_file:
+                metrics_file.write(json.dumps(rec) + "\n")
+            if bad_run >= cfg.max_bad_steps:
+                where = f"step {last_good_ckpt} in {out / 'checkpoint'}" if last_good_ckpt is not None and out else "none"
+                raise BadSteps(
+                    f"training stopped at step {step}: {bad_run} consecutive bad steps (non-finite loss or "
+                    f"|g| > --max-grad; try a lower --lr or --eps); last good checkpoint: {where}"
+                )
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+                save_ckpt(step)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    final_eval = last_eval if last_eval_step == step else run_eval(run)
+    summary = {
+        "final_step": step,
+        "final_loss": last_loss,
+        "eval": final_eval,
+        "eval_start": start_eval,
+        "eval_accuracy": final_eval.get("accuracy"),
+        "eval_loss": final_eval.get("loss"),
+        "skipped_steps": skipped,
+        "seconds_per_step": (sum(times) / len(times)) if times else None,
+        "engine": cfg.engine,
+        "estimator": cfg.estimator,
+        "config": cfg.trajectory(),
+        "mobizo_version": __version__,
+    }
+    if out is not None:
+        save_ckpt(step)
+        save_adapter(out / "adapter", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
