@@ -61,6 +61,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", "-q", type=int, help="query directions per step q (default 4)")
     p.add_argument("--batch-size", type=int, help="examples per step (default 16)")
     p.add_argument("--data-mode", choices=["repeat", "split"], help="every direction sees the batch, or a 1/q slice")
+    p.add_argument("--objective", choices=["auto", "answer", "choice"],
+                   help="loss: answer-token CE, or CE over the candidates (auto: choice for classification/MC)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     p.add_argument("--eps", type=float, help="perturbation scale epsilon (default 1e-3)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")

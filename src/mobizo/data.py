@@ -38,8 +38,9 @@ class Batch:
     input_ids: torch.Tensor  # (rows, T) int64
     attention_mask: torch.Tensor  # (rows, T) int64
     labels: torch.Tensor  # (rows, K) int64, IGNORE outside answers
-    n_real: int  # leading rows that are real examples; the rest are masked filler
+    n_real: int  # rows that are real examples; the others are masked filler
     truncated: int = 0  # how many examples lost prompt tokens to --max-length
+    gold: torch.Tensor | None = None  # (examples,) gold candidate index for the choice objective, -100 = filler
 
     @property
     def rows(self) -> int:
@@ -89,7 +90,7 @@ class Encoder:
 
 
 def collate(
-    encs: list[Encoded],
+    encs: list[Encoded | None],
     pad_id: int,
     max_length: int,
     length: int | None = None,
@@ -101,14 +102,17 @@ def collate(
     ``length``/``answer_len``/``rows`` fix T, K and the row count (exported
     programs have static shapes); by default they fit the batch. Prompts too
     long for ``max_length`` lose tokens from the left; answers never do.
+    ``None`` entries (and rows beyond ``len(encs)``) are filler rows: a copy
+    of a real sequence (finite activations) with no supervised token.
     """
-    if not encs:
+    real = [e for e in encs if e is not None]
+    if not real:
         raise MobizoError("cannot make a batch of zero examples")
     if rows is not None and len(encs) > rows:
         raise MobizoError(f"batch of {len(encs)} examples does not fit the {rows} rows of the program")
     limit = min(max_length, length) if length else max_length
     seqs, answers, truncated = [], [], 0
-    for e in encs:
+    for e in real:
         a = e.answer_ids
         if answer_len is not None and len(a) > answer_len:
             raise MobizoError(
@@ -126,19 +130,46 @@ def collate(
     K = answer_len or max(len(a) for a in answers)
     if T < K + 1:
         raise MobizoError(f"sequence length {T} leaves no room for a prompt before a {K}-token answer window")
-    n_real = len(seqs)
-    n_rows = rows or n_real
+    n_rows = rows or len(encs)
     ids = torch.full((n_rows, T), pad_id, dtype=torch.long)
     mask = torch.zeros((n_rows, T), dtype=torch.long)
     labels = torch.full((n_rows, K), IGNORE, dtype=torch.long)
+    j = 0
     for i in range(n_rows):
-        s = seqs[i % n_real]  # filler rows repeat real ones (finite activations) ...
+        is_real = i < len(encs) and encs[i] is not None
+        s = seqs[j % len(seqs)]  # filler rows repeat a real sequence ...
         ids[i, T - len(s) :] = torch.tensor(s)
         mask[i, T - len(s) :] = 1
-        if i < n_real:  # ... but have no supervised tokens
-            a = answers[i]
+        if is_real:  # ... but have no supervised tokens
+            a = answers[j]
             labels[i, K - len(a) :] = torch.tensor(a)
-    return Batch(ids, mask, labels, n_real, truncated)
+            j += 1
+    return Batch(ids, mask, labels, len(real), truncated)
+
+
+def collate_choices(
+    groups: list[list[Encoded]],
+    golds: list[int],
+    n_choices: int,
+    pad_id: int,
+    max_length: int,
+    length: int | None = None,
+    answer_len: int | None = None,
+    examples: int | None = None,
+) -> Batch:
+    """Rows for every (example, candidate), ``n_choices`` rows per example (missing ones are filler),
+    plus ``gold``: the layout of the choice objective (cross-entropy over the candidates' scores)."""
+    examples = examples or len(groups)
+    if len(groups) > examples:
+        raise MobizoError(f"batch of {len(groups)} examples does not fit the {examples} examples of the program")
+    encs: list[Encoded | None] = []
+    for g in groups:
+        if len(g) > n_choices:
+            raise MobizoError(f"an example has {len(g)} candidates; the program was built for {n_choices}")
+        encs.extend(list(g) + [None] * (n_choices - len(g)))
+    batch = collate(encs, pad_id, max_length, length, answer_len, rows=examples * n_choices)
+    batch.gold = torch.tensor(list(golds) + [IGNORE] * (examples - len(groups)), dtype=torch.long)
+    return batch
 
 
 @lru_cache(maxsize=4)

@@ -33,6 +33,9 @@ from .mplora import MPLoRALinear, lora_layers
 from .perturb import direction_noise
 
 ZO_ESTIMATORS = ("prge", "prge-outer", "mezo")
+# "answer": mean cross-entropy of the answer tokens. "choice-sum" / "choice-mean": cross-entropy
+# over the candidates' total / per-token log-likelihoods (MeZO's train_as_classification).
+OBJECTIVES = ("answer", "choice-sum", "choice-mean")
 ESTIMATORS = ZO_ESTIMATORS + ("fo",)
 DATA_MODES = ("repeat", "split")
 
@@ -45,12 +48,18 @@ class ZOConfig:
     data_mode: str = "repeat"
     weight_decay: float = 0.0
     max_grad: float = float("inf")  # |g| above this (or non-finite losses) -> the step is skipped in-graph
+    objective: str = "answer"
+    choices: int = 0  # candidates per example (rows per example) for the choice objectives
 
     def __post_init__(self):
         if self.estimator not in ZO_ESTIMATORS:
             raise MobizoError(f"unknown ZO estimator {self.estimator!r} (choose from {', '.join(ZO_ESTIMATORS)})")
         if self.queries < 1:
             raise MobizoError(f"--queries must be >= 1, got {self.queries}")
+        if self.objective not in OBJECTIVES:
+            raise MobizoError(f"unknown objective {self.objective!r} (choose from {', '.join(OBJECTIVES)})")
+        if self.objective != "answer" and self.choices < 2:
+            raise MobizoError("the choice objective needs at least two candidates per example")
         if self.data_mode not in DATA_MODES:
             raise MobizoError(f"unknown --data-mode {self.data_mode!r} (choose from {', '.join(DATA_MODES)})")
 
@@ -100,6 +109,20 @@ def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
     return ce.sum(-1), valid.sum(-1)
 
 
+def objective_loss(sums, counts, gold, objective: str = "answer", choices: int = 0):
+    """Loss of each group (copy) of rows; ``sums``/``counts`` are (groups, rows), ``gold`` (groups, examples)."""
+    if objective == "answer":
+        return sums.sum(-1) / counts.sum(-1).clamp(min=1)
+    groups = sums.shape[0]
+    s, c = sums.reshape(groups, -1, choices), counts.reshape(groups, -1, choices)
+    score = -s if objective == "choice-sum" else -s / c.clamp(min=1)
+    score = torch.where(c > 0, score, torch.full_like(score, -1e4))  # filler candidates never win
+    ce = F.cross_entropy(score.reshape(-1, choices), gold.reshape(-1), ignore_index=-100, reduction="none")
+    valid = (gold != -100).reshape(groups, -1)
+    ce = torch.where(valid, ce.reshape(groups, -1), torch.zeros_like(score[..., 0]))
+    return ce.sum(-1) / valid.sum(-1).clamp(min=1)
+
+
 def _copy_rows(t: torch.Tensor, copies: list[tuple[int, float]], queries: int, split: bool) -> torch.Tensor:
     """The copy-major batch of one pass: the whole batch per copy, or direction i's chunk in split mode."""
     if not split:
@@ -131,7 +154,7 @@ class ZOStep(nn.Module):
             for i, layer in enumerate(self._layers())
         ]
 
-    def forward(self, input_ids, attention_mask, labels, step, lr, eps):
+    def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None):
         cfg = self.config
         q, split = cfg.queries, cfg.data_mode == "split"
         layers = self._layers()
@@ -151,7 +174,10 @@ class ZOStep(nn.Module):
                     _copy_rows(labels, copies, q, split),
                 )
                 n = len(copies)
-                per_copy = sums.reshape(n, -1).sum(-1) / counts.reshape(n, -1).sum(-1).clamp(min=1)
+                gold_rows = None if gold is None else _copy_rows(gold, copies, q, split).reshape(n, -1)
+                per_copy = objective_loss(
+                    sums.reshape(n, -1), counts.reshape(n, -1), gold_rows, cfg.objective, cfg.choices
+                )
                 for j, c in enumerate(copies):
                     loss_of[c] = per_copy[j]
         finally:
@@ -182,12 +208,14 @@ def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
 
 
 class AnswerLoss(nn.Module):
-    """Mean answer-token cross-entropy of a batch: the first-order baseline's objective."""
+    """The training objective of one batch (no perturbation): the first-order baseline's loss."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: str = "answer", choices: int = 0):
         super().__init__()
         self.model = model
+        self.objective, self.choices = objective, choices
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, gold=None):
         sums, counts = answer_losses(self.model, input_ids, attention_mask, labels)
-        return sums.sum() / counts.sum().clamp(min=1)
+        g = None if gold is None else gold[None]
+        return objective_loss(sums[None], counts[None], g, self.objective, self.choices)[0]

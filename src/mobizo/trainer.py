@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .checkpoint import atomic_write_text, load_checkpoint, resolve_dir, save_adapter, save_checkpoint
-from .data import Encoder, collate, step_indices
+from .data import Encoder, collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluate import evaluate
 from .step import ESTIMATORS, ZOConfig
@@ -28,7 +28,7 @@ from .step import ESTIMATORS, ZOConfig
 TRAJECTORY_FIELDS = (
     "model", "task", "data", "template", "label_words", "estimator", "queries", "batch_size", "data_mode",
     "lr", "eps", "weight_decay", "max_grad", "rank", "alpha", "target_modules", "seed", "max_length",
-    "optimizer", "train_a", "engine", "train_examples", "truncation",
+    "optimizer", "train_a", "engine", "train_examples", "truncation", "objective",
 )  # fmt: skip
 
 
@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 128
     truncation: str = "left"
+    objective: str = "auto"
     optimizer: str = "sgd"
     train_a: bool = False
     engine: str = "eager"
@@ -89,6 +90,8 @@ class Run:
     encoder: Encoder
     engine: object
     targets: list[str]
+    objective: str = "answer"
+    choices: int = 0
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -103,14 +106,32 @@ def check_config(cfg: TrainConfig) -> None:
             raise MobizoError(f"--{name} must be a positive number, got {v}")
     if cfg.eval_every < 0 or cfg.save_every < 0:
         raise MobizoError("--eval-every and --save-every must be >= 0")
+    if cfg.objective not in ("auto", "answer", "choice"):
+        raise MobizoError(f"unknown --objective {cfg.objective!r} (choose from auto, answer, choice)")
     if cfg.truncation not in ("left", "error"):
         raise MobizoError(f"--truncation must be left or error, got {cfg.truncation!r}")
     if cfg.engine not in ("eager", "executorch"):
         raise MobizoError(f"unknown --engine {cfg.engine!r} (choose from eager, executorch)")
     if cfg.estimator != "fo":
-        ZOConfig(cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode, cfg.weight_decay, cfg.max_grad).check_batch(
-            cfg.batch_size
-        )
+        ZOConfig(cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode).check_batch(cfg.batch_size)
+
+
+def resolve_objective(requested: str, kind: str, examples) -> tuple[str, int]:
+    """(step objective, candidates per example). ``auto`` trains classification and multiple-choice
+    tasks on the candidates (MeZO's train-as-classification) and everything else on the answer."""
+    has_choices = kind in ("classification", "multiple_choice")
+    if requested == "answer" or (requested == "auto" and not has_choices):
+        return "answer", 0
+    if not has_choices:
+        raise MobizoError(f"--objective choice needs a classification or multiple-choice task, not {kind}")
+    choices = max(len(e.candidates) for e in examples)
+    return ("choice-sum" if kind == "classification" else "choice-mean"), choices
+
+
+def zo_config(cfg: TrainConfig, objective: str, choices: int) -> ZOConfig:
+    return ZOConfig(
+        cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode, cfg.weight_decay, cfg.max_grad, objective, choices
+    )
 
 
 def load_task_data(cfg: TrainConfig, need_train: bool = True):
@@ -140,17 +161,17 @@ def check_lengths(encoder: Encoder, examples, max_length: int, truncation: str, 
     return long
 
 
-def build_engine(cfg: TrainConfig, model, tokenizer, out: Path | None):
+def build_engine(cfg: TrainConfig, model, out: Path | None, objective: str, choices: int, answer_len: int):
     if cfg.engine == "executorch":
         from .engines.executorch import ExecuTorchEngine
 
-        return ExecuTorchEngine.for_training(cfg, model, tokenizer, out)
+        return ExecuTorchEngine.for_training(cfg, model, out, zo_config(cfg, objective, choices), answer_len)
     from .engines.eager import EagerEngine
 
-    zo = None
-    if cfg.estimator != "fo":
-        zo = ZOConfig(cfg.estimator, cfg.queries, cfg.seed, cfg.data_mode, cfg.weight_decay, cfg.max_grad)
-    return EagerEngine(model, cfg.estimator, zo, cfg.optimizer, cfg.train_a, cfg.weight_decay)
+    zo = zo_config(cfg, objective, choices) if cfg.estimator != "fo" else None
+    return EagerEngine(
+        model, cfg.estimator, zo, cfg.optimizer, cfg.train_a, cfg.weight_decay, objective=objective, choices=choices
+    )
 
 
 def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
@@ -167,14 +188,30 @@ def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
         if n:
             print(f"mobizo: warning: {n} {what} examples exceed --max-length {cfg.max_length}; "
                   "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
-    engine = build_engine(cfg, model, tokenizer, out)
-    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets)
+    objective, choices = resolve_objective(cfg.objective, task.kind, train)
+    answer_len = max(
+        len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
+    )
+    engine = build_engine(cfg, model, out, objective, choices, answer_len)
+    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets, objective, choices)
 
 
 def make_batch(run: Run, step: int):
     cfg = run.cfg
     idx = step_indices(len(run.train), cfg.batch_size, step, cfg.seed)
     shapes = run.engine.shapes
+    if run.objective != "answer":
+        exs = [run.train[i] for i in idx]
+        return collate_choices(
+            [[run.encoder(e.prompt, c) for c in e.candidates] for e in exs],
+            [e.label for e in exs],
+            run.choices,
+            run.tokenizer.pad_token_id,
+            cfg.max_length,
+            length=shapes.length,
+            answer_len=shapes.answer_len,
+            examples=shapes.rows,
+        )
     return collate(
         [run.encoder.example(run.train[i]) for i in idx],
         run.tokenizer.pad_token_id,

@@ -23,6 +23,8 @@ class EagerEngine:
         optimizer: str = "sgd",
         train_a: bool = False,
         weight_decay: float = 0.0,
+        objective: str = "answer",
+        choices: int = 0,
     ):
         self.model = model
         self.estimator = estimator
@@ -34,7 +36,7 @@ class EagerEngine:
             params = make_trainable(model, train_a)
             cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
             self.optimizer = cls(params, lr=0.0, weight_decay=weight_decay)
-            self.loss = AnswerLoss(model)
+            self.loss = AnswerLoss(model, objective, choices)
         elif estimator is not None:  # None: an engine that only scores (eval)
             self.step = ZOStep(model, zo or ZOConfig(estimator=estimator))
 
@@ -43,7 +45,7 @@ class EagerEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels)
+            loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels, batch.gold)
             loss.backward()
             self.optimizer.step()
             return StepOutput(loss=float(loss))
@@ -55,6 +57,7 @@ class EagerEngine:
                 torch.tensor(step, dtype=torch.int64),
                 torch.tensor(lr, dtype=torch.float32),
                 torch.tensor(eps, dtype=torch.float32),
+                batch.gold,
             )
         return StepOutput(
             loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist()

@@ -1,0 +1,65 @@
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from mobizo.cli import _quiet_imports
+
+_quiet_imports()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from mobizo.models import build_tiny
+
+    return build_tiny()
+
+
+@pytest.fixture
+def tiny(tiny_pair):
+    """A fresh copy of the built-in tiny model and its tokenizer."""
+    model, tok = tiny_pair
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_pair):
+    """The tiny model saved as a local Hugging Face checkpoint (config + safetensors + tokenizer)."""
+    model, tok = tiny_pair
+    d = tmp_path_factory.mktemp("tiny-hf")
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def synthetic_batch(tiny_pair):
+    from mobizo.data import Encoder, collate
+    from mobizo.tasks import get_task
+
+    _, tok = tiny_pair
+    exs = get_task("synthetic").load("train")[:8]
+    enc = Encoder(tok)
+    return collate([enc.example(e) for e in exs], tok.pad_token_id, 64)
+
+
+def run_cli(argv):
+    """Run the CLI in-process; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+
+    from mobizo.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, err.getvalue()
+
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
