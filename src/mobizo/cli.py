@@ -131,7 +131,8 @@ def cmd_train(args) -> int:
 
     summary = train(train_config(args))
     metric = summary["metric"]
-    line = f"step {summary['final_step']}: loss {summary['final_loss']:.4f}, eval {metric} {summary[f'eval_{metric}']:.4f}"
+    line = f"step {summary['final_step']}: loss {summary['final_loss']:.4f}, "
+    line += f"eval {metric} {summary[f'eval_{metric}']:.4f}"
     if summary.get("best"):
         line += f" (best {summary['best']['value']:.4f} at step {summary['best']['step']})"
     print(line)

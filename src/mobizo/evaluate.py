@@ -128,9 +128,14 @@ def generate(
     """
     next_logits = getattr(engine, "next_token_logits", None)
     if next_logits is None:
-        raise MobizoError(f"the {getattr(engine, 'name', '?')} engine cannot generate text; generation tasks evaluate with --engine eager")
+        raise MobizoError(
+            f"the {getattr(engine, 'name', '?')} engine cannot generate text; "
+            "generation tasks evaluate with --engine eager"
+        )
     if max_new_tokens < 1 or max_new_tokens >= max_length:
-        raise MobizoError(f"--max-new-tokens must be between 1 and --max-length - 1 ({max_length - 1}), got {max_new_tokens}")
+        raise MobizoError(
+            f"--max-new-tokens must be between 1 and --max-length - 1 ({max_length - 1}), got {max_new_tokens}"
+        )
     tok = encoder.tokenizer
     eos = tok.eos_token_id
     budget = max_length - max_new_tokens
@@ -207,7 +212,8 @@ def evaluate(
             "n": len(examples),
             "truncated": count_truncated(encoder, examples, limit),
         }
-    sums, counts = score_pairs(engine, encoder, [(e.prompt, e.answer) for e in examples], pad_id, max_length, batch_size)
+    pairs = [(e.prompt, e.answer) for e in examples]
+    sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size)
     loss = float(sums.sum() / counts.sum().clamp(min=1))
     if kind == "generation":
         texts, truncated = generate(
@@ -219,7 +225,8 @@ def evaluate(
             f1, em = f1 + f, em + e
         if predictions is not None:
             predictions.extend(texts)
-        return {"f1": f1 / len(examples), "em": em / len(examples), "loss": loss, "n": len(examples), "truncated": truncated}
+        n = len(examples)
+        return {"f1": f1 / n, "em": em / n, "loss": loss, "n": n, "truncated": truncated}
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),

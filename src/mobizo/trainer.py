@@ -163,7 +163,9 @@ def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
     check_config(cfg)
     task, train, validation = load_task_data(cfg)
     if task.kind == "generation" and cfg.max_new_tokens >= cfg.max_length:
-        raise MobizoError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --max-length {cfg.max_length}")
+        raise MobizoError(
+            f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --max-length {cfg.max_length}"
+        )
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
     targets = inject(model, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed)

@@ -34,7 +34,8 @@ class Record:
         self.where = where
 
     def _missing(self, name: str) -> MobizoError:
-        return MobizoError(f"{self.where}: missing column {name!r} (columns: {', '.join(map(str, self.row)) or 'none'})")
+        columns = ", ".join(map(str, self.row)) or "none"
+        return MobizoError(f"{self.where}: missing column {name!r} (columns: {columns})")
 
     def has(self, name: str) -> bool:
         return self.row.get(name) is not None
@@ -63,7 +64,9 @@ class Record:
             if isinstance(outer, str):
                 outer = _parse_literal(outer, f"{self.where}: column {name!r}")
             if not isinstance(outer, dict) or key not in outer:
-                raise MobizoError(f"{self.where}: column {name!r} should be a struct with a {key!r} list, got {outer!r:.80}")
+                raise MobizoError(
+                    f"{self.where}: column {name!r} should be a struct with a {key!r} list, got {outer!r:.80}"
+                )
             value = outer[key]
         if isinstance(value, str):
             value = _parse_literal(value, f"{self.where}: column {flat}") if value.lstrip()[:1] == "[" else [value]
@@ -417,7 +420,8 @@ class WinoGrande(MultipleChoiceTask):
     def build(self, rec):
         sentence = rec.text("sentence")
         if sentence.count("_") != 1:
-            raise MobizoError(f"{rec.where}: sentence should contain exactly one '_' blank, found {sentence.count('_')}")
+            found = sentence.count("_")
+            raise MobizoError(f"{rec.where}: sentence should contain exactly one '_' blank, found {found}")
         before, after = sentence.split("_")
         options = [rec.text("option1"), rec.text("option2")]
         if before.strip():
