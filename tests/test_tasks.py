@@ -138,7 +138,7 @@ TASKS = {
     "copa": ("jsonl", "accuracy"),
     "winogrande": ("csv", "accuracy"),
     "arc-easy": ("parquet", "accuracy"),
-    "arc-challenge": ("jsonl", "accuracy"),
+    "arc-challenge": ("csv", "accuracy"),  # the choices struct as a JSON string
     "squad": ("disk", "f1"),
     "drop": ("jsonl", "f1"),
 }
@@ -242,6 +242,12 @@ def test_glue_column_names_for_rte_and_flattened_structs(tmp_path):
     rows = [{"question": "Q", "choices.text": ["a", "b"], "choices.label": ["A", "B"], "answerKey": "B"}]
     ex = load_one(tmp_path / "b", "arc-easy", rows)[0]
     assert ex.candidates == [" a", " b"] and ex.label == 1
+    rows = [{"question": "Q", "choices": "{'text': ['a', 'b'], 'label': ['A', 'B']}", "answerKey": "A"}]  # pandas-style
+    ex = load_one(tmp_path / "c", "arc-easy", rows, fmt="csv")[0]
+    assert ex.candidates == [" a", " b"] and ex.label == 0
+    rows = [{"question": "Q", "choices": "not a struct", "answerKey": "A"}]
+    with pytest.raises(MobizoError, match="cannot parse"):
+        load_one(tmp_path / "d", "arc-easy", rows, fmt="csv")
 
 
 def test_label_words_override_and_sampling_is_seeded(tmp_path):
@@ -449,6 +455,18 @@ def test_greedy_generation_stops_at_newline_eos_or_budget(tiny):
         evaluate(ScriptedEngine(), "generation", exs, enc, tok.pad_token_id, 64)
     with pytest.raises(MobizoError, match="max-new-tokens"):
         generate(ScriptedGenerator(tok, enc, scripts), enc, prompts, tok.pad_token_id, max_length=6, max_new_tokens=6)
+
+
+def test_squad_generation_end_to_end_after_learning_the_answer(tmp_path):
+    """Train on " the soup\\n" (first-order, to be quick): greedy decoding then says "the soup" and stops."""
+    rows = [{"title": "Food", "context": f"Ann ate the soup at {h}.", "question": "What did Ann eat?",
+             "answers": {"text": ["the soup"], "answer_start": [8]}} for h in ("noon", "six", "ten", "one")]  # fmt: skip
+    write(tmp_path / "train", rows, "jsonl")
+    write(tmp_path / "validation", rows, "parquet")
+    summary = train(TrainConfig(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=1e-2, steps=50,
+                                batch_size=2, eval_every=0, save_every=0, progress=False, max_length=64,
+                                max_new_tokens=12))  # fmt: skip
+    assert summary["eval"]["f1"] == 1.0 and summary["eval"]["em"] == 1.0
 
 
 def test_generation_truncates_long_prompts_from_the_left(tiny):
