@@ -40,10 +40,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help="task name (default: synthetic); see README for the list")
+    p.add_argument("--task", help="task name (default: synthetic): sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, "
+                   "qnli, wnli, cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls; "
+                   "see README 'Tasks and data'")
     p.add_argument("--data", help="directory or file with the task's train/validation data")
-    p.add_argument("--template", help='prompt template for custom-cls, e.g. "Review: {text} Sentiment:"')
-    p.add_argument("--label-words", help="comma-separated label words for custom-cls, e.g. bad,good")
+    p.add_argument("--template", help='prompt template for custom classification, e.g. "Review: {text} Sentiment:"')
+    p.add_argument("--label-words", help="comma-separated label words, e.g. bad,good: custom classification, "
+                   "or to override a benchmark's")
+    p.add_argument("--max-new-tokens", type=int, help="generation tasks: max tokens generated per answer (default 32)")
     p.add_argument("--max-length", type=int, help="max tokens per sequence (default 128)")
     p.add_argument("--truncation", choices=["left", "error"], help="too-long prompts: cut from the left (default) or fail")
     p.add_argument("--eval-examples", type=int, help="validation examples to use (default 500; 0 = all)")
@@ -128,11 +132,12 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     summary = train(train_config(args))
-    acc = summary.get("eval_accuracy")
-    print(
-        f"step {summary['final_step']}: loss {summary['final_loss']:.4f}"
-        + (f", eval accuracy {acc:.4f}" if acc is not None else f", eval loss {summary['eval_loss']:.4f}")
-    )
+    metric = summary["metric"]
+    line = f"step {summary['final_step']}: loss {summary['final_loss']:.4f}, "
+    line += f"eval {metric} {summary[f'eval_{metric}']:.4f}"
+    if summary.get("best"):
+        line += f" (best {summary['best']['value']:.4f} at step {summary['best']['step']})"
+    print(line)
     return 0
 
 
@@ -143,7 +148,8 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .models import load_model
     from .mplora import inject, load_adapter_state
-    from .trainer import TrainConfig, load_task_data
+    from .evaluate import main_metric
+    from .trainer import TrainConfig, check_config, load_task_data, warn_truncated
 
     cfg = TrainConfig(
         model=args.model or "tiny",
@@ -153,19 +159,31 @@ def cmd_eval(args) -> int:
         label_words=args.label_words,
         seed=args.seed or 0,
         max_length=args.max_length or 128,
+        truncation=args.truncation or "left",
         eval_examples=None if args.eval_examples == 0 else (args.eval_examples or 500),
+        max_new_tokens=args.max_new_tokens or 32,
     )
+    check_config(cfg)
     task, _, validation = load_task_data(cfg, need_train=False)
     adapter = read_adapter(args.adapter) if args.adapter else None
     model, tokenizer = load_model(cfg.model, trust_remote_code=args.trust_remote_code)
+    validation = task.finalize(validation, tokenizer)
+    encoder = Encoder(tokenizer)
+    warn_truncated(encoder, validation, cfg.max_length, cfg.truncation, "validation")
     if adapter is not None:
         state, config = adapter
         modules = sorted({k.rsplit(".", 1)[0] for k in state})
         inject(model, modules, int(config["r"]), float(config["lora_alpha"]), 0)
         load_adapter_state(model, state)
     engine = EagerEngine(model, estimator=None)  # scoring only
-    metrics = evaluate(engine, task.kind, validation, Encoder(tokenizer), tokenizer.pad_token_id, cfg.max_length, args.eval_batch_size or 32)
-    metrics = {"task": cfg.task, "model": cfg.model, "adapter": args.adapter, **metrics}
+    metrics = evaluate(
+        engine, task.kind, validation, encoder, tokenizer.pad_token_id, cfg.max_length,
+        args.eval_batch_size or 32, cfg.max_new_tokens,
+    )  # fmt: skip
+    metrics = {"task": task.name, "kind": task.kind, "metric": main_metric(task.kind), "model": cfg.model,
+               "adapter": args.adapter, **metrics}  # fmt: skip
+    print(f"{task.name} ({'zero-shot' if args.adapter is None else 'adapter ' + args.adapter}): "
+          f"{metrics['metric']} {metrics[metrics['metric']]:.4f} on {metrics['n']} examples")  # fmt: skip
     for k, v in metrics.items():
         if isinstance(v, float):
             print(f"{k}: {v:.4f}")

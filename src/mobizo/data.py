@@ -77,7 +77,7 @@ class Encoder:
             if len(full) > len(p) and full[: len(p)] == p:
                 a = full[len(p) :]
             else:
-                a = self._ids(answer, False)
+                a = self._boundary_answer(p, answer, full)
             if not a:
                 raise MobizoError(f"answer {answer!r} tokenizes to nothing")
             if not p:
@@ -85,8 +85,34 @@ class Encoder:
             self._cache[key] = Encoded(p, a)
         return self._cache[key]
 
+    def _boundary_answer(self, p: list[int], answer: str, full: list[int]) -> list[int]:
+        """Answer ids when a token spans the prompt/answer boundary (e.g. a learned ``"\\nYes"``).
+
+        Tokenized on its own, a SentencePiece answer gets a spurious ``▁`` (a space) in front.
+        Tokenize it after a neutral anchor instead and keep the first candidate that, after the
+        prompt's ids, decodes to the same text as the joint tokenization.
+        """
+        options = []
+        for anchor in ("\n", "a", "0", "."):
+            base, joint = self._ids(anchor, False), self._ids(anchor + answer, False)
+            if len(joint) > len(base) and joint[: len(base)] == base:
+                options.append(joint[len(base) :])
+        options.append(self._ids(answer, False))
+        want = self.tokenizer.decode(full, skip_special_tokens=True)
+        for a in options:
+            if a and self.tokenizer.decode(p + a, skip_special_tokens=True) == want:
+                return a
+        return options[0]
+
     def example(self, ex: Example) -> Encoded:
         return self(ex.prompt, ex.answer)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids alone (what generation starts from): the same ids :meth:`__call__` gives."""
+        ids = self._ids(prompt, True)
+        if not ids:
+            raise MobizoError(f"prompt {prompt[:40]!r} tokenizes to nothing")
+        return ids
 
 
 def collate(

@@ -21,7 +21,7 @@ from . import __version__
 from .checkpoint import atomic_write_text, load_checkpoint, resolve_dir, save_adapter, save_checkpoint
 from .data import Encoder, collate, collate_choices, step_indices
 from .errors import MobizoError
-from .evaluate import evaluate
+from .evaluate import evaluate, main_metric, metric_score
 from .step import ESTIMATORS, ZOConfig
 
 # Fields that define the trajectory: a resumed run must use the same values.
@@ -64,6 +64,7 @@ class TrainConfig:
     eval_examples: int | None = 500
     train_examples: int | None = None
     eval_batch_size: int = 32
+    max_new_tokens: int = 32
     save_every: int = 100
     out: str | None = None
     resume: bool = False
@@ -92,12 +93,14 @@ class Run:
     targets: list[str]
     objective: str = "answer"
     choices: int = 0
+    truncated: dict = field(default_factory=dict)  # split -> examples whose prompts are cut to fit
 
 
 def check_config(cfg: TrainConfig) -> None:
     if cfg.estimator not in ESTIMATORS:
         raise MobizoError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
-    for name in ("queries", "batch_size", "steps", "rank", "max_length", "eval_batch_size", "max_bad_steps"):
+    for name in ("queries", "batch_size", "steps", "rank", "max_length", "eval_batch_size", "max_bad_steps",
+                 "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise MobizoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("lr", "eps", "alpha"):
@@ -180,20 +183,35 @@ def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
 
     check_config(cfg)
     task, train, validation = load_task_data(cfg)
+    if task.kind == "generation" and cfg.max_new_tokens >= cfg.max_length:
+        raise MobizoError(
+            f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --max-length {cfg.max_length}"
+        )
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
     targets = inject(model, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed)
     encoder = Encoder(tokenizer)
+    truncated = {}
     for what, exs in (("train", train), ("validation", validation)):
-        n = check_lengths(encoder, exs, cfg.max_length, cfg.truncation, what)
-        if n:
-            print(f"mobizo: warning: {n} {what} examples exceed --max-length {cfg.max_length}; "
-                  "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
+        truncated[what] = warn_truncated(encoder, exs, cfg.max_length, cfg.truncation, what)
     objective, choices = resolve_objective(cfg.objective, task.kind, train)
     answer_len = max(
         len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
     )
     engine = build_engine(cfg, model, out, objective, choices, answer_len)
-    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets, objective, choices)
+    if task.kind == "generation" and not hasattr(engine, "next_token_logits"):
+        raise MobizoError(f"task {task.name} evaluates by generating text, which the {engine.name} engine cannot do; "
+                          "use --engine eager")  # fmt: skip
+    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets, objective, choices, truncated)
+
+
+def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str, what: str) -> int:
+    """:func:`check_lengths` plus a warning on stderr with the count; returns the count."""
+    n = check_lengths(encoder, examples, max_length, truncation, what)
+    if n:
+        print(f"mobizo: warning: {n} of {len(examples)} {what} examples exceed --max-length {max_length}; "
+              "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
+    return n
 
 
 def make_batch(run: Run, step: int):
@@ -231,6 +249,7 @@ def run_eval(run: Run) -> dict:
         run.tokenizer.pad_token_id,
         run.cfg.max_length,
         run.cfg.eval_batch_size,
+        run.cfg.max_new_tokens,
     )
 
 
@@ -307,15 +326,33 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
     return keep
 
 
+def _best_so_far(lines: list[str], kind: str, out: Path | None) -> dict | None:
+    """The best periodic eval among kept metrics records (resume), if its ``best/`` adapter exists."""
+    if out is None or resolve_dir(out / "best") is None:
+        return None
+    name, best = main_metric(kind), None
+    for line in lines:
+        rec = json.loads(line)
+        if f"eval_{name}" in rec:
+            score = metric_score(kind, {name: rec[f"eval_{name}"]})
+            if best is None or score > best["score"]:
+                best = {"step": rec["step"], "metric": name, "value": rec[f"eval_{name}"], "score": score}
+    return best
+
+
 def _loop(run: Run, out: Path | None, start_step: int) -> dict:
     from tqdm import tqdm
 
     cfg = run.cfg
+    kind = run.task.kind
+    metric = main_metric(kind)
     metrics_path = out / "metrics.jsonl" if out else None
+    best = None  # {"step", "metric", "value", "score"} of the best eval during training
     if metrics_path is not None:
         # Steps after the checkpoint will be redone: drop their records.
         lines = _read_metrics(metrics_path, start_step)
         atomic_write_text(metrics_path, "".join(line + "\n" for line in lines))
+        best = _best_so_far(lines, kind, out) if cfg.resume else None
     metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path else None
     last_eval: dict = {}
     last_eval_step = None
@@ -339,6 +376,16 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
             run.engine.optimizer_state(),
         )
         last_good_ckpt = step
+
+    def consider_best(step: int, metrics: dict) -> None:
+        """Keep ``best/`` (PEFT format) for the highest main metric; ties keep the earlier step."""
+        nonlocal best
+        score = metric_score(kind, metrics)
+        if not math.isfinite(score) or (best is not None and score <= best["score"]):
+            return
+        best = {"step": step, "metric": metric, "value": metrics[metric], "score": score}
+        if out is not None:
+            save_adapter(out / "best", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model)
 
     start_eval = run_eval(run) if cfg.eval_at_start else None
     bar = tqdm(
@@ -371,8 +418,9 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
                 rec["skipped"] = True
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval, last_eval_step = run_eval(run), step
-                rec.update({f"eval_{k}": v for k, v in last_eval.items() if k != "n"})
-                bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{last_eval.get('accuracy', float('nan')):.3f}")
+                rec.update({f"eval_{k}": v for k, v in last_eval.items() if k not in ("n", "truncated")})
+                consider_best(step, last_eval)
+                bar.set_postfix({"loss": f"{last_loss:.4f}", metric: f"{last_eval[metric]:.4f}"})
             else:
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             if metrics_file:
@@ -390,13 +438,19 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
         if metrics_file:
             metrics_file.close()
     final_eval = last_eval if last_eval_step == step else run_eval(run)
+    if last_eval_step != step and step > 0:
+        consider_best(step, final_eval)
     summary = {
         "final_step": step,
         "final_loss": last_loss,
         "eval": final_eval,
         "eval_start": start_eval,
+        "metric": metric,
+        f"eval_{metric}": final_eval.get(metric),
         "eval_accuracy": final_eval.get("accuracy"),
         "eval_loss": final_eval.get("loss"),
+        "best": None if best is None else {k: v for k, v in best.items() if k != "score"},
+        "truncated": run.truncated,
         "skipped_steps": skipped,
         "seconds_per_step": (sum(times) / len(times)) if times else None,
         "engine": cfg.engine,

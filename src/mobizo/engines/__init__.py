@@ -5,6 +5,8 @@ An engine exposes:
 * ``name``; ``shapes``: fixed (length, answer_len, rows) for batches, ``None`` where free;
 * ``train_step(batch, step, lr, eps) -> StepOutput``;
 * ``score(batch) -> (sums, counts)``: per-row answer cross-entropy sums and token counts (eval);
+* optional ``next_token_logits(input_ids, attention_mask) -> (rows, vocab)`` for left-padded rows:
+  generation eval (greedy decoding) needs it;
 * ``adapter_state()`` / ``load_adapter_state(state)``; ``optimizer_state()`` / ``load_optimizer_state``.
 """
 

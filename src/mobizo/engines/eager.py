@@ -67,6 +67,19 @@ class EagerEngine:
     def score(self, batch):
         return answer_losses(self.model, batch.input_ids, batch.attention_mask, batch.labels)
 
+    @torch.no_grad()
+    def next_token_logits(self, input_ids, attention_mask):
+        """Logits (rows, vocab) for the token after each left-padded row (greedy generation)."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=False,
+        ).logits
+        return logits[:, -1].float()
+
     def adapter_state(self):
         return adapter_state(self.model)
 

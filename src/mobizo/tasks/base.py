@@ -12,6 +12,9 @@ only supervised tokens. How the answer is chosen and scored depends on
 * ``generation``: ``target`` is the gold completion, ``answers`` all accepted
   answers; eval generates greedily and reports token F1 / exact match.
 * ``lm``: ``target`` is a completion; eval reports the answer loss only.
+
+The tasks: :mod:`.benchmarks` (the ZO literature's suite from local files in
+Hugging Face layouts), :mod:`.custom` (private data), :mod:`.synthetic`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Example:
     label: int | None = None
     target: str | None = None
     answers: list[str] | None = None
+    messages: list[dict] | None = None  # chat records: rendered into prompt/target by Task.finalize
 
     @property
     def answer(self) -> str:
@@ -59,6 +63,10 @@ class Task:
     def load_split(self, split: str) -> list[Example]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def finalize(self, examples: list[Example], tokenizer) -> list[Example]:
+        """Tokenizer-dependent rendering (e.g. chat templates), once the model's tokenizer is loaded."""
+        return examples
+
     def load(self, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
         examples = self.load_split(split)
         if not examples:
@@ -70,6 +78,15 @@ class Task:
 
 
 TASKS: dict[str, type[Task]] = {}
+# Other spellings users type; names are also matched case-insensitively with '_' read as '-'.
+ALIASES = {
+    "sst-2": "sst2",
+    "arc-e": "arc-easy",
+    "arc-c": "arc-challenge",
+    "arc": "arc-easy",
+    "squad-v1": "squad",
+    "wsc.fixed": "wsc",
+}
 
 
 def register(cls: type[Task]) -> type[Task]:
@@ -77,10 +94,18 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def get_task(name: str, data: str | None = None, **options) -> Task:
-    from . import custom, synthetic  # noqa: F401 - registration side effects
+def canonical_name(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    return ALIASES.get(key, key)
 
-    if name not in TASKS:
+
+def get_task(name: str, data: str | None = None, **options) -> Task:
+    from . import benchmarks, custom, synthetic  # noqa: F401 - registration side effects
+
+    key = canonical_name(name)
+    if key == "custom" and options.get("label_words"):
+        key = "custom-cls"  # --task custom --template ... --label-words ...: classification
+    if key not in TASKS:
         raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[name](data=data, **options)
+    return TASKS[key](data=data, **options)
 

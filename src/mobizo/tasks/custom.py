@@ -1,4 +1,13 @@
-"""Custom (private) data: ``custom-cls`` classification from local files."""
+"""Custom (private) data from local files.
+
+* ``custom`` (kind ``lm``): records ``{"prompt", "completion"}`` (the loss is on the
+  completion only), or chat records ``{"messages": [{"role", "content"}, ...]}``
+  rendered with the tokenizer's chat template: the last message must be the
+  assistant's and is the completion; everything before it is the prompt.
+* ``custom-cls``: ``--template "... {text} ..." --label-words a,b`` over records with
+  the template's fields and a ``label`` (``--task custom`` with ``--label-words``
+  selects it).
+"""
 
 from __future__ import annotations
 
@@ -81,4 +90,104 @@ class CustomClassification(Task):
                 raise MobizoError(f"{where}: missing 'label' field")
             prompt = render(self.template, rec, where)
             out.append(Example(prompt=prompt, candidates=candidates, label=label_index(rec["label"], self.words, where)))
+        return out
+
+
+def _text_field(rec: dict, key: str, where: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str):
+        raise MobizoError(f"{where}: {key!r} should be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise MobizoError(f"{where}: 'messages' should be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for j, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise MobizoError(f"{where}: message {j} should be an object with string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise MobizoError(
+            f"{where}: the last message is from {out[-1]['role']!r}; it must be the assistant's (it is the completion)"
+        )
+    if not out[-1]["content"].strip():
+        raise MobizoError(f"{where}: the last assistant message is empty")
+    return out
+
+
+def adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt, completion) of a conversation whose last message is the assistant's."""
+    what = f"chat record starting {messages[0]['content'][:40]!r}"
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - jinja raises many types
+        raise MobizoError(f"{what}: the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
+    if not full.startswith(prompt) or len(full) == len(prompt):
+        raise MobizoError(
+            f"{what}: the chat template does not render the conversation as <prompt with generation prompt> "
+            "+ <assistant reply>, so the completion cannot be isolated"
+        )
+    completion = full[len(prompt) :]
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos) and adds_bos(tokenizer):
+        prompt = prompt[len(bos) :]  # the encoder adds BOS itself
+    return prompt, completion
+
+
+@register
+class CustomLM(Task):
+    """``--task custom``: prompt/completion or chat records; eval reports the completion loss."""
+
+    name = "custom"
+    kind = "lm"
+
+    def __init__(self, data=None, template: str | None = None, label_words=None, **options):
+        super().__init__(data=data, **options)
+        if template:
+            raise MobizoError(
+                "--task custom with --template needs --label-words (classification); "
+                "prompt/completion and chat records need no template"
+            )
+
+    def load_split(self, split: str) -> list[Example]:
+        path = find_split(self.data, split)
+        out = []
+        for i, rec in enumerate(read_records(path, split), 1):
+            where = f"{path} record {i}"
+            if "messages" in rec:
+                out.append(Example(prompt="", messages=_check_messages(rec["messages"], where)))
+            elif "prompt" in rec and "completion" in rec:
+                completion = _text_field(rec, "completion", where)
+                if not completion.strip():
+                    raise MobizoError(f"{where}: empty 'completion'")
+                out.append(Example(prompt=_text_field(rec, "prompt", where), target=completion))
+            else:
+                raise MobizoError(
+                    f"{where}: expected 'prompt' and 'completion' fields, or 'messages' (fields: {', '.join(rec)})"
+                )
+        return out
+
+    def finalize(self, examples: list[Example], tokenizer) -> list[Example]:
+        chats = [e for e in examples if e.messages is not None]
+        if not chats:
+            return examples
+        if not getattr(tokenizer, "chat_template", None):
+            raise MobizoError(
+                'chat records ({"messages": ...}) need a tokenizer with a chat template, and this model\'s '
+                'tokenizer has none; use {"prompt", "completion"} records instead'
+            )
+        out = []
+        for e in examples:
+            if e.messages is not None and e.target is None:
+                prompt, completion = render_chat(tokenizer, e.messages)
+                e = Example(prompt=prompt, target=completion, messages=e.messages)
+            out.append(e)
         return out
