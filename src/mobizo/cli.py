@@ -80,6 +80,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate every N steps; 0 = only at the end (default 100)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps; 0 = only at the end (default 100)")
     p.add_argument("--engine", choices=["eager", "executorch"], help="who runs the step (default eager)")
+    p.add_argument("--program", help="--engine executorch: program directory from 'mobizo export' (default: export into --out/program)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -108,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for --eval-examples sampling (default 0)")
     p.add_argument("--json", help="also write the metrics as JSON to this file")
 
+    p = sub.add_parser("export", help="export the ZO training step as an ExecuTorch program")
+    _add_model_args(p)
+    _add_task_args(p)
+    _add_adapter_args(p)
+    for flag, kw in (("--estimator", {}), ("--queries", {"type": int}), ("--batch-size", {"type": int}),
+                     ("--data-mode", {"choices": ["repeat", "split"]}), ("--objective", {"choices": ["auto", "answer", "choice"]}),
+                     ("--weight-decay", {"type": float}), ("--max-grad", {"type": float}), ("--seed", {"type": int}),
+                     ("--train-examples", {"type": int})):  # fmt: skip
+        p.add_argument(flag, **kw)
+    p.add_argument("--no-xnnpack", action="store_true", help="portable kernels only (no XNNPACK delegation)")
+    p.add_argument("--out", required=True, help="directory for train.pte and manifest.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     p = sub.add_parser("demo", help="the built-in demo: eval, train with prge, eval again")
     p.add_argument("--out", help="directory for demo.json and the runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per leg")
@@ -126,6 +140,20 @@ def train_config(args: argparse.Namespace):
         given["eval_examples"] = None
     cfg = TrainConfig(**given, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return resolve_resume(cfg, set(given))
+
+
+def cmd_export(args) -> int:
+    from .trainer import TrainConfig, export
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("out", "overwrite")}
+    if given.get("eval_examples") == 0:
+        given["eval_examples"] = None
+    cfg = TrainConfig(**given, overwrite=args.overwrite)
+    m = export(cfg, args.out, xnnpack=not args.no_xnnpack)
+    print(f"wrote {args.out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
+          f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -199,7 +227,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

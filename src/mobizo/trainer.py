@@ -32,6 +32,10 @@ TRAJECTORY_FIELDS = (
 )  # fmt: skip
 
 
+# Options never taken from a saved run.
+RESUME_FRESH = {"out", "resume", "overwrite", "progress", "extra"}
+
+
 @dataclass
 class TrainConfig:
     model: str = "tiny"
@@ -59,6 +63,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     train_a: bool = False
     engine: str = "eager"
+    program: str | None = None  # --engine executorch: a directory from `mobizo export` (default: export into --out)
     eval_every: int = 100
     eval_at_start: bool = False
     eval_examples: int | None = 500
@@ -72,6 +77,10 @@ class TrainConfig:
     progress: bool = True
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
+
+    def options(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in TRAJECTORY_FIELDS and k not in RESUME_FRESH}
 
     def trajectory(self) -> dict:
         d = dataclasses.asdict(self)
@@ -214,6 +223,26 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     return n
 
 
+def export(cfg: TrainConfig, out_dir: str, xnnpack: bool = True):
+    """``mobizo export``: the ExecuTorch training program for ``cfg``'s model, task shapes and step."""
+    from .engines.executorch import export_program, manifest_for
+    from .models import weights_hash
+
+    if cfg.estimator == "fo":
+        raise MobizoError("mobizo export builds the zeroth-order step; the fo baseline is exported by the benchmarks")
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()) and not cfg.overwrite:
+        raise MobizoError(f"--out {target} is not empty (use --overwrite to replace it)")
+    run = prepare(dataclasses.replace(cfg, engine="eager"))
+    zo = zo_config(cfg, run.objective, run.choices)
+    answer_len = max(
+        len(run.encoder(ex.prompt, c).answer_ids) for ex in run.train + run.validation for c in (ex.candidates or [ex.answer])
+    )
+    manifest = manifest_for(run.model, cfg.model, zo, cfg.batch_size, cfg.max_length, answer_len,
+                            cfg.eval_batch_size, cfg.rank, cfg.alpha, weights_hash(run.model))  # fmt: skip
+    return export_program(run.model, manifest, target, xnnpack=xnnpack)
+
+
 def make_batch(run: Run, step: int):
     cfg = run.cfg
     idx = step_indices(len(run.train), cfg.batch_size, step, cfg.seed)
@@ -278,8 +307,9 @@ def resolve_resume(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     out = _check_out(cfg)
     d = resolve_dir(out / "checkpoint")
     try:
-        saved = json.loads((d / "state.json").read_text(encoding="utf-8"))["config"]
-    except (OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+        saved, options = state["config"], state.get("options", {})
+    except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MobizoError(f"--resume: unreadable checkpoint state in {d} ({e})") from e
     updates = {}
     for k, v in saved.items():
@@ -288,6 +318,9 @@ def resolve_resume(cfg: TrainConfig, given: set[str]) -> TrainConfig:
         if k in given and getattr(cfg, k) != v:
             raise MobizoError(f"--resume: the run in {out} used --{k.replace('_', '-')} {v}, not {getattr(cfg, k)}")
         updates[k] = v
+    # Other options (--steps, --eval-every, --program, ...) default to the saved run's unless given.
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAJECTORY_FIELDS) - RESUME_FRESH
+    updates.update({k: v for k, v in options.items() if k in names and k not in given})
     return dataclasses.replace(cfg, **updates)
 
 
@@ -372,7 +405,7 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
             cfg.rank,
             cfg.alpha,
             cfg.model,
-            {"step": step, "config": cfg.trajectory(), "mobizo_version": __version__},
+            {"step": step, "config": cfg.trajectory(), "options": cfg.options(), "mobizo_version": __version__},
             run.engine.optimizer_state(),
         )
         last_good_ckpt = step
