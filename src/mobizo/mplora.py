@@ -68,13 +68,12 @@ class MPLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         xa = F.linear(x, self.lora_A)  # once for the whole batch
-        if self.copies is None:
-            delta = F.linear(xa, self.lora_B)
-        else:
-            n_copies = self.copies.shape[0]
-            lead = xa.shape[:-1]
-            xa = xa.reshape(n_copies, -1, self.rank)  # copy-major batch
-            delta = torch.bmm(xa, self.copies.transpose(1, 2)).reshape(*lead, self.out_features)
+        # Without copies the layer is plain LoRA: the same path with one copy. (B is never the weight
+        # operand of a linear op: a backend such as XNNPACK would pack it as a constant at load time.)
+        copies = self.lora_B.unsqueeze(0) if self.copies is None else self.copies
+        lead = xa.shape[:-1]
+        xa = xa.reshape(copies.shape[0], -1, self.rank)  # copy-major batch
+        delta = torch.bmm(xa, copies.transpose(1, 2)).reshape(*lead, self.out_features)
         return y + delta * self.scaling
 
     def extra_repr(self) -> str:

@@ -1,0 +1,101 @@
+"""The ZO step exported to ExecuTorch trains in the stock runtime and follows the eager trajectory."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from mobizo.errors import MobizoError
+from mobizo.trainer import TrainConfig, export, train
+
+COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=24,
+              eval_batch_size=8, lr=1.0, eps=0.05, seed=3, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    d = tmp_path_factory.mktemp("program")
+    export(TrainConfig(**COMMON), str(d / "p"))
+    return d / "p"
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_manifest_describes_the_program(program):
+    m = json.loads((program / "manifest.json").read_text())
+    assert m["estimator"] == "prge" and m["queries"] == 2 and m["batch_size"] == 4 and m["max_length"] == 32
+    assert m["objective"] == "choice-sum" and m["choices"] == 2 and m["answer_len"] == 1
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["executorch"] == "1.5.1"
+    assert len(m["base_weights_sha256"]) == 64 and len(m["target_modules"]) == 8
+    assert (program / "train.pte").stat().st_size == m["pte_bytes"]
+
+
+def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
+    steps = dict(steps=50, eval_every=25, save_every=10)
+    s_eager = train(TrainConfig(**COMMON, **steps, out=str(tmp_path / "eager")))
+    s_et = train(TrainConfig(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et")))
+    le, lx = _losses(tmp_path / "eager"), _losses(tmp_path / "et")
+    assert len(le) == len(lx) == 50
+    for a, b in zip(le, lx):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    ae, ax = _adapter(tmp_path / "eager"), _adapter(tmp_path / "et")
+    assert ae.keys() == ax.keys()
+    diff = max((ae[k] - ax[k]).abs().max().item() for k in ae)
+    scale = max(ae[k].abs().max().item() for k in ae)
+    assert diff <= 1e-4 and scale > 1e-2  # the adapter really moved
+    assert abs(s_eager["eval"]["loss"] - s_et["eval"]["loss"]) <= 1e-4 * s_eager["eval"]["loss"]
+    # interrupt the ExecuTorch run at step 20 (checkpoint), resume to 50: the same trajectory
+    part = tmp_path / "et-part"
+    train(TrainConfig(**COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)))
+    code, err = run_cli(["train", "--out", part, "--resume", "--steps", 50, "--no-progress"])
+    assert code == 0, err
+    ar = _adapter(part)
+    assert max((ar[k] - ax[k]).abs().max().item() for k in ar) <= 1e-6
+
+
+def test_mismatched_and_corrupted_programs_are_refused(program, tmp_path):
+    with pytest.raises(MobizoError, match="queries=2, this run needs 4"):
+        train(TrainConfig(**{**COMMON, "queries": 4}, steps=1, engine="executorch", program=str(program)))
+    with pytest.raises(MobizoError, match="max_length"):
+        train(TrainConfig(**{**COMMON, "max_length": 48}, steps=1, engine="executorch", program=str(program)))
+    bad = tmp_path / "bad"
+    shutil.copytree(program, bad)
+    data = (bad / "train.pte").read_bytes()
+    (bad / "train.pte").write_bytes(data[: len(data) // 2])
+    code, err = run_cli(["train", "--engine", "executorch", "--program", bad, "--queries", 2, "--batch-size", 4,
+                         "--max-length", 32, "--seed", 3, "--steps", 1, "--out", tmp_path / "o"])  # fmt: skip
+    assert code == 2 and "truncated or corrupted" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    (bad / "manifest.json").write_text("{not json")
+    code, err = run_cli(["train", "--engine", "executorch", "--program", bad, "--steps", 1])
+    assert code == 2 and "malformed manifest" in err
+
+
+def test_adapter_read_out_and_load(program):
+    from mobizo.engines.executorch import ExecuTorchEngine
+
+    eng = ExecuTorchEngine(program)
+    state = eng.adapter_state()
+    assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k.endswith("lora_B"))
+    key = next(k for k in state if k.endswith("lora_B"))
+    state[key] = torch.full_like(state[key], 0.5)
+    eng.load_adapter_state(state)
+    assert torch.equal(eng.adapter_state()[key], state[key])
+    wrong = dict(state)
+    wrong[key] = torch.zeros(3, 3)
+    with pytest.raises(MobizoError, match="shape"):
+        eng.load_adapter_state(wrong)
+    a_key = key.replace("lora_B", "lora_A")
+    wrong = dict(state)
+    wrong[a_key] = wrong[a_key] + 1
+    with pytest.raises(MobizoError, match="frozen A"):
+        eng.load_adapter_state(wrong)
