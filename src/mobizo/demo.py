@@ -18,9 +18,9 @@ DEMO = dict(
     task="synthetic",
     estimator="prge",
     queries=4,
-    batch_size=16,
-    lr=0.1,
-    eps=0.05,
+    batch_size=8,
+    lr=4.0,
+    eps=0.02,
     rank=8,
     alpha=16.0,
     seed=0,
@@ -29,7 +29,7 @@ DEMO = dict(
     eval_every=0,
     save_every=0,
 )
-DEMO_STEPS = 600
+DEMO_STEPS = 500
 ENGINES = ("eager", "executorch")
 
 

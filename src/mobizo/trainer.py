@@ -464,7 +464,7 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
                     f"training stopped at step {step}: {bad_run} consecutive bad steps (non-finite loss or "
                     f"|g| > --max-grad; try a lower --lr or --eps); last good checkpoint: {where}"
                 )
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps and bad_run == 0:
                 save_ckpt(step)
     finally:
         bar.close()
