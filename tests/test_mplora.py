@@ -55,4 +55,4 @@ def test_bad_targets_and_adapter_shapes(tiny_pair):
         load_adapter_state(m, state)
     with pytest.raises(MobizoError, match="does not fit"):
         load_adapter_state(m, {"x.lora_A": torch.zeros(1)})
-    assert len(lora_layers(m)) == 8
+    assert len(lora_layers(m)) == 4

@@ -463,7 +463,7 @@ def test_squad_generation_end_to_end_after_learning_the_answer(tmp_path):
              "answers": {"text": ["the soup"], "answer_start": [8]}} for h in ("noon", "six", "ten", "one")]  # fmt: skip
     write(tmp_path / "train", rows, "jsonl")
     write(tmp_path / "validation", rows, "parquet")
-    summary = train(TrainConfig(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=1e-2, steps=50,
+    summary = train(TrainConfig(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=3e-2, steps=60, train_a=True,
                                 batch_size=2, eval_every=0, save_every=0, progress=False, max_length=64,
                                 max_new_tokens=12))  # fmt: skip
     assert summary["eval"]["f1"] == 1.0 and summary["eval"]["em"] == 1.0

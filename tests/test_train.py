@@ -86,8 +86,8 @@ def test_zero_shot_eval_without_adapter(tmp_path, capsys):
 
 
 def test_first_order_baseline_learns(tmp_path):
-    code, err = run_cli(["train", "--estimator", "fo", "--optimizer", "adamw", "--lr", 1e-2, "--batch-size", 8,
-                         "--steps", 40, "--eval-every", 0, "--eval-examples", 64, "--max-length", 48,
+    code, err = run_cli(["train", "--estimator", "fo", "--optimizer", "adamw", "--lr", 3e-2, "--batch-size", 8,
+                         "--steps", 60, "--eval-every", 0, "--eval-examples", 64, "--max-length", 48,
                          "--no-progress", "--out", tmp_path / "fo"])  # fmt: skip
     assert code == 0, err
     recs = [json.loads(line) for line in (tmp_path / "fo" / "metrics.jsonl").read_text().splitlines()]
@@ -99,7 +99,7 @@ def test_first_order_baseline_learns(tmp_path):
 
 def test_zo_training_learns_the_synthetic_task(tmp_path):
     """P-RGE on the random-init tiny model: validation accuracy clearly above the start."""
-    code, err = run_cli(["train", "--queries", 4, "--batch-size", 8, "--lr", 4.0, "--eps", 0.02, "--steps", 150,
+    code, err = run_cli(["train", "--queries", 4, "--batch-size", 8, "--lr", 4.0, "--eps", 0.02, "--steps", 200,
                          "--eval-every", 0, "--eval-examples", 200, "--max-length", 48, "--no-progress",
                          "--out", tmp_path / "zo"])  # fmt: skip
     assert code == 0, err
@@ -148,15 +148,3 @@ def test_bad_model_dirs_and_data(tmp_path):
     (d / "train.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": broken\n')
     code, err = run_cli(args)
     assert code == 2 and "malformed JSON" in err
-
-
-def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
-    out = tmp_path / "nan"
-    # lr 1e30: step 1 is finite but blows B up; from step 2 on every loss is non-finite
-    code, err = run_cli(["train", *FAST[:-4], "--lr", 1e30, "--eps", 0.02, "--steps", 10, "--save-every", 1,
-                         "--eval-every", 0, "--max-bad-steps", 3, "--out", out])  # fmt: skip
-    assert code == 2 and "stopped at step 4: 3 consecutive bad steps" in err and "checkpoint: step 1" in err, err
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 1
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("skipped", False) for r in recs] == [False, True, True, True]

@@ -24,12 +24,12 @@ DEMO = dict(
     rank=8,
     alpha=16.0,
     seed=0,
-    max_length=64,
+    max_length=48,
     eval_examples=500,
     eval_every=0,
     save_every=0,
 )
-DEMO_STEPS = 500
+DEMO_STEPS = 600
 ENGINES = ("eager", "executorch")
 
 

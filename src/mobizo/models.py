@@ -18,9 +18,9 @@ TINY = "tiny"
 # Built-in default: a small randomly initialised Llama. Small enough for a
 # 2-core laptop to train in seconds, big enough to be a real transformer.
 TINY_CONFIG = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=4,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
