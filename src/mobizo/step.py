@@ -160,8 +160,8 @@ class ZOStep(nn.Module):
         plus = torch.stack([loss_of[(i, 1.0)] for i in range(q)])
         minus = torch.stack([loss_of[(i, -1.0)] for i in range(q)])
         grads = (plus - minus) / (2 * eps)
-        # Divergence guard, in-graph: a bad step (non-finite loss or |g| > max_grad) leaves B untouched.
-        ok = torch.isfinite(plus).all() & torch.isfinite(minus).all() & (grads.abs() <= cfg.max_grad).all()
+        # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
+        ok = guard_ok(plus, minus, grads, cfg.max_grad)
         apply_update(layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay)
         return torch.stack([plus, minus]), grads
 
@@ -176,9 +176,21 @@ def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0) -> None:
         layer.lora_B.copy_(layer.lora_B - lr * update)
 
 
+def guard_ok(plus, minus, grads, max_grad: float):
+    """The divergence guard as a 0-d bool tensor: all losses and g finite, every |g| <= max_grad."""
+    return (
+        torch.isfinite(plus).all()
+        & torch.isfinite(minus).all()
+        & torch.isfinite(grads).all()
+        & (grads.abs() <= max_grad).all()
+    )
+
+
 def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
-    """Host-side twin of the in-graph guard, for logging and counting skipped steps."""
-    return bool(torch.isfinite(losses).all()) and bool((grads.abs() <= max_grad).all())
+    """Host-side twin of the in-graph guard (same float32 comparisons), for logging and counting skipped steps."""
+    losses = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
+    grads = torch.as_tensor(grads, dtype=torch.float32).reshape(-1)
+    return bool(guard_ok(losses, losses[:0], grads, max_grad))
 
 
 class AnswerLoss(nn.Module):
