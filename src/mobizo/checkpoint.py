@@ -353,6 +353,11 @@ def read_state(d: Path) -> dict:
         raise MobizoError(f"{path}: invalid step {step!r} in the checkpoint state")
     if not isinstance(state.get("config", {}), dict):
         raise MobizoError(f"{path}: invalid run config in the checkpoint state")
+    settings = state.get("settings", {})
+    if not isinstance(settings, dict) or not all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in settings.values()
+    ):
+        raise MobizoError(f"{path}: invalid settings in the checkpoint state")
     for key in ("skipped_steps",):
         v = state.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= step:

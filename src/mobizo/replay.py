@@ -55,6 +55,11 @@ def read_log(path: str | Path) -> tuple[dict, list[dict]]:
             if rec.get("mobizo_log") != 1 or not isinstance(rec.get("config"), dict) or not isinstance(rec.get("layers"), list):
                 raise MobizoError(f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)")
             header = rec
+            if rec["config"].get("estimator") not in ZO_ESTIMATORS:
+                raise MobizoError(
+                    f"{p}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), "
+                    f"this one used {rec['config'].get('estimator')!r}"
+                )
             continue
         records.append(_check_record(rec, f"{p}:{lineno}", len(records) + 1, header["config"]))
     if header is None:
@@ -106,9 +111,7 @@ def replay(
             raise MobizoError(f"--overwrite: {out} is not an adapter directory; not replacing it")
     header, records = read_log(log)
     cfg = header["config"]
-    estimator = cfg.get("estimator")
-    if estimator not in ZO_ESTIMATORS:
-        raise MobizoError(f"{log}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), this one used {estimator!r}")
+    estimator = cfg["estimator"]
     try:
         queries, seed, rank = int(cfg["queries"]), int(cfg["seed"]), int(cfg["rank"])
         alpha, wd = float(cfg["alpha"]), float(cfg.get("weight_decay") or 0.0)

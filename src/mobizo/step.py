@@ -7,7 +7,8 @@
    ``B + sign * eps * z_i`` (MP-LoRA) and run the model once over the copy-major batch;
 3. per-copy masked token losses (logits only at the answer positions);
 4. projected gradients g_i = (L+_i - L-_i) / (2 eps);
-5. in-place update B <- B - lr * (mean_i g_i z_i + wd * B);
+5. in-place update B <- B - lr * (mean_i g_i z_i + wd * B), unless the divergence guard
+   rejects the step (non-finite losses or g, |g| > max_grad, or an update that overflows B);
 
 and returns (losses, g). The estimators differ only in how copies are grouped
 into forward passes, so with the same seed they compute the same update:
@@ -162,18 +163,31 @@ class ZOStep(nn.Module):
         grads = (plus - minus) / (2 * eps)
         # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
         ok = guard_ok(plus, minus, grads, cfg.max_grad)
-        apply_update(layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay)
-        return torch.stack([plus, minus]), grads
+        applied = apply_update(
+            layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay
+        )
+        # An update that would have overflowed B was not applied either: report its g as NaN so the
+        # host (and the log, and `mobizo replay`) count the step as skipped.
+        return torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))
 
 
-def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0) -> None:
-    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``."""
+def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0):
+    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``.
+
+    All-or-nothing: if the new value of any B would be non-finite (an overflow), no B changes.
+    Returns whether the update was applied (0-d bool tensor).
+    """
+    news = []
     for layer, z in zip(layers, zs):
         g = grads.to(z.dtype).reshape(-1, 1, 1)
         update = (g * z).mean(0)
         if weight_decay:
             update = update + weight_decay * layer.lora_B
-        layer.lora_B.copy_(layer.lora_B - lr * update)
+        news.append(layer.lora_B - lr * update)
+    applied = torch.stack([torch.isfinite(new).all() for new in news]).all()
+    for layer, new in zip(layers, news):
+        layer.lora_B.copy_(torch.where(applied, new, layer.lora_B))
+    return applied
 
 
 def guard_ok(plus, minus, grads, max_grad: float):

@@ -43,6 +43,8 @@ TRAJECTORY_FIELDS = (
 # Trajectory fields a resumed run may change (a recovery after the divergence guard stopped a run):
 # the update of every step is logged with its own lr, so `mobizo replay` still rebuilds the adapter.
 RECOVERY_FIELDS = ("lr", "eps", "max_grad")
+# Other flags a resumed run takes from the checkpoint when not given (they do not change the updates).
+SETTINGS_FIELDS = ("steps", "max_bad_steps", "eval_every", "save_every", "eval_examples", "eval_batch_size")
 LOG_FORMAT = 1  # version of the metrics.jsonl header record
 
 
@@ -88,6 +90,9 @@ class TrainConfig:
     def trajectory(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: d[k] for k in TRAJECTORY_FIELDS}
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in SETTINGS_FIELDS}
 
 
 @dataclass
@@ -280,10 +285,12 @@ def resolve_resume(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     out = _check_out(cfg)
     d = resolve_dir(out / "checkpoint")
     try:
-        saved = read_state(d).get("config") or {}
+        state = read_state(d)
     except MobizoError as e:
         raise MobizoError(f"--resume: {e}") from e
-    updates = {}
+    saved = state.get("config") or {}
+    settings = state.get("settings") if isinstance(state.get("settings"), dict) else {}
+    updates = {k: v for k, v in settings.items() if k in SETTINGS_FIELDS and k not in given}
     for k, v in saved.items():
         if k not in TRAJECTORY_FIELDS:
             continue
@@ -405,6 +412,7 @@ def _loop(run: Run, out: Path | None, start: dict, on_step=None) -> dict:
             "mobizo_version": __version__,
             "skipped_steps": skipped,
             "last_loss": _finite_or_none(last_loss),
+            "settings": cfg.settings(),
         }
         save_checkpoint(
             out / "checkpoint", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model, state,
