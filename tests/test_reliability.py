@@ -175,16 +175,27 @@ def test_guard_counts_survive_a_resume(capsys, tmp_path):
 
 
 def test_bare_resume_continues_with_the_saved_flags(capsys, tmp_path):
-    """`mobizo train --resume --out DIR` alone finishes a killed run as it was started."""
+    """`mobizo train --resume --out DIR` alone finishes an interrupted run as it was started."""
+    from mobizo.trainer import TrainConfig, train as train_api
+
+    class Killed(BaseException):
+        pass
+
+    def die_at_6(step, rec):
+        if step == 6:
+            raise Killed()
+
     out = tmp_path / "run"
-    assert train(capsys, out, "--steps", "9", "--save-every", "4", "--lr", "0.05", "--max-bad-steps", "7")[0] == 0
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    state["step"] = 4  # as if killed after the step-4 checkpoint
-    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
+    cfg = TrainConfig(steps=9, save_every=4, lr=0.05, max_bad_steps=7, batch_size=4, queries=2, max_length=32,
+                      eval_every=0, eval_examples=8, train_examples=64, out=str(out), progress=False)  # fmt: skip
+    with pytest.raises(Killed):
+        train_api(cfg, on_step=die_at_6)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     assert run_cli(capsys, "train", "--resume", "--out", out, "--no-progress")[0] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_step"] == 9 and summary["config"]["lr"] == 0.05 and summary["config"]["batch_size"] == 4
     assert json.loads((out / "checkpoint" / "state.json").read_text())["settings"]["max_bad_steps"] == 7
+    assert [r["step"] for r in records(out)] == list(range(1, 10))
 
 
 def test_resume_refuses_trajectory_changes(capsys, tmp_path):
@@ -229,6 +240,13 @@ def test_bad_state_json_errors_clearly(capsys, ckpt_run, text):
     (ckpt_run / "checkpoint" / "state.json").write_text(text)
     rc, err = _resume(capsys, ckpt_run)
     assert rc == 2 and "state" in err
+
+
+def test_edited_state_json_is_caught_by_its_checksum(capsys, ckpt_run):
+    path = ckpt_run / "checkpoint" / "state.json"
+    path.write_text(path.read_text().replace('"seed": 0', '"seed": 1'))
+    rc, err = _resume(capsys, ckpt_run)
+    assert rc == 2 and "state.json: checksum mismatch" in err
 
 
 def test_edited_adapter_config_is_caught(capsys, ckpt_run):

@@ -330,17 +330,24 @@ def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, sta
 
     def write(d: Path) -> None:
         write_adapter(d, adapter_state, rank, alpha, base_model)
-        st = dict(state)
+        st = {k: v for k, v in state.items() if k != "sha256"}
         if optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)
             st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)
+        st["sha256"] = _state_sha256(st)
         (d / STATE).write_text(json.dumps(st, indent=1, sort_keys=True), encoding="utf-8")
 
     atomic_write_dir(Path(directory), write)
 
 
-def read_state(d: Path) -> dict:
-    """A checkpoint's ``state.json``, validated (step, config)."""
+def _state_sha256(state: dict) -> str:
+    """sha256 of the canonical JSON of a state (without its own ``sha256`` entry)."""
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_state(d: Path, require_checksum: bool = True) -> dict:
+    """A checkpoint's ``state.json``: checksum verified, then validated (step, config, counters)."""
     path = Path(d) / STATE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -348,6 +355,13 @@ def read_state(d: Path) -> dict:
         raise MobizoError(f"{path}: unreadable checkpoint state ({_one_line(e)})") from e
     if not isinstance(state, dict):
         raise MobizoError(f"{path}: checkpoint state is not a JSON object")
+    if "sha256" in state or require_checksum:
+        try:
+            ok = state.get("sha256") == _state_sha256(state)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MobizoError(f"{path}: checksum mismatch (the file is corrupted)")
     step = state.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise MobizoError(f"{path}: invalid step {step!r} in the checkpoint state")

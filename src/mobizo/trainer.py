@@ -244,6 +244,8 @@ def _looks_like_run(out: Path) -> bool:
 def _check_out(cfg: TrainConfig) -> Path | None:
     """Validate --out before anything is loaded or written."""
     if cfg.out is None:
+        if cfg.resume:
+            raise MobizoError("--resume needs --out (the directory of the run to continue)")
         return None
     if not str(cfg.out).strip():
         raise MobizoError("--out must not be empty")
