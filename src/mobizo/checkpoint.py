@@ -194,6 +194,9 @@ _UNSUPPORTED = {
 }
 
 
+_MOBIZO_META = ("sha256", "r", "lora_alpha", "writer")
+
+
 def _peft_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().cpu() for k, v in state.items()}
 
@@ -214,7 +217,8 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
         base_model_name_or_path=base_model,
     ).save_pretrained(str(directory))
     tensors = _peft_tensors(state)
-    meta = {"format": "pt", "sha256": tensors_sha256(tensors), "r": str(rank), "lora_alpha": repr(float(alpha))}
+    meta = {"format": "pt", "sha256": tensors_sha256(tensors), "r": str(rank), "lora_alpha": repr(float(alpha)),
+            "writer": "mobizo"}  # fmt: skip
     save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
 
 
@@ -266,11 +270,13 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
         raise MobizoError(f"{w_path}: unreadable safetensors file ({_one_line(e)})") from e
-    if "sha256" in meta:
+    # Any of mobizo's metadata keys means mobizo wrote the file, so its checksum must be there too
+    # (a corrupted header must not turn the check off).
+    if "sha256" in meta or require_checksum or any(k in meta for k in _MOBIZO_META):
+        if "sha256" not in meta:
+            raise MobizoError(f"{w_path}: no checksum in the metadata (corrupted, or not written by mobizo)")
         if meta["sha256"] != tensors_sha256(tensors):
             raise MobizoError(f"{w_path}: checksum mismatch (the file is corrupted)")
-    elif require_checksum:
-        raise MobizoError(f"{w_path}: no checksum in the metadata (not written by mobizo, or corrupted)")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     if "r" in meta and meta["r"] != str(r):
         raise MobizoError(f"{cfg_path}: r={r} but the weights were saved with r={meta['r']} (mismatched files)")
