@@ -62,7 +62,7 @@ def test_sigkill_resume_matches_uninterrupted(fork, references, tmp_path, engine
     while stats.kills < min_kills:
         args = configs[run % len(configs)]
         out = tmp_path / f"run{run}"
-        kill_resume(fork, out, args, min(12, min_kills - stats.kills), rng, total_steps=STEPS, stats=stats)
+        kill_resume(fork, out, args, min(12, min_kills - stats.kills), rng, total_steps=STEPS, stats=stats, tol=tol)
         final_check(out, references(args), tol, STEPS)
         run += 1
     print(f"\n{engine}: {stats.kills} kills survived over {run} runs, {stats.processes} processes; "

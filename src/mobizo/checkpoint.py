@@ -251,9 +251,9 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
     """
     from safetensors import SafetensorError, safe_open
 
-    d = Path(directory)
-    if not d.is_dir():
-        raise MobizoError(f"adapter directory {d} does not exist")
+    d = resolve_dir(Path(directory))  # during a swap, the complete previous version
+    if d is None:
+        raise MobizoError(f"adapter directory {directory} does not exist")
     cfg_path, w_path = d / CONFIG, d / WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise MobizoError(f"{d} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS})")
