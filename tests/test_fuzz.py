@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mobizo.checkpoint import read_adapter, read_state, save_adapter, save_checkpoint, load_checkpoint
 from mobizo.errors import MobizoError
-from mobizo.tasks.custom import CustomClassification, label_index, parse_label_words, render, template_fields
+from mobizo.tasks.custom import CustomClassification, label_index, render, template_fields
 from mobizo.tasks.io import read_records
 
 TRIED: collections.Counter = collections.Counter()

@@ -237,7 +237,8 @@ def _check_adapter_config(config, where: Path) -> None:
     if not _positive_number(r) or int(r) != r or r > 1 << 20:
         raise MobizoError(f"{where}: missing or invalid 'r' (a positive integer), got {r!r}")
     if not _positive_number(config.get("lora_alpha")):
-        raise MobizoError(f"{where}: missing or invalid 'lora_alpha' (a positive number), got {config.get('lora_alpha')!r}")
+        alpha = config.get("lora_alpha")
+        raise MobizoError(f"{where}: missing or invalid 'lora_alpha' (a positive number), got {alpha!r}")
     for key, default in _UNSUPPORTED.items():
         if key in config and config[key] not in (default, None):
             raise MobizoError(f"{where}: {key}={config[key]!r} is not supported by mobizo (only plain LoRA)")
@@ -309,7 +310,8 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
             raise MobizoError(f"{w_path}: {name} has only one of lora_A / lora_B")
         if a.shape[0] != r or b.shape[1] != r:
             raise MobizoError(
-                f"{w_path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not match r={r} of {cfg_path.name}"
+                f"{w_path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"which do not match r={r} of {cfg_path.name}"
             )
     return state, config
 

@@ -52,8 +52,11 @@ def read_log(path: str | Path) -> tuple[dict, list[dict]]:
         if not isinstance(rec, dict):
             raise MobizoError(f"{p}:{lineno}: expected a JSON object")
         if header is None:
-            if rec.get("mobizo_log") != 1 or not isinstance(rec.get("config"), dict) or not isinstance(rec.get("layers"), list):
-                raise MobizoError(f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)")
+            if not (rec.get("mobizo_log") == 1 and isinstance(rec.get("config"), dict)
+                    and isinstance(rec.get("layers"), list)):  # fmt: skip
+                raise MobizoError(
+                    f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
+                )
             header = rec
             if rec["config"].get("estimator") not in ZO_ESTIMATORS:
                 raise MobizoError(
@@ -72,7 +75,9 @@ def _check_record(rec: dict, where: str, expected_step: int, config: dict) -> di
     if not isinstance(step, int) or isinstance(step, bool):
         raise MobizoError(f"{where}: record without an integer 'step'")
     if step != expected_step:
-        raise MobizoError(f"{where}: expected step {expected_step}, found step {step} (the log has a gap or is out of order)")
+        raise MobizoError(
+            f"{where}: expected step {expected_step}, found step {step} (the log has a gap or is out of order)"
+        )
     skipped = rec.get("skipped", False)
     if not isinstance(skipped, bool):
         raise MobizoError(f"{where}: 'skipped' must be true or false")

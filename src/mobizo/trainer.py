@@ -271,7 +271,9 @@ def _check_out(cfg: TrainConfig) -> Path | None:
             )
     elif out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
-            raise MobizoError(f"--out {out} is not empty (use --resume to continue that run or --overwrite to replace it)")
+            raise MobizoError(
+                f"--out {out} is not empty (use --resume to continue that run or --overwrite to replace it)"
+            )
         if not _looks_like_run(out):
             raise MobizoError(f"--overwrite: {out} does not look like a mobizo run directory; not deleting it")
     return out
@@ -491,7 +493,8 @@ def _loop(run: Run, out: Path | None, start: dict, on_step=None) -> dict:
                     "--lr or --eps)"
                 )
                 if out is not None:
-                    atomic_write_text(out / "summary.json", json.dumps(summary(step, last_eval, "stopped", msg), indent=1))
+                    stopped = summary(step, last_eval, "stopped", msg)
+                    atomic_write_text(out / "summary.json", json.dumps(stopped, indent=1))
                 raise BadSteps(msg)
             # Checkpoints never land inside a streak of bad steps: resuming redoes them (e.g. with a lower --lr).
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps and bad_run == 0:

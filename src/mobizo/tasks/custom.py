@@ -61,7 +61,8 @@ def render(template: str, record: dict, where: str) -> str:
     for f in fields:
         v = record[f]
         if v is None or isinstance(v, (list, dict)):
-            raise MobizoError(f"{where}: field {f!r} is {'empty (null)' if v is None else type(v).__name__}, expected text")
+            kind = "empty (null)" if v is None else type(v).__name__
+            raise MobizoError(f"{where}: field {f!r} is {kind}, expected text")
         values[f] = check_text(str(v), f"{where}: field {f!r}")
     return template.format(**values)
 
