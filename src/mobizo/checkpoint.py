@@ -151,6 +151,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 _SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")
 
 
+def clear_dir(directory: Path, first: tuple[str, ...] = ()) -> None:
+    """Empty ``directory`` so that a kill midway leaves only complete entries (plus scratch).
+
+    Entries are renamed into a scratch trash directory (``first`` ones first), then the trash is deleted.
+    """
+    d = Path(directory)
+    trash = Path(tempfile.mkdtemp(prefix=".overwrite.trash-", dir=d))
+    names = sorted((e.name for e in d.iterdir() if e != trash), key=lambda n: (n not in first, n))
+    for name in names:
+        os.replace(d / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def clean_stale(directory: Path) -> list[str]:
     """Remove what a killed atomic write can leave in ``directory``: scratch entries, and ``.X.old`` next to ``X``."""
     d = Path(directory)
@@ -160,7 +173,10 @@ def clean_stale(directory: Path) -> list[str]:
     for entry in sorted(d.iterdir()):
         name = entry.name
         stale_old = name.startswith(".") and name.endswith(".old") and (d / name[1:-4]).exists()
-        if _SCRATCH.match(name) or stale_old:
+        if stale_old and entry.is_dir() and not entry.is_symlink():
+            _discard(entry)  # complete until it is renamed away: never seen half-deleted
+            removed.append(name)
+        elif _SCRATCH.match(name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

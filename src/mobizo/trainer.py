@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from . import __version__
 from .checkpoint import (
     atomic_write_text,
     clean_stale,
+    clear_dir,
     load_checkpoint,
     read_state,
     resolve_dir,
@@ -334,7 +334,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         start.update({k: state[k] for k in start if k in state})
     if out is not None:
         if cfg.overwrite and not cfg.resume and out.exists():
-            shutil.rmtree(out)
+            # the checkpoint goes first: a kill midway never leaves a checkpoint without its log
+            clear_dir(out, first=("checkpoint", ".checkpoint.old", "adapter", ".adapter.old", "summary.json"))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
