@@ -1,7 +1,12 @@
+"""Test-session settings and shared fixtures."""
+
 import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: the tiny model gains nothing from more, and on a busy (shared CI) machine
+# OpenMP threads that wait on each other at every barrier make a 10 ms step take seconds.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -62,4 +67,4 @@ def run_cli(argv):
     return code, err.getvalue()
 
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)

@@ -20,7 +20,7 @@ def test_train_outputs_and_resume_is_the_same_trajectory(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(["train", *FAST, "--steps", 12, "--eval-every", 6, "--save-every", 4, "--out", full])[0] == 0
     # metrics.jsonl: one record per step with the documented fields; eval records at 6 and 12
-    recs = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()][1:]  # skip header
     assert [r["step"] for r in recs] == list(range(1, 13))
     assert {"step", "loss", "projected_grads", "lr", "eps", "seconds"} <= set(recs[0])
     assert len(recs[0]["projected_grads"]) == 2
@@ -37,7 +37,7 @@ def test_train_outputs_and_resume_is_the_same_trajectory(tmp_path):
     a, b = _adapter(full), _adapter(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(torch.count_nonzero(a[k]) for k in a if "lora_B" in k)
-    rp = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    rp = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["loss"] for r in rp] == [r["loss"] for r in recs]
     # resuming a finished run to a later --steps continues it; conflicting flags are refused
     code, err = run_cli(["train", "--out", part, "--resume", "--queries", 4])
@@ -90,7 +90,7 @@ def test_first_order_baseline_learns(tmp_path):
                          "--steps", 60, "--eval-every", 0, "--eval-examples", 64, "--max-length", 48,
                          "--no-progress", "--out", tmp_path / "fo"])  # fmt: skip
     assert code == 0, err
-    recs = [json.loads(line) for line in (tmp_path / "fo" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "fo" / "metrics.jsonl").read_text().splitlines()][1:]
     first = sum(r["loss"] for r in recs[:5]) / 5
     last = sum(r["loss"] for r in recs[-5:]) / 5
     assert last < 0.7 * first

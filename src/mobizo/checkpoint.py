@@ -9,16 +9,28 @@
   for the first-order baseline, ``optimizer.pt`` (loaded with weights_only).
 
 Every directory is written to a temporary sibling, fsync'ed and renamed into
-place, so a kill at any moment leaves either the old or the new version.
+place, so a kill at any moment leaves either the old or the new version:
+
+* ``.<name>.tmp-*``: a version being written (incomplete; never read);
+* ``.<name>.old``: the previous version during the two renames of a swap;
+  complete, and the one :func:`resolve_dir` returns while ``<name>`` is missing;
+* ``.<name>.trash-*``: an old version being deleted (never read).
+
+:func:`clean_stale` removes the scratch entries a kill can leave behind.
+``MOBIZO_TEST_SLOW_CHECKPOINT=<seconds>`` (tests only) sleeps at each stage of
+an atomic write so a fault-injection test can kill a process inside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -68,24 +80,51 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _fault_pause() -> None:
+    """Test hook: widen the windows inside atomic writes (``MOBIZO_TEST_SLOW_CHECKPOINT`` seconds)."""
+    delay = os.environ.get("MOBIZO_TEST_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory so that no reader ever sees it half-deleted: rename it to trash first."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name.lstrip('.')}.trash-", dir=path.parent))
+    os.replace(path, trash / "x")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmpdir)`` then swap ``tmpdir`` into ``target`` (old version kept until the swap)."""
+    """Run ``write(tmpdir)`` then swap ``tmpdir`` into ``target`` (old version kept until the swap).
+
+    At every moment either ``target`` or its ``.old`` twin is a complete version
+    (see :func:`resolve_dir`); a kill leaves at most scratch entries behind.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; use the usual permissions
         write(tmp)
+        mode = 0o666 & ~_umask()
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                os.chmod(os.path.join(root, f), mode)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; use the usual permissions
+        _fault_pause()
         _fsync_tree(tmp)
         old = target.parent / f".{target.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
         if target.exists():
+            if old.exists():
+                _discard(old)  # stale: a kill after the last swap's second rename
             os.replace(target, old)
+            _fsync_dir(target.parent)
+            _fault_pause()  # target missing, .old complete: resolve_dir finds .old
+        # (target missing and .old present: a killed swap; .old stays until the new version is in place)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         if old.exists():
-            shutil.rmtree(old)
+            _fault_pause()
+            _discard(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,12 +139,50 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _fault_pause()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")
+
+
+def clear_dir(directory: Path, first: tuple[str, ...] = ()) -> None:
+    """Empty ``directory`` so that a kill midway leaves only complete entries (plus scratch).
+
+    Entries are renamed into a scratch trash directory (``first`` ones first), then the trash is deleted.
+    """
+    d = Path(directory)
+    trash = Path(tempfile.mkdtemp(prefix=".overwrite.trash-", dir=d))
+    names = sorted((e.name for e in d.iterdir() if e != trash), key=lambda n: (n not in first, n))
+    for name in names:
+        os.replace(d / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(directory: Path) -> list[str]:
+    """Remove what a killed atomic write can leave in ``directory``: scratch entries, and ``.X.old`` next to ``X``."""
+    d = Path(directory)
+    removed: list[str] = []
+    if not d.is_dir():
+        return removed
+    for entry in sorted(d.iterdir()):
+        name = entry.name
+        stale_old = name.startswith(".") and name.endswith(".old") and (d / name[1:-4]).exists()
+        if stale_old and entry.is_dir() and not entry.is_symlink():
+            _discard(entry)  # complete until it is renamed away: never seen half-deleted
+            removed.append(name)
+        elif _SCRATCH.match(name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
 
 
 def resolve_dir(target: Path) -> Path | None:
@@ -118,6 +195,22 @@ def resolve_dir(target: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- PEFT adapters
+
+# PEFT LoRA options that change what an adapter computes and that mobizo does not implement:
+# an adapter using them would be evaluated wrongly, so it is refused.
+_UNSUPPORTED = {
+    "use_rslora": False,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "bias": "none",
+}
+
+
+_MOBIZO_META = ("sha256", "r", "lora_alpha", "writer")
 
 
 def _peft_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,76 +233,196 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
         base_model_name_or_path=base_model,
     ).save_pretrained(str(directory))
     tensors = _peft_tensors(state)
-    save_file(tensors, str(Path(directory) / WEIGHTS), metadata={"format": "pt", "sha256": tensors_sha256(tensors)})
+    meta = {"format": "pt", "sha256": tensors_sha256(tensors), "r": str(rank), "lora_alpha": repr(float(alpha)),
+            "writer": "mobizo"}  # fmt: skip
+    save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
 
 
 def save_adapter(directory: Path, state, rank: int, alpha: float, base_model: str) -> None:
     atomic_write_dir(Path(directory), lambda d: write_adapter(d, state, rank, alpha, base_model))
 
 
-def read_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state keyed like :func:`mobizo.mplora.adapter_state`, adapter_config dict) from a PEFT adapter dir."""
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_adapter_config(config, where: Path) -> None:
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise MobizoError(f"{where}: not a LoRA adapter config")
+    r = config.get("r")
+    if not _positive_number(r) or int(r) != r or r > 1 << 20:
+        raise MobizoError(f"{where}: missing or invalid 'r' (a positive integer), got {r!r}")
+    if not _positive_number(config.get("lora_alpha")):
+        alpha = config.get("lora_alpha")
+        raise MobizoError(f"{where}: missing or invalid 'lora_alpha' (a positive number), got {alpha!r}")
+    for key, default in _UNSUPPORTED.items():
+        if key in config and config[key] not in (default, None):
+            raise MobizoError(f"{where}: {key}={config[key]!r} is not supported by mobizo (only plain LoRA)")
+
+
+def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state keyed like :func:`mobizo.mplora.adapter_state`, adapter_config dict) from a PEFT adapter dir.
+
+    Verifies the checksum mobizo writes (required with ``require_checksum``),
+    that config and tensors agree (rank, alpha), shapes pair up and values are finite.
+    """
     from safetensors import SafetensorError, safe_open
 
-    d = Path(directory)
-    if not d.is_dir():
-        raise MobizoError(f"adapter directory {d} does not exist")
+    d = resolve_dir(Path(directory))  # during a swap, the complete previous version
+    if d is None:
+        raise MobizoError(f"adapter directory {directory} does not exist")
     cfg_path, w_path = d / CONFIG, d / WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise MobizoError(f"{d} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS})")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MobizoError(f"{cfg_path}: malformed JSON ({e})") from e
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise MobizoError(f"{cfg_path}: not a LoRA adapter config")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
-            raise MobizoError(f"{cfg_path}: missing or invalid {key!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MobizoError(f"{cfg_path}: malformed JSON ({_one_line(e)})") from e
+    except OSError as e:
+        raise MobizoError(f"{cfg_path}: unreadable ({e.strerror or e})") from e
+    _check_adapter_config(config, cfg_path)
     try:
         with safe_open(str(w_path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MobizoError(f"{w_path}: unreadable safetensors file ({e})") from e
-    if "sha256" in meta and meta["sha256"] != tensors_sha256(tensors):
-        raise MobizoError(f"{w_path}: checksum mismatch (the file is corrupted)")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
+        raise MobizoError(f"{w_path}: unreadable safetensors file ({_one_line(e)})") from e
+    # Any of mobizo's metadata keys means mobizo wrote the file, so its checksum must be there too
+    # (a corrupted header must not turn the check off).
+    if "sha256" in meta or require_checksum or any(k in meta for k in _MOBIZO_META):
+        if "sha256" not in meta:
+            raise MobizoError(f"{w_path}: no checksum in the metadata (corrupted, or not written by mobizo)")
+        if meta["sha256"] != tensors_sha256(tensors):
+            raise MobizoError(f"{w_path}: checksum mismatch (the file is corrupted)")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    if "r" in meta and meta["r"] != str(r):
+        raise MobizoError(f"{cfg_path}: r={r} but the weights were saved with r={meta['r']} (mismatched files)")
+    if "lora_alpha" in meta and meta["lora_alpha"] != repr(alpha):
+        raise MobizoError(
+            f"{cfg_path}: lora_alpha={alpha} but the weights were saved with lora_alpha={meta['lora_alpha']} "
+            "(mismatched files)"
+        )
     state = {}
     for k, v in tensors.items():
         if not (k.startswith(PEFT_PREFIX) and k.endswith(".weight") and (".lora_A" in k or ".lora_B" in k)):
             raise MobizoError(f"{w_path}: unexpected tensor {k!r} (only LoRA A/B weights are supported)")
         name = k[len(PEFT_PREFIX) : -len(".weight")]
         name = name.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
-        state[name] = v.to(torch.float32) if not v.is_floating_point() else v
+        if not name.endswith((".lora_A", ".lora_B")) or name in state:
+            raise MobizoError(f"{w_path}: unexpected tensor {k!r} (only LoRA A/B weights are supported)")
+        if v.dtype == torch.bool or v.is_complex():
+            raise MobizoError(f"{w_path}: tensor {k!r} has dtype {v.dtype}, expected floating point")
+        v = v if v.is_floating_point() else v.to(torch.float32)
+        if v.dim() != 2:
+            raise MobizoError(f"{w_path}: tensor {k!r} has shape {tuple(v.shape)}, expected a matrix")
+        if not bool(torch.isfinite(v).all()):
+            raise MobizoError(f"{w_path}: tensor {k!r} has non-finite values")
+        state[name] = v
     if not state:
         raise MobizoError(f"{w_path}: no LoRA tensors")
+    for name in {k.rsplit(".", 1)[0] for k in state}:
+        a, b = state.get(f"{name}.lora_A"), state.get(f"{name}.lora_B")
+        if a is None or b is None:
+            raise MobizoError(f"{w_path}: {name} has only one of lora_A / lora_B")
+        if a.shape[0] != r or b.shape[1] != r:
+            raise MobizoError(
+                f"{w_path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"which do not match r={r} of {cfg_path.name}"
+            )
     return state, config
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---------------------------------------------------------------- checkpoints
 
+OPTIMIZER = "optimizer.pt"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, state: dict, optimizer=None) -> None:
+    """Adapter + ``state.json`` (+ ``optimizer.pt``, its sha256 recorded in the state), swapped in atomically."""
+
     def write(d: Path) -> None:
         write_adapter(d, adapter_state, rank, alpha, base_model)
+        st = {k: v for k, v in state.items() if k != "sha256"}
         if optimizer is not None:
-            torch.save(optimizer, d / "optimizer.pt")
-        (d / STATE).write_text(json.dumps(state, indent=1, sort_keys=True), encoding="utf-8")
+            torch.save(optimizer, d / OPTIMIZER)
+            st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)
+        st["sha256"] = _state_sha256(st)
+        (d / STATE).write_text(json.dumps(st, indent=1, sort_keys=True), encoding="utf-8")
 
     atomic_write_dir(Path(directory), write)
 
 
+def _state_sha256(state: dict) -> str:
+    """sha256 of the canonical JSON of a state (without its own ``sha256`` entry)."""
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_state(d: Path, require_checksum: bool = True) -> dict:
+    """A checkpoint's ``state.json``: checksum verified, then validated (step, config, counters)."""
+    path = Path(d) / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MobizoError(f"{path}: unreadable checkpoint state ({_one_line(e)})") from e
+    if not isinstance(state, dict):
+        raise MobizoError(f"{path}: checkpoint state is not a JSON object")
+    if "sha256" in state or require_checksum:
+        try:
+            ok = state.get("sha256") == _state_sha256(state)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MobizoError(f"{path}: checksum mismatch (the file is corrupted)")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise MobizoError(f"{path}: invalid step {step!r} in the checkpoint state")
+    if not isinstance(state.get("config", {}), dict):
+        raise MobizoError(f"{path}: invalid run config in the checkpoint state")
+    settings = state.get("settings", {})
+    if not isinstance(settings, dict) or not all(
+        v is None or isinstance(v, (int, str)) for v in settings.values()  # ints, bools, paths
+    ):
+        raise MobizoError(f"{path}: invalid settings in the checkpoint state")
+    for key in ("skipped_steps",):
+        v = state.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= step:
+            raise MobizoError(f"{path}: invalid {key} {v!r} in the checkpoint state")
+    return state
+
+
 def load_checkpoint(directory: Path):
-    """(adapter state, adapter config, run state, optimizer state or None)."""
+    """(adapter state, adapter config, run state, optimizer state or None), every file verified."""
     d = resolve_dir(directory)
     if d is None:
         raise MobizoError(f"no checkpoint in {directory} to resume from")
+    hint = " (rebuild the adapter from metrics.jsonl with `mobizo replay`, or start again with --overwrite)"
     try:
-        state = json.loads((d / STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MobizoError(f"{d / STATE}: unreadable checkpoint state ({e})") from e
-    adapter, config = read_adapter(d)
-    optimizer = None
-    if (d / "optimizer.pt").is_file():
-        optimizer = torch.load(d / "optimizer.pt", weights_only=True)
+        state = read_state(d)
+        adapter, config = read_adapter(d, require_checksum=True)
+        optimizer = None
+        opt = d / OPTIMIZER
+        if opt.is_file() or "optimizer_sha256" in state:
+            if not opt.is_file():
+                raise MobizoError(f"{opt}: missing")
+            if state.get("optimizer_sha256") != file_sha256(opt):
+                raise MobizoError(f"{opt}: checksum mismatch (the file is corrupted)")
+            try:
+                optimizer = torch.load(opt, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+                raise MobizoError(f"{opt}: unreadable ({_one_line(e)})") from e
+    except MobizoError as e:
+        raise MobizoError(f"cannot resume: {e}{hint}") from e
     return adapter, config, state, optimizer

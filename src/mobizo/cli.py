@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for train.pte and manifest.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+    p = sub.add_parser("replay", help="rebuild a ZO run's adapter from its metrics.jsonl (no forward pass)")
+    p.add_argument("--log", required=True, help="the run's metrics.jsonl")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--model", help="base model (default: the one named in the log)")
+    p.add_argument("--steps", type=int, help="replay steps 1..N only (default: all logged steps)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+
     p = sub.add_parser("demo", help="the built-in demo: eval, train with prge, eval again")
     p.add_argument("--out", help="directory for demo.json and the runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per leg")
@@ -216,7 +224,21 @@ def cmd_eval(args) -> int:
         if isinstance(v, float):
             print(f"{k}: {v:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        from .checkpoint import atomic_write_text
+
+        path = Path(args.json)
+        if path.is_dir() or not path.absolute().parent.is_dir():
+            raise MobizoError(f"--json {path}: not a writable file path")
+        atomic_write_text(path, json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .replay import replay
+
+    r = replay(args.log, args.out, model=args.model, upto=args.steps, overwrite=args.overwrite,
+               trust_remote_code=args.trust_remote_code)  # fmt: skip
+    print(f"replayed {r['steps']} steps ({r['applied']} applied, {r['skipped']} skipped) into {r['out']}")
     return 0
 
 
@@ -227,7 +249,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export}
+
+def _error(message: str) -> None:
+    print("mobizo: error: " + " ".join(message.split()), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,11 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MobizoError as e:
-        print(f"mobizo: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except KeyboardInterrupt:
         print("mobizo: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a vanished file: the environment, not a bug
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _error(f"{where}{e.strerror or e}")
+        return 2
+    except MemoryError:
+        _error("out of memory (try a smaller --batch-size, --queries or --max-length)")
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+        if os.environ.get("MOBIZO_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())
+        print(f"mobizo: internal error: {type(e).__name__}: {msg} (set MOBIZO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,8 +84,12 @@ def _matches(name: str, targets: list[str]) -> bool:
     for t in targets:
         if name == t or name.endswith("." + t):
             return True
-        if any(ch in t for ch in "*[]()|\\") and re.fullmatch(t, name):
-            return True
+        if any(ch in t for ch in "*[]()|\\"):
+            try:
+                if re.fullmatch(t, name):
+                    return True
+            except re.error as e:
+                raise MobizoError(f"--target-modules: {t!r} is not a valid regular expression ({e})") from e
     return False
 
 

@@ -7,7 +7,8 @@
    ``B + sign * eps * z_i`` (MP-LoRA) and run the model once over the copy-major batch;
 3. per-copy masked token losses (logits only at the answer positions);
 4. projected gradients g_i = (L+_i - L-_i) / (2 eps);
-5. in-place update B <- B - lr * (mean_i g_i z_i + wd * B);
+5. in-place update B <- B - lr * (mean_i g_i z_i + wd * B), unless the divergence guard
+   rejects the step (non-finite losses or g, |g| > max_grad, or an update that overflows B);
 
 and returns (losses, g). The estimators differ only in how copies are grouped
 into forward passes, so with the same seed they compute the same update:
@@ -186,25 +187,50 @@ class ZOStep(nn.Module):
         plus = torch.stack([loss_of[(i, 1.0)] for i in range(q)])
         minus = torch.stack([loss_of[(i, -1.0)] for i in range(q)])
         grads = (plus - minus) / (2 * eps)
-        # Divergence guard, in-graph: a bad step (non-finite loss or |g| > max_grad) leaves B untouched.
-        ok = torch.isfinite(plus).all() & torch.isfinite(minus).all() & (grads.abs() <= cfg.max_grad).all()
-        apply_update(layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay)
-        return torch.stack([plus, minus]), grads
+        # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
+        ok = guard_ok(plus, minus, grads, cfg.max_grad)
+        applied = apply_update(
+            layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay
+        )
+        # An update that would have overflowed B was not applied either: report its g as NaN so the
+        # host (and the log, and `mobizo replay`) count the step as skipped.
+        return torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))
 
 
-def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0) -> None:
-    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``."""
+def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0):
+    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``.
+
+    All-or-nothing: if the new value of any B would be non-finite (an overflow), no B changes.
+    Returns whether the update was applied (0-d bool tensor).
+    """
+    news = []
     for layer, z in zip(layers, zs):
         g = grads.to(z.dtype).reshape(-1, 1, 1)
         update = (g * z).mean(0)
         if weight_decay:
             update = update + weight_decay * layer.lora_B
-        layer.lora_B.copy_(layer.lora_B - lr * update)
+        news.append(layer.lora_B - lr * update)
+    applied = torch.stack([torch.isfinite(new).all() for new in news]).all()
+    for layer, new in zip(layers, news):
+        layer.lora_B.copy_(torch.where(applied, new, layer.lora_B))
+    return applied
+
+
+def guard_ok(plus, minus, grads, max_grad: float):
+    """The divergence guard as a 0-d bool tensor: all losses and g finite, every |g| <= max_grad."""
+    return (
+        torch.isfinite(plus).all()
+        & torch.isfinite(minus).all()
+        & torch.isfinite(grads).all()
+        & (grads.abs() <= max_grad).all()
+    )
 
 
 def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
-    """Host-side twin of the in-graph guard, for logging and counting skipped steps."""
-    return bool(torch.isfinite(losses).all()) and bool((grads.abs() <= max_grad).all())
+    """Host-side twin of the in-graph guard (same float32 comparisons), for logging and counting skipped steps."""
+    losses = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
+    grads = torch.as_tensor(grads, dtype=torch.float32).reshape(-1)
+    return bool(guard_ok(losses, losses[:0], grads, max_grad))
 
 
 class AnswerLoss(nn.Module):

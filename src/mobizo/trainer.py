@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_checkpoint, resolve_dir, save_adapter, save_checkpoint
+from .checkpoint import (
+    atomic_write_text,
+    clean_stale,
+    clear_dir,
+    load_checkpoint,
+    read_state,
+    resolve_dir,
+    save_adapter,
+    save_checkpoint,
+)
 from .data import Encoder, collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluate import evaluate, main_metric, metric_score
-from .step import ESTIMATORS, ZOConfig
+from .step import ESTIMATORS, ZOConfig, step_is_good
 
 # Fields that define the trajectory: a resumed run must use the same values.
 TRAJECTORY_FIELDS = (
@@ -30,10 +40,13 @@ TRAJECTORY_FIELDS = (
     "lr", "eps", "weight_decay", "max_grad", "rank", "alpha", "target_modules", "seed", "max_length",
     "optimizer", "train_a", "engine", "train_examples", "truncation", "objective",
 )  # fmt: skip
-
-
-# Options never taken from a saved run.
-RESUME_FRESH = {"out", "resume", "overwrite", "progress", "extra"}
+# Trajectory fields a resumed run may change (a recovery after the divergence guard stopped a run):
+# the update of every step is logged with its own lr, so `mobizo replay` still rebuilds the adapter.
+RECOVERY_FIELDS = ("lr", "eps", "max_grad")
+# Other flags a resumed run takes from the checkpoint when not given (they do not change the updates).
+SETTINGS_FIELDS = ("steps", "max_bad_steps", "eval_every", "save_every", "eval_examples", "eval_batch_size",
+                   "program", "max_new_tokens", "trust_remote_code")  # fmt: skip
+LOG_FORMAT = 1  # version of the metrics.jsonl header record
 
 
 @dataclass
@@ -78,13 +91,12 @@ class TrainConfig:
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
 
-    def options(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in TRAJECTORY_FIELDS and k not in RESUME_FRESH}
-
     def trajectory(self) -> dict:
         d = dataclasses.asdict(self)
         return {k: d[k] for k in TRAJECTORY_FIELDS}
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in SETTINGS_FIELDS}
 
 
 @dataclass
@@ -120,6 +132,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise MobizoError("--eval-every and --save-every must be >= 0")
     if cfg.objective not in ("auto", "answer", "choice"):
         raise MobizoError(f"unknown --objective {cfg.objective!r} (choose from auto, answer, choice)")
+    if not cfg.max_grad > 0:  # NaN fails too
+        raise MobizoError(f"--max-grad must be a positive number, got {cfg.max_grad}")
+    if not math.isfinite(cfg.weight_decay) or cfg.weight_decay < 0:
+        raise MobizoError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.seed < 2**63:
+        raise MobizoError(f"--seed must be in [0, 2**63), got {cfg.seed}")
+    for name in ("eval_examples", "train_examples"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise MobizoError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if cfg.truncation not in ("left", "error"):
         raise MobizoError(f"--truncation must be left or error, got {cfg.truncation!r}")
     if cfg.engine not in ("eager", "executorch"):
@@ -286,75 +308,142 @@ class BadSteps(MobizoError):
     pass
 
 
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoint", "adapter", ".checkpoint.old", ".adapter.old")
+
+
+def _looks_like_run(out: Path) -> bool:
+    """Whether ``out`` holds a mobizo run (so --overwrite may delete it) rather than someone's files."""
+    names = [e.name for e in out.iterdir()]
+    return any(n in RUN_MARKERS or n.endswith(".pte") for n in names) or all(
+        n.startswith(".") and (".tmp-" in n or ".trash-" in n) for n in names
+    )
+
+
 def _check_out(cfg: TrainConfig) -> Path | None:
+    """Validate --out before anything is loaded or written."""
     if cfg.out is None:
+        if cfg.resume:
+            raise MobizoError("--resume needs --out (the directory of the run to continue)")
         return None
+    if not str(cfg.out).strip():
+        raise MobizoError("--out must not be empty")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MobizoError(f"--out {out} exists and is not a directory")
+    if out.exists():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise MobizoError(f"--out {out} is not writable")
+    else:
+        parent = out.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise MobizoError(f"cannot create --out {out}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise MobizoError(f"cannot create --out {out}: {parent} is not writable")
     if cfg.resume:
-        if resolve_dir(out / "checkpoint") is None:
-            raise MobizoError(f"--resume: no checkpoint in {out}")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise MobizoError(f"--out {out} is not empty (use --resume to continue that run or --overwrite to replace it)")
+        if not out.is_dir() or resolve_dir(out / "checkpoint") is None:
+            raise MobizoError(
+                f"--resume: no checkpoint in {out} (a run killed before its first checkpoint has nothing to "
+                "resume: start it again with --overwrite)"
+            )
+    elif out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise MobizoError(
+                f"--out {out} is not empty (use --resume to continue that run or --overwrite to replace it)"
+            )
+        if not _looks_like_run(out):
+            raise MobizoError(f"--overwrite: {out} does not look like a mobizo run directory; not deleting it")
     return out
 
 
 def resolve_resume(cfg: TrainConfig, given: set[str]) -> TrainConfig:
-    """With --resume, unspecified flags take the saved run's values; conflicting ones are an error."""
+    """With --resume, unspecified flags take the saved run's values; conflicting ones are an error.
+
+    Only :data:`RECOVERY_FIELDS` (lr, eps, max_grad) may be changed, with a warning.
+    """
     if not cfg.resume:
         return cfg
     out = _check_out(cfg)
     d = resolve_dir(out / "checkpoint")
     try:
-        state = json.loads((d / "state.json").read_text(encoding="utf-8"))
-        saved, options = state["config"], state.get("options", {})
-    except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MobizoError(f"--resume: unreadable checkpoint state in {d} ({e})") from e
-    updates = {}
+        state = read_state(d)
+    except MobizoError as e:
+        raise MobizoError(f"--resume: {e}") from e
+    saved = state.get("config") or {}
+    settings = state.get("settings") if isinstance(state.get("settings"), dict) else {}
+    updates = {k: v for k, v in settings.items() if k in SETTINGS_FIELDS and k not in given}
     for k, v in saved.items():
         if k not in TRAJECTORY_FIELDS:
             continue
         if k in given and getattr(cfg, k) != v:
-            raise MobizoError(f"--resume: the run in {out} used --{k.replace('_', '-')} {v}, not {getattr(cfg, k)}")
+            flag = f"--{k.replace('_', '-')}"
+            if k not in RECOVERY_FIELDS:
+                raise MobizoError(f"--resume: the run in {out} used {flag} {v}, not {getattr(cfg, k)}")
+            print(f"mobizo: warning: resuming with {flag} {getattr(cfg, k)} (the run used {v})", file=sys.stderr)
+            continue
         updates[k] = v
-    # Other options (--steps, --eval-every, --program, ...) default to the saved run's unless given.
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAJECTORY_FIELDS) - RESUME_FRESH
-    updates.update({k: v for k, v in options.items() if k in names and k not in given})
     return dataclasses.replace(cfg, **updates)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train per ``cfg``; returns the summary (also written to ``out/summary.json``)."""
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Train per ``cfg``; returns the summary (also written to ``out/summary.json``).
+
+    ``on_step(step, record)`` is called after every step with its metrics record.
+    """
     out = _check_out(cfg)
+    if out is not None and cfg.resume:
+        clean_stale(out)
     run = prepare(cfg, out)
-    start_step = 0
+    start = {"step": 0, "skipped_steps": 0, "last_loss": None}
     if cfg.resume:
         adapter, _, state, opt_state = load_checkpoint(out / "checkpoint")
-        if state.get("config", {}) and {k: state["config"].get(k) for k in TRAJECTORY_FIELDS} != cfg.trajectory():
+        saved = state.get("config") or {}
+
+        def fixed(d: dict) -> dict:
+            return {k: d.get(k) for k in TRAJECTORY_FIELDS if k not in RECOVERY_FIELDS}
+
+        if saved and fixed(saved) != fixed(cfg.trajectory()):
             raise MobizoError(f"--resume: the checkpoint in {out} belongs to a different run configuration")
+        if state["step"] > cfg.steps:
+            raise MobizoError(f"--resume: the checkpoint in {out} is at step {state['step']}, past --steps {cfg.steps}")
         run.engine.load_adapter_state(adapter)
         run.engine.load_optimizer_state(opt_state)
-        start_step = int(state["step"])
+        start.update({k: state[k] for k in start if k in state})
     if out is not None:
         if cfg.overwrite and not cfg.resume and out.exists():
-            import shutil
+            # the checkpoint goes first: a kill midway never leaves a checkpoint without its log
+            clear_dir(out, first=("checkpoint", ".checkpoint.old", "adapter", ".adapter.old", "summary.json"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MobizoError(f"cannot create --out {out}: {e.strerror or e}") from e
+    return _loop(run, out, start, on_step)
 
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    return _loop(run, out, start_step)
+
+def _log_header(run: Run) -> dict:
+    """First line of metrics.jsonl: what `mobizo replay` needs besides the per-step records."""
+    return {
+        "mobizo_log": LOG_FORMAT,
+        "config": run.cfg.trajectory(),
+        "layers": list(run.targets),
+        "mobizo_version": __version__,
+    }
 
 
 def _read_metrics(path: Path, upto: int) -> list[str]:
+    """The header and the step records up to ``upto`` (a line cut by a kill is dropped)."""
     if not path.exists():
         return []
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if isinstance(rec, dict) and "step" in rec and rec["step"] <= upto:
+        if not isinstance(rec, dict):
+            continue
+        if ("mobizo_log" in rec and not keep) or (isinstance(rec.get("step"), int) and rec["step"] <= upto):
             keep.append(line)
     return keep
 
@@ -373,41 +462,63 @@ def _best_so_far(lines: list[str], kind: str, out: Path | None) -> dict | None:
     return best
 
 
-def _loop(run: Run, out: Path | None, start_step: int) -> dict:
+def _finite_or_none(x: float):
+    return x if math.isfinite(x) else None
+
+
+def step_good(res, max_grad: float) -> bool:
+    """Host-side verdict of the divergence guard, computed exactly like the in-graph one (float32)."""
+    grads = torch.tensor(res.projected_grads, dtype=torch.float32)
+    losses = torch.tensor(res.losses if res.losses else [res.loss], dtype=torch.float32)
+    return step_is_good(losses, grads, max_grad)
+
+
+def _loop(run: Run, out: Path | None, start: dict, on_step=None) -> dict:
     from tqdm import tqdm
 
     cfg = run.cfg
+    start_step = start["step"]
     kind = run.task.kind
     metric = main_metric(kind)
     metrics_path = out / "metrics.jsonl" if out else None
     best = None  # {"step", "metric", "value", "score"} of the best eval during training
     if metrics_path is not None:
-        # Steps after the checkpoint will be redone: drop their records.
-        lines = _read_metrics(metrics_path, start_step)
+        # Steps after the checkpoint will be redone: drop their records. Keep (or write) the header.
+        lines = _read_metrics(metrics_path, start_step) if cfg.resume else []
+        if not lines or "mobizo_log" not in json.loads(lines[0]):
+            lines.insert(0, json.dumps(_log_header(run)))
         atomic_write_text(metrics_path, "".join(line + "\n" for line in lines))
         best = _best_so_far(lines, kind, out) if cfg.resume else None
-    metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path else None
+    # Line-buffered: every record reaches the file in one write, so a kill never leaves more than
+    # a partial last line (which readers drop).
+    metrics_file = metrics_path.open("a", encoding="utf-8", buffering=1) if metrics_path else None
     last_eval: dict = {}
     last_eval_step = None
-    last_loss = float("nan")
-    bad_run, skipped, times = 0, 0, []
-    last_good_ckpt = start_step if cfg.resume else None
+    last_loss = start["last_loss"] if start["last_loss"] is not None else float("nan")
+    skipped = start["skipped_steps"]
+    bad_run, total_time, n_timed = 0, 0.0, 0
+    last_good_ckpt = start_step if out is not None else None
 
     def save_ckpt(step: int) -> None:
         nonlocal last_good_ckpt
         if out is None:
             return
         if metrics_file and not metrics_file.closed:
+            # The log always covers the checkpoint (replay and resume rely on it), even after a power cut.
             metrics_file.flush()
+            os.fsync(metrics_file.fileno())
+        state = {
+            "step": step,
+            "config": cfg.trajectory(),
+            "mobizo_version": __version__,
+            "skipped_steps": skipped,
+            "last_loss": _finite_or_none(last_loss),
+            "settings": cfg.settings(),
+        }
         save_checkpoint(
-            out / "checkpoint",
-            run.engine.adapter_state(),
-            cfg.rank,
-            cfg.alpha,
-            cfg.model,
-            {"step": step, "config": cfg.trajectory(), "options": cfg.options(), "mobizo_version": __version__},
+            out / "checkpoint", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model, state,
             run.engine.optimizer_state(),
-        )
+        )  # fmt: skip
         last_good_ckpt = step
 
     def consider_best(step: int, metrics: dict) -> None:
@@ -420,6 +531,34 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
         if out is not None:
             save_adapter(out / "best", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model)
 
+    def summary(step: int, final_eval: dict | None, status: str, error: str | None = None) -> dict:
+        final_eval = final_eval or {}
+        s = {
+            "status": status,
+            "final_step": step,
+            "final_loss": last_loss,
+            "eval": final_eval,
+            "eval_start": start_eval,
+            "metric": metric,
+            f"eval_{metric}": final_eval.get(metric),
+            "eval_accuracy": final_eval.get("accuracy"),
+            "eval_loss": final_eval.get("loss"),
+            "best": None if best is None else {k: v for k, v in best.items() if k != "score"},
+            "truncated": run.truncated,
+            "skipped_steps": skipped,
+            "seconds_per_step": total_time / n_timed if n_timed else None,
+            "engine": cfg.engine,
+            "estimator": cfg.estimator,
+            "config": cfg.trajectory(),
+            "mobizo_version": __version__,
+        }
+        if error:
+            s["error"] = error
+            s["last_checkpoint_step"] = last_good_ckpt
+        return s
+
+    if out is not None and not cfg.resume:
+        save_ckpt(0)  # a run killed at any point after this can be resumed
     start_eval = run_eval(run) if cfg.eval_at_start else None
     bar = tqdm(
         range(start_step + 1, cfg.steps + 1),
@@ -436,16 +575,14 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
             t0 = time.perf_counter()
             res = run.engine.train_step(batch, step, cfg.lr, cfg.eps)
             dt = time.perf_counter() - t0
-            times.append(dt)
-            good = math.isfinite(res.loss) and all(
-                math.isfinite(g) and abs(g) <= cfg.max_grad for g in res.projected_grads
-            )
+            total_time += dt
+            n_timed += 1
             rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads,
                    "lr": cfg.lr, "eps": cfg.eps, "seconds": dt}  # fmt: skip
-            if good:
+            if step_good(res, cfg.max_grad):
                 bad_run = 0
                 last_loss = res.loss
-            else:
+            else:  # the step left B untouched (in-graph guard); count it
                 bad_run += 1
                 skipped += 1
                 rec["skipped"] = True
@@ -458,12 +595,20 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
+            if on_step is not None:
+                on_step(step, rec)
             if bad_run >= cfg.max_bad_steps:
-                where = f"step {last_good_ckpt} in {out / 'checkpoint'}" if last_good_ckpt is not None and out else "none"
-                raise BadSteps(
+                where = f"step {last_good_ckpt} in {out / 'checkpoint'}" if last_good_ckpt is not None else "none"
+                msg = (
                     f"training stopped at step {step}: {bad_run} consecutive bad steps (non-finite loss or "
-                    f"|g| > --max-grad; try a lower --lr or --eps); last good checkpoint: {where}"
+                    f"|g| > --max-grad); last good checkpoint: {where} (resume it with --resume and a lower "
+                    "--lr or --eps)"
                 )
+                if out is not None:
+                    stopped = summary(step, last_eval, "stopped", msg)
+                    atomic_write_text(out / "summary.json", json.dumps(stopped, indent=1))
+                raise BadSteps(msg)
+            # Checkpoints never land inside a streak of bad steps: resuming redoes them (e.g. with a lower --lr).
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps and bad_run == 0:
                 save_ckpt(step)
     finally:
@@ -473,26 +618,9 @@ def _loop(run: Run, out: Path | None, start_step: int) -> dict:
     final_eval = last_eval if last_eval_step == step else run_eval(run)
     if last_eval_step != step and step > 0:
         consider_best(step, final_eval)
-    summary = {
-        "final_step": step,
-        "final_loss": last_loss,
-        "eval": final_eval,
-        "eval_start": start_eval,
-        "metric": metric,
-        f"eval_{metric}": final_eval.get(metric),
-        "eval_accuracy": final_eval.get("accuracy"),
-        "eval_loss": final_eval.get("loss"),
-        "best": None if best is None else {k: v for k, v in best.items() if k != "score"},
-        "truncated": run.truncated,
-        "skipped_steps": skipped,
-        "seconds_per_step": (sum(times) / len(times)) if times else None,
-        "engine": cfg.engine,
-        "estimator": cfg.estimator,
-        "config": cfg.trajectory(),
-        "mobizo_version": __version__,
-    }
+    result = summary(step, final_eval, "completed")
     if out is not None:
         save_ckpt(step)
         save_adapter(out / "adapter", run.engine.adapter_state(), cfg.rank, cfg.alpha, cfg.model)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    return summary
+        atomic_write_text(out / "summary.json", json.dumps(result, indent=1))
+    return result

@@ -18,10 +18,26 @@ from .base import Example, Task, register
 from .io import find_split, read_records
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates, e.g. from undecodable bytes), else a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MobizoError(f"{what} is not valid Unicode text (at character {e.start})") from e
+    return text
+
+
 def parse_label_words(label_words: str | list[str] | None) -> list[str]:
     if label_words is None:
         raise MobizoError("--label-words is required for this task (e.g. --label-words bad,good)")
-    words = [w.strip() for w in label_words.split(",")] if isinstance(label_words, str) else list(label_words)
+    if isinstance(label_words, str):
+        words = [w.strip() for w in label_words.split(",")]
+    elif isinstance(label_words, (list, tuple)) and all(isinstance(w, str) for w in label_words):
+        words = [w.strip() for w in label_words]
+    else:
+        raise MobizoError(f"--label-words must be comma-separated words, got {label_words!r}")
+    for w in words:
+        check_text(w, f"--label-words {label_words!r}")
     if len(words) < 2 or any(not w for w in words):
         raise MobizoError(f"--label-words needs at least two non-empty comma-separated words, got {label_words!r}")
     if len(set(words)) != len(words):
@@ -30,14 +46,18 @@ def parse_label_words(label_words: str | list[str] | None) -> list[str]:
 
 
 def template_fields(template: str) -> list[str]:
+    check_text(template, "--template")
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise MobizoError(f"--template {template!r} is malformed: {e}") from e
+    fields = [f for f, _, _ in parts]
     if not fields:
         raise MobizoError(f"--template {template!r} has no {{field}} placeholder (e.g. {{text}})")
     if any(f == "" or not f.isidentifier() for f in fields):
         raise MobizoError(f"--template {template!r}: placeholders must be named, like {{text}}")
+    if any(spec or conv for _, spec, conv in parts):
+        raise MobizoError(f"--template {template!r}: placeholders must be plain {{name}} (no !conversion or :format)")
     return fields
 
 
@@ -46,7 +66,14 @@ def render(template: str, record: dict, where: str) -> str:
     missing = [f for f in fields if f not in record]
     if missing:
         raise MobizoError(f"{where}: no field {missing[0]!r} required by the template (fields: {', '.join(record)})")
-    return template.format(**{f: str(record[f]) for f in fields})
+    values = {}
+    for f in fields:
+        v = record[f]
+        if v is None or isinstance(v, (list, dict)):
+            kind = "empty (null)" if v is None else type(v).__name__
+            raise MobizoError(f"{where}: field {f!r} is {kind}, expected text")
+        values[f] = check_text(str(v), f"{where}: field {f!r}")
+    return template.format(**values)
 
 
 def label_index(value, words: list[str], where: str) -> int:
@@ -58,7 +85,7 @@ def label_index(value, words: list[str], where: str) -> int:
         idx = int(value)
     elif isinstance(value, str) and value.strip() in words:
         return words.index(value.strip())
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and value.strip().lstrip("-").isdecimal():
         idx = int(value.strip())
     else:
         raise MobizoError(f"{where}: label {value!r} is not one of the label words {words} nor an index")

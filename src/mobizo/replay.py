@@ -1,0 +1,155 @@
+"""``mobizo replay``: rebuild an adapter from a run's ``metrics.jsonl`` alone, without any forward pass.
+
+A ZO step changes only B, by ``B <- B - lr * (mean_i g_i z_i + wd * B)``, and z is a
+pure function of (seed, step, layer) (:mod:`mobizo.perturb`). So the log's
+per-step records (``step``, ``projected_grads``, ``lr``, ``skipped``) plus its
+header record (first line: the run config and the adapted layers) determine
+the adapter. Replay uses the same :meth:`ZOStep.noise` and :func:`apply_update`
+as training, so an eager run's adapter is rebuilt bit for bit.
+
+This is also the recovery path when a checkpoint is lost or corrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_adapter
+from .errors import MobizoError
+from .step import ZO_ESTIMATORS, ZOConfig, ZOStep, apply_update
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, step records in order) of a metrics.jsonl; every problem is a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise MobizoError(f"--log {p} does not exist or is not a file")
+    try:
+        data = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MobizoError(f"{p}: not valid UTF-8 text (byte offset {e.start})") from e
+    except OSError as e:
+        raise MobizoError(f"{p}: unreadable ({e.strerror or e})") from e
+    lines = data.split("\n")
+    header, records = None, []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if lineno == len(lines):  # the last line has no newline: cut by a kill; it was never applied
+                break
+            raise MobizoError(f"{p}:{lineno}: malformed JSON line ({getattr(e, 'msg', e)})") from e
+        if not isinstance(rec, dict):
+            raise MobizoError(f"{p}:{lineno}: expected a JSON object")
+        if header is None:
+            if not (rec.get("mobizo_log") == 1 and isinstance(rec.get("config"), dict)
+                    and isinstance(rec.get("layers"), list)):  # fmt: skip
+                raise MobizoError(
+                    f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
+                )
+            header = rec
+            if rec["config"].get("estimator") not in ZO_ESTIMATORS:
+                raise MobizoError(
+                    f"{p}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), "
+                    f"this one used {rec['config'].get('estimator')!r}"
+                )
+            continue
+        records.append(_check_record(rec, f"{p}:{lineno}", len(records) + 1, header["config"]))
+    if header is None:
+        raise MobizoError(f"{p}: empty log")
+    return header, records
+
+
+def _check_record(rec: dict, where: str, expected_step: int, config: dict) -> dict:
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise MobizoError(f"{where}: record without an integer 'step'")
+    if step != expected_step:
+        raise MobizoError(
+            f"{where}: expected step {expected_step}, found step {step} (the log has a gap or is out of order)"
+        )
+    skipped = rec.get("skipped", False)
+    if not isinstance(skipped, bool):
+        raise MobizoError(f"{where}: 'skipped' must be true or false")
+    grads, lr = rec.get("projected_grads"), rec.get("lr")
+    if not isinstance(grads, list) or not all(_number(g) for g in grads):
+        raise MobizoError(f"{where}: 'projected_grads' must be a list of numbers")
+    if len(grads) != config.get("queries"):
+        raise MobizoError(f"{where}: {len(grads)} projected gradients, the run has --queries {config.get('queries')}")
+    if not skipped:
+        if not all(math.isfinite(g) for g in grads):
+            raise MobizoError(f"{where}: non-finite projected gradient in a step that was not skipped")
+        if not _number(lr) or not math.isfinite(lr) or lr <= 0:
+            raise MobizoError(f"{where}: invalid 'lr' {lr!r}")
+    return rec
+
+
+def replay(
+    log: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    upto: int | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Rebuild the adapter of the run logged in ``log`` (up to step ``upto``) into the adapter dir ``out``."""
+    from .models import load_model
+    from .mplora import adapter_state, inject
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MobizoError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
+        if not (out / "adapter_config.json").is_file():
+            raise MobizoError(f"--overwrite: {out} is not an adapter directory; not replacing it")
+    header, records = read_log(log)
+    cfg = header["config"]
+    estimator = cfg["estimator"]
+    try:
+        queries, seed, rank = int(cfg["queries"]), int(cfg["seed"]), int(cfg["rank"])
+        alpha, wd = float(cfg["alpha"]), float(cfg.get("weight_decay") or 0.0)
+        targets = cfg.get("target_modules")
+    except (KeyError, TypeError, ValueError) as e:
+        raise MobizoError(f"{log}: incomplete run config in the header ({e})") from e
+    if not (1 <= queries <= 1 << 16 and 1 <= rank <= 1 << 16 and 0 <= seed < 2**63) or not math.isfinite(alpha) \
+            or alpha <= 0 or not math.isfinite(wd) or wd < 0:
+        raise MobizoError(f"{log}: invalid run config in the header")
+    if upto is not None:
+        if upto < 0 or upto > len(records):
+            raise MobizoError(f"--steps {upto}: the log has steps 1..{len(records)}")
+        records = records[:upto]
+    model_name = model or cfg.get("model")
+    if not isinstance(model_name, str):
+        raise MobizoError(f"{log}: no model in the header; pass --model")
+    net, _ = load_model(model_name, trust_remote_code=trust_remote_code)
+    layers = inject(net, targets, rank, alpha, seed)
+    if layers != header["layers"]:
+        raise MobizoError(f"--model {model_name}: its adapted layers differ from the logged run's (a different model)")
+    zo = ZOStep(net, ZOConfig(estimator, queries, seed, cfg.get("data_mode", "repeat"), wd))
+    mods = zo._layers()
+    applied = 0
+    with torch.no_grad():
+        for rec in records:
+            if rec.get("skipped"):
+                continue  # the in-graph guard left B untouched
+            zs = zo.noise(torch.tensor(rec["step"], dtype=torch.int64))
+            grads = torch.tensor(rec["projected_grads"], dtype=torch.float32)
+            apply_update(mods, zs, grads, torch.tensor(rec["lr"], dtype=torch.float32), wd)
+            applied += 1
+    state = adapter_state(net)
+    if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+        raise MobizoError(f"{log}: the replayed adapter has non-finite values (the log is corrupted)")
+    save_adapter(out, state, rank, alpha, model_name)
+    return {"steps": len(records), "applied": applied, "skipped": len(records) - applied, "out": str(out)}
