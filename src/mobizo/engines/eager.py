@@ -46,8 +46,9 @@ class EagerEngine:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels, batch.gold)
-            loss.backward()
-            self.optimizer.step()
+            if torch.isfinite(loss):  # the divergence guard: a non-finite loss leaves the adapter untouched
+                loss.backward()
+                self.optimizer.step()
             return StepOutput(loss=float(loss))
         with torch.no_grad():
             losses, grads = self.step(
