@@ -34,6 +34,11 @@ ENGINES = ("eager", "executorch")
 
 
 def run_demo(out: str | None = None, steps: int | None = None, engines=None, progress: bool = True) -> dict:
+    import torch
+
+    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    # threads waiting on each other make a 20 ms step take up to a second: run the eager leg on one.
+    torch.set_num_threads(1)
     engines = list(engines or ENGINES)
     steps = steps or DEMO_STEPS
     with tempfile.TemporaryDirectory(prefix="mobizo-demo-") as tmp:
