@@ -58,6 +58,13 @@ def test_zo_program_score_and_get_adapter_read_the_live_adapter(tiny, tmp_path):
     for k, v in eng.adapter_state().items():
         torch.testing.assert_close(v, adapter_state(model)[k])
     (b,) = _batches(tok, 1, 2, 24)
+    eng.train_step(b, 1, 0.5, 1e-2)  # B moves in train_step; score (loaded lazily, after it) must see that
+    trained = eng.adapter_state()
+    assert not torch.equal(trained[next(k for k in trained if k.endswith("lora_B"))],
+                           adapter_state(model)[next(k for k in trained if k.endswith("lora_B"))])  # fmt: skip
+    from mobizo.mplora import load_adapter_state
+
+    load_adapter_state(model, trained)
     with torch.no_grad():
         want = answer_losses(model, b.input_ids, b.attention_mask, b.labels)[0]
     torch.testing.assert_close(eng.score(b)[0], want, rtol=1e-4, atol=1e-4)

@@ -43,6 +43,7 @@ from . import Shapes, StepOutput
 PROGRAM = "train.pte"
 MANIFEST = "manifest.json"
 METHODS = ("train_step", "score", "get_adapter", "set_adapter")
+EAGER_METHODS = ("train_step", "get_adapter", "set_adapter")  # score: loaded on first use
 
 
 @dataclass
@@ -262,6 +263,16 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     return manifest
 
 
+def _file_sha256(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file, read in chunks (never the whole program in memory)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
 def read_manifest(program_dir: Path) -> Manifest:
     path = Path(program_dir) / MANIFEST
     if not path.is_file():
@@ -296,19 +307,22 @@ class ExecuTorchEngine:
         pte = self.dir / PROGRAM
         if not pte.is_file():
             raise MobizoError(f"{self.dir} has no {PROGRAM}")
-        data = pte.read_bytes()
-        if len(data) != m.pte_bytes or hashlib.sha256(data).hexdigest() != m.pte_sha256:
+        size, digest = _file_sha256(pte)
+        if size != m.pte_bytes or digest != m.pte_sha256:
             raise MobizoError(f"{pte} is truncated or corrupted (its sha256 does not match {MANIFEST}); re-export it")
         from executorch.runtime import Runtime
 
         try:
             with quiet_stderr():
-                self.program = Runtime.get().load_program(data)
+                # From the path, not from bytes: the runtime maps the file instead of keeping a
+                # second copy of the whole program (weights included) in memory.
+                self.program = Runtime.get().load_program(pte)
             missing = set(METHODS) - set(self.program.method_names)
             if missing:
                 raise MobizoError(f"{pte} lacks the methods {sorted(missing)}")
-            with quiet_stderr():
-                self.methods = {name: self.program.load_method(name) for name in METHODS}
+            self.methods = {}
+            for name in EAGER_METHODS:
+                self._method(name)
         except MobizoError:
             raise
         except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
@@ -345,9 +359,17 @@ class ExecuTorchEngine:
 
     # -------------------------------------------------------------- engine interface
 
+    def _method(self, name: str):
+        """A loaded method; ``score`` is loaded on first use: every method's XNNPACK delegate packs
+        its own copy of the weights, so a process that only trains never holds the eval copy."""
+        if name not in self.methods:
+            with quiet_stderr():
+                self.methods[name] = self.program.load_method(name)
+        return self.methods[name]
+
     def _run(self, method: str, args):
         try:
-            return self.methods[method].execute(list(args))
+            return self._method(method).execute(list(args))
         except Exception as e:  # noqa: BLE001
             raise MobizoError(f"ExecuTorch {method} failed: {e}") from e
 
