@@ -40,7 +40,7 @@ def plan(quick: bool, model="tiny", task="synthetic", data=None, seeds=None, ste
     if quick:
         p = ConvPlan(queries=[1, 4], seeds=[0, 1], steps=12, eval_every=6, eval_examples=32)
     else:
-        p = ConvPlan(queries=[1, 2, 4, 8], seeds=[0, 1, 2], steps=300, eval_every=30, eval_examples=200)
+        p = ConvPlan(queries=[1, 2, 4, 8], seeds=[0, 1, 2], steps=600, eval_every=60, eval_examples=200)
     p.model, p.task, p.data = model or "tiny", task or "synthetic", data
     if seeds:
         p.seeds = list(range(seeds))

@@ -92,16 +92,16 @@ def main(spec: dict) -> dict:
                 run(i)
                 times.append(time.perf_counter() - t0)
     elif mode == "et-infer":
-        # Inference only: the program's eval method alone, loaded the way the engine loads programs.
+        # Inference only: the program's eval method alone, loaded the way the engine loads programs
+        # (from the file path).
         from pathlib import Path
 
         from executorch.runtime import Runtime
 
         from mobizo.engines.executorch import PROGRAM, quiet_stderr
 
-        data = (Path(spec["program"]) / PROGRAM).read_bytes()
         with quiet_stderr():
-            program = Runtime.get().load_program(data)
+            program = Runtime.get().load_program(Path(spec["program"]) / PROGRAM)
             method = program.load_method("score")
         for i in range(steps):
             t0 = time.perf_counter()
