@@ -35,3 +35,15 @@ def test_mixer_stays_in_32_bits_without_overflow():
     h = mix32(x)
     assert ((h >= 0) & (h <= MASK32)).all()
     assert len(set(h.tolist())) == len(x)  # bijective on these inputs
+
+
+def test_batched_layer_noise_is_per_layer_noise():
+    from mobizo.perturb import layers_noise
+
+    shapes = [(32, 8), (16, 8), (32, 8), (16, 8), (24, 4)]
+    for step in (0, 9, torch.tensor(9)):
+        got = layers_noise(5, step, shapes, 3)
+        want = [direction_noise(5, step, i, s, 3) for i, s in enumerate(shapes)]
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)

@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --out")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
 
+    p = sub.add_parser("bench", help="speed, memory and convergence benchmarks (results.json, results.md, PNGs)")
+    p.add_argument("which", choices=["speed", "memory", "convergence", "all"])
+    p.add_argument("--out", required=True, help="output directory (programs are exported into OUT/programs and reused)")
+    p.add_argument("--quick", action="store_true", help="reduced grid, a few minutes: a smoke test")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for PyTorch and ExecuTorch (default 1)")
+    p.add_argument("--models", type=_csv_list, help="speed/memory models: tiny,100m (default both)")
+    p.add_argument("--model", help="convergence: model (default tiny)")
+    p.add_argument("--task", help="convergence: task (default synthetic)")
+    p.add_argument("--data", help="convergence: data directory or file of a local task")
+    p.add_argument("--seeds", type=int, help="convergence: seeds per run (default 3; --quick 2)")
+    p.add_argument("--steps", type=int, help="convergence: steps per run (default 300; --quick 12)")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("demo", help="the built-in demo: eval, train with prge, eval again")
     p.add_argument("--out", help="directory for demo.json and the runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per leg")
@@ -249,7 +262,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export}
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    run_bench(args.which, args.out, quick=args.quick, threads=args.threads, models=args.models, model=args.model,
+              task=args.task, data=args.data, seeds=args.seeds, steps=args.steps, progress=not args.no_progress)  # fmt: skip
+    print(f"wrote {args.out}/results.json, {args.out}/results.md and plots")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export,
+            "bench": cmd_bench}
+
 
 def _error(message: str) -> None:
     print("mobizo: error: " + " ".join(message.split()), file=sys.stderr)

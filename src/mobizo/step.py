@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import MobizoError
 from .mplora import MPLoRALinear, lora_layers
-from .perturb import direction_noise
+from .perturb import layers_noise
 
 ZO_ESTIMATORS = ("prge", "prge-outer", "mezo")
 # "answer": mean cross-entropy of the answer tokens. "choice-sum" / "choice-mean": cross-entropy
@@ -132,6 +132,19 @@ def _copy_rows(t: torch.Tensor, copies: list[tuple[int, float]], queries: int, s
     return torch.cat([chunks[d] for d, _ in copies], dim=0)
 
 
+def _directions(z: torch.Tensor, copies: list[tuple[int, float]], queries: int) -> torch.Tensor:
+    """z's directions in the order of a pass's copies, as views/concats (no per-copy stack)."""
+    dirs = [d for d, _ in copies]
+    ordered = list(range(queries))
+    if dirs == ordered:
+        return z
+    if dirs == ordered * 2:
+        return torch.cat([z, z])
+    if len(dirs) == 1:
+        return z[dirs[0] : dirs[0] + 1]
+    return torch.stack([z[d] for d in dirs])
+
+
 class ZOStep(nn.Module):
     """A whole zeroth-order step over a model with MP-LoRA layers (see module docstring)."""
 
@@ -149,11 +162,9 @@ class ZOStep(nn.Module):
 
     def noise(self, step) -> list[torch.Tensor]:
         """z for every layer: (q, out, r) each, from (seed, step, layer index)."""
-        q, seed = self.config.queries, self.config.seed
-        return [
-            direction_noise(seed, step, i, layer.lora_B.shape, q, layer.lora_B.dtype)
-            for i, layer in enumerate(self._layers())
-        ]
+        layers = self._layers()
+        shapes = [tuple(layer.lora_B.shape) for layer in layers]
+        return layers_noise(self.config.seed, step, shapes, self.config.queries, layers[0].lora_B.dtype)
 
     def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None):
         cfg = self.config
@@ -164,10 +175,9 @@ class ZOStep(nn.Module):
         try:
             for copies in self.plan:
                 signs = torch.tensor([s for _, s in copies], dtype=torch.float32)
+                coef = (eps * signs).to(zs[0].dtype).reshape(-1, 1, 1)
                 for layer, z in zip(layers, zs):
-                    zc = torch.stack([z[d] for d, _ in copies])
-                    delta = (eps * signs).to(z.dtype).reshape(-1, 1, 1) * zc
-                    layer.copies = layer.lora_B.unsqueeze(0) + delta
+                    layer.copies = layer.lora_B.unsqueeze(0) + coef * _directions(z, copies, q)
                 sums, counts = answer_losses(
                     self.model,
                     _copy_rows(input_ids, copies, q, split),

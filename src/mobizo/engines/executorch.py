@@ -11,10 +11,14 @@ share the adapter's mutable buffers:
 * ``get_adapter() -> (A_0, B_0, A_1, B_1, ...)``: read the adapter out;
 * ``set_adapter(B_0, B_1, ...)``: load an adapter (resume, or a fresh start).
 
-Everything XNNPACK supports is lowered to it (the frozen linear layers first of
-all); the remaining ops (noise hash, gathers, loss) run on portable kernels. ``manifest.json`` records everything the program was built for, plus
-the sha256 of the base weights and of the ``.pte`` file, so a mismatched or
-corrupted program is refused with a clear message before the runtime sees it.
+Everything XNNPACK supports (the frozen linear layers, the per-copy bmm, attention's
+matmuls/softmax, norms' elementwise math) is lowered to XNNPACK; integer noise hashing,
+masking and the buffer updates run on portable kernels. The program is traced with the
+model's plain ("eager") attention: the SDPA decomposition adds masked-row fix-ups
+(eq/any/where per layer) that the portable kernels run slowly. ``manifest.json``
+records everything the program was built for, plus the sha256 of the base weights
+and of the ``.pte`` file, so a mismatched or corrupted program is refused with a
+clear message before the runtime sees it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from . import Shapes, StepOutput
 PROGRAM = "train.pte"
 MANIFEST = "manifest.json"
 METHODS = ("train_step", "score", "get_adapter", "set_adapter")
+EAGER_METHODS = ("train_step", "get_adapter", "set_adapter")  # score: loaded on first use
 
 
 @dataclass
@@ -146,6 +151,51 @@ class SetAdapter(nn.Module):
         return total
 
 
+def xnnpack_partitioner(is_mutable, configs=None):
+    """XNNPACK over its op ``configs`` (default: all), refusing every node that reads a parameter or buffer
+    for which ``is_mutable(name)`` holds.
+
+    XNNPACK serializes the parameters and buffers a delegated node reads as constants and
+    packs them once at load time: a delegated read of B would keep returning B's value at
+    export time (``score`` and ``get_adapter`` would ignore training). Those nodes stay on
+    portable kernels, which read the live buffer.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    def reads_mutable(node, ep) -> bool:
+        sig = ep.graph_signature
+        for arg in node.all_input_nodes:
+            name = sig.inputs_to_parameters.get(arg.name) or sig.inputs_to_buffers.get(arg.name)
+            if name is not None and is_mutable(name):
+                return True
+        return False
+
+    live = []
+    for cls in configs or ALL_PARTITIONER_CONFIGS:
+
+        def check_constraints(self, node, ep, _base=cls):
+            return not reads_mutable(node, ep) and _base.check_constraints(self, node, ep)
+
+        live.append(type(f"Live{cls.__name__}", (cls,), {"check_constraints": check_constraints}))
+    return XnnpackPartitioner(configs=live)
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module):
+    """Trace with Hugging Face's "eager" (matmul + softmax) attention, then restore the model's own."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before is None or before == "eager" or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def _example_inputs(m: Manifest, rows: int):
     ids = torch.ones((rows, m.max_length), dtype=torch.long)
     mask = torch.ones((rows, m.max_length), dtype=torch.long)
@@ -171,7 +221,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
     saved = [b.clone() for b in bs]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention(model):
             programs = {
                 "train_step": torch.export.export(step, train_args, strict=False),
                 "score": torch.export.export(ScoreMethod(model), _example_inputs(manifest, manifest.eval_rows), strict=False),
@@ -185,14 +235,10 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
         with torch.no_grad():
             for (_, layer), b in zip(lora_layers(model), saved):
                 layer.lora_B.copy_(b)
-    partitioner = []
-    if xnnpack:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        # Every op XNNPACK supports is delegated: the frozen linear layers (weights packed once at load)
-        # and the attention/MLP/LoRA math (~2x faster than portable kernels here). B is only ever an
-        # operand of bmm/add/sub, never a linear weight, so XNNPACK never packs it as a constant.
-        partitioner = [XnnpackPartitioner()]
+    # All XNNPACK-supported ops (not just the frozen linears: the portable kernels for
+    # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
+    # reading B, which XNNPACK would bake in as a constant.
+    partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
     edge = to_edge_transform_and_lower(
         programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
     )
@@ -215,6 +261,16 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
 
     atomic_write_dir(Path(out_dir), write)
     return manifest
+
+
+def _file_sha256(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file, read in chunks (never the whole program in memory)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def read_manifest(program_dir: Path) -> Manifest:
@@ -251,19 +307,22 @@ class ExecuTorchEngine:
         pte = self.dir / PROGRAM
         if not pte.is_file():
             raise MobizoError(f"{self.dir} has no {PROGRAM}")
-        data = pte.read_bytes()
-        if len(data) != m.pte_bytes or hashlib.sha256(data).hexdigest() != m.pte_sha256:
+        size, digest = _file_sha256(pte)
+        if size != m.pte_bytes or digest != m.pte_sha256:
             raise MobizoError(f"{pte} is truncated or corrupted (its sha256 does not match {MANIFEST}); re-export it")
         from executorch.runtime import Runtime
 
         try:
             with quiet_stderr():
-                self.program = Runtime.get().load_program(data)
+                # From the path, not from bytes: the runtime maps the file instead of keeping a
+                # second copy of the whole program (weights included) in memory.
+                self.program = Runtime.get().load_program(pte)
             missing = set(METHODS) - set(self.program.method_names)
             if missing:
                 raise MobizoError(f"{pte} lacks the methods {sorted(missing)}")
-            with quiet_stderr():
-                self.methods = {name: self.program.load_method(name) for name in METHODS}
+            self.methods = {}
+            for name in EAGER_METHODS:
+                self._method(name)
         except MobizoError:
             raise
         except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
@@ -300,9 +359,17 @@ class ExecuTorchEngine:
 
     # -------------------------------------------------------------- engine interface
 
+    def _method(self, name: str):
+        """A loaded method; ``score`` is loaded on first use: every method's XNNPACK delegate packs
+        its own copy of the weights, so a process that only trains never holds the eval copy."""
+        if name not in self.methods:
+            with quiet_stderr():
+                self.methods[name] = self.program.load_method(name)
+        return self.methods[name]
+
     def _run(self, method: str, args):
         try:
-            return self.methods[method].execute(list(args))
+            return self._method(method).execute(list(args))
         except Exception as e:  # noqa: BLE001
             raise MobizoError(f"ExecuTorch {method} failed: {e}") from e
 
