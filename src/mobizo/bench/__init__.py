@@ -56,6 +56,7 @@ def run_bench(which: str, out: str, quick: bool = False, threads: int = 1, model
 
             results["convergence"] = run_convergence(root, quick, threads, model, task, data, seeds, steps, progress)
         results[s]["seconds"] = time.perf_counter() - t0
+        results[s]["environment"] = results["environment"]  # which command/load made this section
         write_json(root / "results.json", results)  # after every section: a crash keeps what finished
     results["seconds"] = time.perf_counter() - t_all
     write_reports(root, results)
@@ -75,6 +76,10 @@ def write_reports(root: Path, results: dict) -> None:
         if s not in results:
             continue
         md.append(mod.markdown(results[s]))
+        env_s = results[s].get("environment")
+        if env_s and env_s.get("argv") != env.get("argv"):
+            md.append(f"(This section: `{' '.join(['mobizo'] + env_s['argv'][1:])}` at {env_s['time']}, "
+                      f"load average {env_s['loadavg_at_start']}.)\n")
         mod.plot(results[s], root / png)
         md += [f"![{s}]({png})", ""]
     write_json(root / "results.json", results)

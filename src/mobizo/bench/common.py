@@ -202,7 +202,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
         if isinstance(v, float):
             if v != v:
                 return "n/a"
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+            return f"{v:#.3g}".rstrip(".") if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v)
 
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

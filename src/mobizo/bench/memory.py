@@ -124,10 +124,13 @@ def markdown(res: dict) -> str:
     lines = ["## Memory", "",
              f"Peak RSS (VmHWM) of one subprocess per row: {p['steps']} steps, prge q={p['q']}, batch {p['batch']}, "
              f"length {p['length']}, {p['threads']} thread(s). 'above imports' subtracts the RSS the process had "
-             "after importing what it needs (Python, torch, the runtime), before loading a model or program.", ""]  # fmt: skip
+             "after importing what it needs (Python, torch, the runtime), before loading a model or program; "
+             "'peak while stepping' is the high-water mark after loading (reset via /proc/self/clear_refs): "
+             "building the eager model is the largest moment of the eager processes.", ""]  # fmt: skip
     rows = [[r["model"], r["label"], r["peak_rss_mb"], r["baseline_rss_mb"], r["above_imports_mb"],
-             r["pte_mb"], r["seconds_per_step"]] for r in res["records"]]  # fmt: skip
-    lines += [md_table(["model", "process", "peak RSS MB", "after imports MB", "above imports MB", ".pte MB", "s/step"], rows), ""]
+             r.get("steps_peak_rss_mb"), r["pte_mb"], r["seconds_per_step"]] for r in res["records"]]  # fmt: skip
+    lines += [md_table(["model", "process", "peak RSS MB", "after imports MB", "above imports MB",
+                        "peak while stepping MB", ".pte MB", "s/step"], rows), ""]  # fmt: skip
     rows = [[r["model"], r["ratio"], r["peak"], r["above_imports"]] for r in res["ratios"]]
     lines += ["Ratios:", "", md_table(["model", "ratio", "peak RSS", "above imports"], rows), ""]
     lines += targets_md(res["targets"])

@@ -1,10 +1,10 @@
 """One peak-RSS measurement in a fresh process: ``python -m mobizo.bench.memory_worker SPEC_JSON``.
 
-Prints one JSON line: ``peak_rss_mb`` (``VmHWM``: the high-water mark of this process's
-resident memory; ``ru_maxrss`` is no use here because a child inherits its parent's
-value across fork/exec), ``baseline_rss_mb``
-(RSS after the imports the mode needs, before any model or program is loaded) and
-``seconds_per_step``. The ExecuTorch modes never build a PyTorch model: they load the
+Prints one JSON line: ``peak_rss_mb`` (whole process; from ``VmHWM``, the high-water mark of
+the resident set: ``ru_maxrss`` is no use here because a child inherits its parent's value
+across fork/exec), ``steps_peak_rss_mb`` (the peak while running the steps: the high-water mark
+is reset after loading), ``baseline_rss_mb`` (RSS after the imports the mode needs, before any
+model or program is loaded) and ``seconds_per_step``. The ExecuTorch modes never build a PyTorch model: they load the
 program and a saved batch only.
 """
 
@@ -33,6 +33,16 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _batch(path):
@@ -86,6 +96,7 @@ def main(spec: dict) -> dict:
                 eng = EagerEngine(model, "fo", optimizer="sgd", train_a=mode == "eager-fo-lora")
             run = lambda i: eng.train_step(batch, i + 1, 1e-3, 1e-2)  # noqa: E731
             ctx = _null
+        load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()
         with ctx():
             for i in range(steps):
                 t0 = time.perf_counter()
@@ -103,6 +114,7 @@ def main(spec: dict) -> dict:
         with quiet_stderr():
             program = Runtime.get().load_program(Path(spec["program"]) / PROGRAM)
             method = program.load_method("score")
+        load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()
         for i in range(steps):
             t0 = time.perf_counter()
             method.execute([batch.input_ids, batch.attention_mask, batch.labels])
@@ -111,6 +123,7 @@ def main(spec: dict) -> dict:
         from mobizo.engines.executorch import ExecuTorchEngine
 
         eng = ExecuTorchEngine(spec["program"])
+        load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()
         for i in range(steps):
             t0 = time.perf_counter()
             eng.train_step(batch, i + 1, 1e-3, 1e-2)
@@ -119,14 +132,17 @@ def main(spec: dict) -> dict:
         from mobizo.engines.executorch_fo import ExecuTorchFOEngine
 
         eng = ExecuTorchFOEngine(spec["program"])
+        load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()
         for i in range(steps):
             t0 = time.perf_counter()
             eng.train_step(batch, i + 1, 1e-3)
             times.append(time.perf_counter() - t0)
     else:
         raise SystemExit(f"unknown mode {mode}")
-    peak = peak_rss_mb()
+    steps_peak = peak_rss_mb() if can_reset else None
+    peak = max(load_peak, steps_peak) if can_reset else peak_rss_mb()
     return {"mode": mode, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "final_rss_mb": _rss_mb(),
+            "load_peak_rss_mb": load_peak, "loaded_rss_mb": loaded, "steps_peak_rss_mb": steps_peak,
             "seconds_per_step": sorted(times)[len(times) // 2] if times else None, "pid": os.getpid()}  # fmt: skip
 
 
