@@ -115,6 +115,7 @@ class Run:
     objective: str = "answer"
     choices: int = 0
     truncated: dict = field(default_factory=dict)  # split -> examples whose prompts are cut to fit
+    answer_len: int = 0  # longest answer (any candidate) in tokens: the exported answer window K
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -233,7 +234,8 @@ def prepare(cfg: TrainConfig, out: Path | None = None) -> Run:
     if task.kind == "generation" and not hasattr(engine, "next_token_logits"):
         raise MobizoError(f"task {task.name} evaluates by generating text, which the {engine.name} engine cannot do; "
                           "use --engine eager")  # fmt: skip
-    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets, objective, choices, truncated)
+    return Run(cfg, model, tokenizer, task, train, validation, encoder, engine, targets, objective, choices, truncated,
+               answer_len)
 
 
 def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str, what: str) -> int:
@@ -257,10 +259,7 @@ def export(cfg: TrainConfig, out_dir: str, xnnpack: bool = True):
         raise MobizoError(f"--out {target} is not empty (use --overwrite to replace it)")
     run = prepare(dataclasses.replace(cfg, engine="eager"))
     zo = zo_config(cfg, run.objective, run.choices)
-    answer_len = max(
-        len(run.encoder(ex.prompt, c).answer_ids) for ex in run.train + run.validation for c in (ex.candidates or [ex.answer])
-    )
-    manifest = manifest_for(run.model, cfg.model, zo, cfg.batch_size, cfg.max_length, answer_len,
+    manifest = manifest_for(run.model, cfg.model, zo, cfg.batch_size, cfg.max_length, run.answer_len,
                             cfg.eval_batch_size, cfg.rank, cfg.alpha, weights_hash(run.model))  # fmt: skip
     return export_program(run.model, manifest, target, xnnpack=xnnpack)
 
