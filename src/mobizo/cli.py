@@ -151,14 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(args: argparse.Namespace, exclude=("out", "resume", "overwrite")) -> dict:
+    """The TrainConfig fields the user gave on the command line (``--eval-examples 0`` means all)."""
+    from .trainer import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(exclude)
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if given.get("eval_examples") == 0:
+        given["eval_examples"] = None
+    return given
+
+
 def train_config(args: argparse.Namespace):
     from .trainer import TrainConfig, resolve_resume
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    given.pop("resume", None), given.pop("overwrite", None)
-    if getattr(args, "eval_examples", None) == 0:
-        given["eval_examples"] = None
+    given = _given(args, exclude=("resume", "overwrite"))
     cfg = TrainConfig(**given, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return resolve_resume(cfg, set(given))
 
@@ -166,11 +173,7 @@ def train_config(args: argparse.Namespace):
 def cmd_export(args) -> int:
     from .trainer import TrainConfig, export
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("out", "overwrite")}
-    if given.get("eval_examples") == 0:
-        given["eval_examples"] = None
-    cfg = TrainConfig(**given, overwrite=args.overwrite)
+    cfg = TrainConfig(**_given(args), overwrite=args.overwrite)
     m = export(cfg, args.out, xnnpack=not args.no_xnnpack)
     print(f"wrote {args.out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
           f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}")

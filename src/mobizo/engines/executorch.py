@@ -331,8 +331,7 @@ class ExecuTorchEngine:
         self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows)
         self.estimator = m.estimator
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
-        self._b_init = [torch.zeros(m.adapter_shapes[n][0], m.adapter_shapes[n][1]) for n in self.names]
-        self._set_b(self._b_init)
+        self._set_b([torch.zeros(*m.adapter_shapes[n]) for n in self.names])
 
     # -------------------------------------------------------------- construction for a training run
 
