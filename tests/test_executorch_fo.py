@@ -22,7 +22,7 @@ def _batches(tok, n, rows, length):
 
 def test_fo_program_trains_like_eager_sgd(tiny):
     from mobizo.engines.eager import EagerEngine
-    from mobizo.engines.executorch_fo import ExecuTorchFOEngine, FOManifest, export_fo_program
+    from mobizo.engines.executorch.fo import ExecuTorchFOEngine, FOManifest, export_fo_program
 
     model, tok = tiny
     inject(model, ["q_proj", "v_proj"], 4, 8.0, 0)

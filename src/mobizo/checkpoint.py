@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from .errors import MobizoError
+from .util import file_sha256
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -341,14 +342,6 @@ def _one_line(e: BaseException) -> str:
 OPTIMIZER = "optimizer.pt"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, state: dict, optimizer=None) -> None:
     """Adapter + ``state.json`` (+ ``optimizer.pt``, its sha256 recorded in the state), swapped in atomically."""
 
@@ -357,7 +350,7 @@ def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, sta
         st = {k: v for k, v in state.items() if k != "sha256"}
         if optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)
-            st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)
+            st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)[1]
         st["sha256"] = _state_sha256(st)
         (d / STATE).write_text(json.dumps(st, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -417,7 +410,7 @@ def load_checkpoint(directory: Path):
         if opt.is_file() or "optimizer_sha256" in state:
             if not opt.is_file():
                 raise MobizoError(f"{opt}: missing")
-            if state.get("optimizer_sha256") != file_sha256(opt):
+            if state.get("optimizer_sha256") != file_sha256(opt)[1]:
                 raise MobizoError(f"{opt}: checksum mismatch (the file is corrupted)")
             try:
                 optimizer = torch.load(opt, weights_only=True)

@@ -198,9 +198,21 @@ def check_lengths(encoder: Encoder, examples, max_length: int, truncation: str, 
 
 def build_engine(cfg: TrainConfig, model, out: Path | None, objective: str, choices: int, answer_len: int):
     if cfg.engine == "executorch":
-        from .engines.executorch import ExecuTorchEngine
+        import tempfile
 
-        return ExecuTorchEngine.for_training(cfg, model, out, zo_config(cfg, objective, choices), answer_len)
+        from .engines.executorch import ExecuTorchEngine, export_program, identity, manifest_for
+        from .models import weights_hash
+
+        if cfg.estimator == "fo":
+            raise MobizoError("--engine executorch trains with zeroth-order estimators; use --engine eager for fo")
+        manifest = manifest_for(model, cfg.model, zo_config(cfg, objective, choices), cfg.batch_size, cfg.max_length,
+                                answer_len, cfg.eval_batch_size, cfg.rank, cfg.alpha, weights_hash(model))  # fmt: skip
+        program_dir = Path(cfg.program) if cfg.program else None
+        if program_dir is None:
+            program_dir = (out / "program") if out is not None else Path(tempfile.mkdtemp(prefix="mobizo-program-"))
+            if not (program_dir / "train.pte").is_file():
+                export_program(model, manifest, program_dir)
+        return ExecuTorchEngine(program_dir, identity(manifest))
     from .engines.eager import EagerEngine
 
     zo = zo_config(cfg, objective, choices) if cfg.estimator != "fo" else None

@@ -35,7 +35,7 @@ def set_threads(n: int) -> None:
     """Intra-op threads of PyTorch and of the ExecuTorch runtime's threadpool (XNNPACK)."""
     torch.set_num_threads(n)
     try:
-        from ..engines.executorch import quiet_stderr
+        from ..util import quiet_stderr
 
         with quiet_stderr():  # the runtime's cpuinfo probes print on first import
             from executorch.extension.pybindings import portable_lib

@@ -73,7 +73,7 @@ def main(spec: dict) -> dict:
         import executorch.runtime  # noqa: F401
 
         import mobizo.engines.executorch  # noqa: F401
-        import mobizo.engines.executorch_fo  # noqa: F401
+        import mobizo.engines.executorch.fo  # noqa: F401
         from mobizo.bench.common import set_threads
 
         set_threads(int(spec.get("threads", 1)))
@@ -109,7 +109,8 @@ def main(spec: dict) -> dict:
 
         from executorch.runtime import Runtime
 
-        from mobizo.engines.executorch import PROGRAM, quiet_stderr
+        from mobizo.engines.executorch import PROGRAM
+        from mobizo.util import quiet_stderr
 
         with quiet_stderr():
             program = Runtime.get().load_program(Path(spec["program"]) / PROGRAM)
@@ -129,7 +130,7 @@ def main(spec: dict) -> dict:
             eng.train_step(batch, i + 1, 1e-3, 1e-2)
             times.append(time.perf_counter() - t0)
     elif mode == "et-fo":
-        from mobizo.engines.executorch_fo import ExecuTorchFOEngine
+        from mobizo.engines.executorch.fo import ExecuTorchFOEngine
 
         eng = ExecuTorchFOEngine(spec["program"])
         load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()

@@ -68,7 +68,7 @@ def _zo_contender(model, est, q, batch):
 def run_speed(out: Path, quick: bool, threads: int, models=None, bar_enabled: bool = True) -> dict:
     from ..engines.eager import EagerEngine
     from ..engines.executorch import ExecuTorchEngine
-    from ..engines.executorch_fo import ExecuTorchFOEngine
+    from ..engines.executorch.fo import ExecuTorchFOEngine
 
     p = plan(quick, models)
     programs = out / "programs"

@@ -22,7 +22,7 @@ Two workarounds were needed with torch 2.13.0 / executorch 1.5.1:
   identity permutation it is exactly ``aten::empty``, and is rewritten to it.
 
 XNNPACK takes the matmuls *except* those reading a trainable parameter directly
-(:func:`mobizo.engines.executorch.xnnpack_partitioner`): XNNPACK packs a parameter it reads
+(:func:`mobizo.engines.executorch.export.xnnpack_partitioner`): XNNPACK packs a parameter it reads
 once at load time, so a delegated B would never see the optimizer's updates.
 """
 
@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import MobizoError
-from ..mplora import lora_layers, make_trainable
-from ..step import AnswerLoss
-from . import Shapes, StepOutput
-from .executorch import plain_attention, quiet_stderr, versions, xnnpack_partitioner
+from ...errors import MobizoError
+from ...mplora import lora_layers, make_trainable
+from ...step import AnswerLoss
+from .. import Shapes, StepOutput
+from ...util import quiet_stderr
+from .export import plain_attention, xnnpack_partitioner
+from .manifest import versions
 
 FO_PROGRAM = "train_fo.pte"
 FO_MANIFEST = "manifest_fo.json"

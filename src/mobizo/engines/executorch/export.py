@@ -1,0 +1,183 @@
+"""Export the ZO step into ``train.pte``: the same :class:`mobizo.step.ZOStep` the eager engine calls.
+
+Four methods share the adapter's mutable buffers:
+
+* ``train_step(input_ids, attention_mask, labels, step, lr, eps[, gold]) -> (losses (2, q), grads (q,))``:
+  in-graph noise from (seed, step), batched forward over the 2q copies, per-copy losses,
+  projected gradients and the in-place update of every B;
+* ``score(input_ids, attention_mask, labels) -> (ce sums, token counts)``: eval with the current B;
+* ``get_adapter() -> (A_0, B_0, A_1, B_1, ...)``: read the adapter out;
+* ``set_adapter(B_0, B_1, ...)``: load an adapter (resume, or a fresh start).
+
+Everything XNNPACK supports (the frozen linear layers, the per-copy bmm, attention's
+matmuls/softmax, norms' elementwise math) is lowered to XNNPACK; integer noise hashing,
+masking and the buffer updates run on portable kernels. The program is traced with the
+model's plain ("eager") attention: the SDPA decomposition adds masked-row fix-ups
+(eq/any/where per layer) that the portable kernels run slowly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...checkpoint import atomic_write_dir
+from ...errors import MobizoError
+from ...mplora import lora_layers
+from ...step import ZOStep, answer_losses
+from .manifest import MANIFEST, PROGRAM, Manifest, versions
+
+
+class ScoreMethod(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # same attribute name as ZOStep.model: buffer names match across methods
+
+    def forward(self, input_ids, attention_mask, labels):
+        return answer_losses(self.model, input_ids, attention_mask, labels)
+
+
+class GetAdapter(nn.Module):
+    def __init__(self, model, names):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self):
+        out = []
+        for n in self.names:
+            layer = self.model.get_submodule(n)
+            out += [layer.lora_A.clone(), layer.lora_B.clone()]
+        return tuple(out)
+
+
+class SetAdapter(nn.Module):
+    def __init__(self, model, names):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *bs):
+        total = torch.zeros(())
+        for n, b in zip(self.names, bs):
+            self.model.get_submodule(n).lora_B.copy_(b)
+            total = total + b.sum()
+        return total
+
+
+def xnnpack_partitioner(is_mutable, configs=None):
+    """XNNPACK over its op ``configs`` (default: all), refusing every node that reads a parameter or buffer
+    for which ``is_mutable(name)`` holds.
+
+    XNNPACK serializes the parameters and buffers a delegated node reads as constants and
+    packs them once at load time: a delegated read of B would keep returning B's value at
+    export time (``score`` and ``get_adapter`` would ignore training). Those nodes stay on
+    portable kernels, which read the live buffer.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    def reads_mutable(node, ep) -> bool:
+        sig = ep.graph_signature
+        for arg in node.all_input_nodes:
+            name = sig.inputs_to_parameters.get(arg.name) or sig.inputs_to_buffers.get(arg.name)
+            if name is not None and is_mutable(name):
+                return True
+        return False
+
+    live = []
+    for cls in configs or ALL_PARTITIONER_CONFIGS:
+
+        def check_constraints(self, node, ep, _base=cls):
+            return not reads_mutable(node, ep) and _base.check_constraints(self, node, ep)
+
+        live.append(type(f"Live{cls.__name__}", (cls,), {"check_constraints": check_constraints}))
+    return XnnpackPartitioner(configs=live)
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module):
+    """Trace with Hugging Face's "eager" (matmul + softmax) attention, then restore the model's own."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before is None or before == "eager" or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _example_inputs(m: Manifest, rows: int):
+    ids = torch.ones((rows, m.max_length), dtype=torch.long)
+    mask = torch.ones((rows, m.max_length), dtype=torch.long)
+    labels = torch.ones((rows, m.answer_len), dtype=torch.long)
+    return ids, mask, labels
+
+
+def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True) -> Manifest:
+    """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically)."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    names = [n for n, _ in lora_layers(model)]
+    if not names:
+        raise MobizoError("the model has no MP-LoRA layers to export")
+    model.eval()
+    step = ZOStep(model, manifest.zo_config())
+    ids, mask, labels = _example_inputs(manifest, manifest.rows)
+    train_args = (ids, mask, labels, torch.tensor(1, dtype=torch.long), torch.tensor(1e-3), torch.tensor(1e-3))
+    if manifest.objective != "answer":
+        train_args += (torch.zeros(manifest.batch_size, dtype=torch.long),)
+    bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
+    saved = [b.clone() for b in bs]
+    try:
+        with torch.no_grad(), plain_attention(model):
+            programs = {
+                "train_step": torch.export.export(step, train_args, strict=False),
+                "score": torch.export.export(ScoreMethod(model), _example_inputs(manifest, manifest.eval_rows), strict=False),
+                "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
+                "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
+            }
+    except Exception as e:  # noqa: BLE001 - surface export failures as one line
+        raise MobizoError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        # tracing ran the step's in-place update once: restore the adapter exactly
+        with torch.no_grad():
+            for (_, layer), b in zip(lora_layers(model), saved):
+                layer.lora_B.copy_(b)
+    # All XNNPACK-supported ops (not just the frozen linears: the portable kernels for
+    # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
+    # reading B, which XNNPACK would bake in as a constant.
+    partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
+    edge = to_edge_transform_and_lower(
+        programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    )
+    et = edge.to_executorch(
+        ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass(["lora_B"])],
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+        )
+    )
+    data = et.buffer
+    manifest.xnnpack = xnnpack
+    manifest.versions = versions()
+    manifest.pte_sha256 = hashlib.sha256(data).hexdigest()
+    manifest.pte_bytes = len(data)
+
+    def write(d: Path) -> None:
+        (d / PROGRAM).write_bytes(data)
+        (d / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
+
+    atomic_write_dir(Path(out_dir), write)
+    return manifest

@@ -1,0 +1,124 @@
+"""What an exported training program was built for: ``manifest.json`` beside ``train.pte``.
+
+The manifest records the model, the sha256 of its base weights, the step's
+configuration and shapes, the adapter layout, the tool versions and the
+sha256 + size of the ``.pte``, so a mismatched or corrupted program is refused
+with one clear line before the runtime sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ... import __version__
+from ...errors import MobizoError
+from ...mplora import lora_layers
+from ...step import ZOConfig
+
+PROGRAM = "train.pte"
+MANIFEST = "manifest.json"
+METHODS = ("train_step", "score", "get_adapter", "set_adapter")
+
+
+@dataclass
+class Manifest:
+    model: str
+    base_weights_sha256: str
+    estimator: str
+    queries: int
+    seed: int
+    data_mode: str
+    weight_decay: float
+    max_grad: float
+    objective: str
+    choices: int
+    batch_size: int  # examples per step
+    max_length: int  # T
+    answer_len: int  # K
+    eval_rows: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    adapter_shapes: dict[str, list[int]]
+    xnnpack: bool = True
+    versions: dict = field(default_factory=dict)
+    pte_sha256: str = ""
+    pte_bytes: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows of the train_step inputs (examples x candidates for the choice objective)."""
+        return self.batch_size * (self.choices if self.objective != "answer" else 1)
+
+    def zo_config(self) -> ZOConfig:
+        return ZOConfig(self.estimator, self.queries, self.seed, self.data_mode, self.weight_decay, self.max_grad,
+                        self.objective, self.choices)  # fmt: skip
+
+
+def versions() -> dict:
+    import executorch  # noqa: F401
+    from importlib.metadata import version
+
+    return {"mobizo": __version__, "torch": torch.__version__, "executorch": version("executorch"),
+            "python": platform.python_version()}  # fmt: skip
+
+
+def read_manifest(program_dir: Path) -> Manifest:
+    path = Path(program_dir) / MANIFEST
+    if not path.is_file():
+        raise MobizoError(f"{program_dir} has no {MANIFEST} (export a program with 'mobizo export')")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest(**raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise MobizoError(f"{path}: malformed manifest ({e})") from e
+
+
+def check_manifest(m: Manifest, expected: dict) -> None:
+    """Refuse a program built for something else: one line naming the first difference."""
+    have = asdict(m)
+    for key, want in expected.items():
+        if have.get(key) != want:
+            raise MobizoError(f"program was built with {key}={have.get(key)!r}, this run needs {want!r} (re-export it)")
+    cur = versions()
+    for key in ("mobizo", "torch", "executorch"):
+        if m.versions.get(key) != cur[key]:
+            raise MobizoError(f"program was built with {key} {m.versions.get(key)}, this is {cur[key]} (re-export it)")
+
+
+def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash):
+    layers = lora_layers(model)
+    return Manifest(
+        model=model_name,
+        base_weights_sha256=base_hash,
+        estimator=zo.estimator,
+        queries=zo.queries,
+        seed=zo.seed,
+        data_mode=zo.data_mode,
+        weight_decay=zo.weight_decay,
+        max_grad=zo.max_grad,
+        objective=zo.objective,
+        choices=zo.choices,
+        batch_size=batch_size,
+        max_length=max_length,
+        answer_len=answer_len,
+        eval_rows=eval_rows,
+        rank=rank,
+        alpha=alpha,
+        target_modules=[n for n, _ in layers],
+        adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
+    )
+
+
+
+def identity(m: Manifest) -> dict:
+    """The manifest fields a run must agree on."""
+    d = asdict(m)
+    for k in ("model", "xnnpack", "versions", "pte_sha256", "pte_bytes"):  # the weights' sha256 names the model
+        d.pop(k)
+    return d

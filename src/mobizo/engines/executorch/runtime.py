@@ -1,0 +1,122 @@
+"""Drive ``train.pte`` through the stock ``executorch.runtime``: no PyTorch model at run time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...errors import MobizoError
+from ...util import file_sha256, quiet_stderr
+from .. import Shapes, StepOutput
+from .manifest import MANIFEST, METHODS, PROGRAM, check_manifest, read_manifest
+
+EAGER_METHODS = ("train_step", "get_adapter", "set_adapter")  # score: loaded on first use
+
+
+class ExecuTorchEngine:
+    """Drives ``train.pte`` through ``executorch.runtime``; no PyTorch model is needed at run time."""
+
+    name = "executorch"
+
+    def __init__(self, program_dir: Path, expected: dict | None = None):
+        """Load ``program_dir`` (``train.pte`` + ``manifest.json``). ``expected``: manifest fields
+        (see :func:`.manifest.identity`) the program must have been built with; checked before loading."""
+        self.dir = Path(program_dir)
+        self.manifest = m = read_manifest(self.dir)
+        pte = self.dir / PROGRAM
+        if not pte.is_file():
+            raise MobizoError(f"{self.dir} has no {PROGRAM}")
+        size, digest = file_sha256(pte)
+        if size != m.pte_bytes or digest != m.pte_sha256:
+            raise MobizoError(f"{pte} is truncated or corrupted (its sha256 does not match {MANIFEST}); re-export it")
+        if expected is not None:
+            check_manifest(m, expected)
+        from executorch.runtime import Runtime
+
+        try:
+            with quiet_stderr():
+                # From the path, not from bytes: the runtime maps the file instead of keeping a
+                # second copy of the whole program (weights included) in memory.
+                self.program = Runtime.get().load_program(pte)
+            missing = set(METHODS) - set(self.program.method_names)
+            if missing:
+                raise MobizoError(f"{pte} lacks the methods {sorted(missing)}")
+            self.methods = {}
+            for name in EAGER_METHODS:
+                self._method(name)
+        except MobizoError:
+            raise
+        except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
+            raise MobizoError(f"ExecuTorch cannot load {pte}: {e}") from e
+        self.names = list(m.adapter_shapes)
+        self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows)
+        self.estimator = m.estimator
+        # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
+        self._set_b([torch.zeros(*m.adapter_shapes[n]) for n in self.names])
+
+    # -------------------------------------------------------------- engine interface
+
+    def _method(self, name: str):
+        """A loaded method; ``score`` is loaded on first use: every method's XNNPACK delegate packs
+        its own copy of the weights, so a process that only trains never holds the eval copy."""
+        if name not in self.methods:
+            with quiet_stderr():
+                self.methods[name] = self.program.load_method(name)
+        return self.methods[name]
+
+    def _run(self, method: str, args):
+        try:
+            return self._method(method).execute(list(args))
+        except Exception as e:  # noqa: BLE001
+            raise MobizoError(f"ExecuTorch {method} failed: {e}") from e
+
+    def _check(self, batch, rows: int) -> None:
+        m = self.manifest
+        if tuple(batch.input_ids.shape) != (rows, m.max_length) or batch.labels.shape[1] != m.answer_len:
+            raise MobizoError(
+                f"batch of shape {tuple(batch.input_ids.shape)} (answer window {batch.labels.shape[1]}) does not match "
+                f"the program's ({rows}, {m.max_length}) (answer window {m.answer_len})"
+            )
+
+    def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
+        self._check(batch, self.manifest.rows)
+        args = [batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(step, dtype=torch.long),
+                torch.tensor(lr, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32)]  # fmt: skip
+        if self.manifest.objective != "answer":
+            args.append(batch.gold)
+        losses, grads = self._run("train_step", args)
+        return StepOutput(loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist())
+
+    def score(self, batch):
+        self._check(batch, self.manifest.eval_rows)
+        sums, counts = self._run("score", [batch.input_ids, batch.attention_mask, batch.labels])
+        return sums, counts
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        out = self._run("get_adapter", [])
+        state = {}
+        for i, n in enumerate(self.names):
+            state[f"{n}.lora_A"] = out[2 * i].clone()
+            state[f"{n}.lora_B"] = out[2 * i + 1].clone()
+        return state
+
+    def _set_b(self, bs) -> None:
+        self._run("set_adapter", [b.to(torch.float32).contiguous() for b in bs])
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        current = self.adapter_state()
+        if set(state) != set(current):
+            raise MobizoError("adapter does not fit this program (different adapted modules)")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(current[k].shape):
+                raise MobizoError(f"adapter tensor {k} has shape {tuple(v.shape)}, the program needs {tuple(current[k].shape)}")
+            if k.endswith("lora_A") and not torch.equal(v.to(torch.float32), current[k]):
+                raise MobizoError(f"adapter tensor {k} differs from the program's frozen A (different --seed or adapter)")
+        self._set_b([state[f"{n}.lora_B"] for n in self.names])
+
+    def optimizer_state(self):
+        return None
+
+    def load_optimizer_state(self, state) -> None:
+        pass
