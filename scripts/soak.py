@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     import psutil
     import torch
 
-    from mobizo.trainer import TrainConfig, train
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import train
 
     torch.set_num_threads(args.threads)
     proc = psutil.Process()
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="mobizo-soak-") as tmp:
         out = args.out or os.path.join(tmp, "run")
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             model="tiny", estimator=args.estimator, engine=args.engine, steps=args.steps, queries=args.queries,
             batch_size=args.batch_size, max_length=args.max_length, lr=0.1, eps=0.05, eval_every=0,
             eval_examples=64, save_every=args.save_every, out=out, overwrite=True, progress=False,

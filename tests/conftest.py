@@ -3,7 +3,6 @@
 import copy
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One intra-op thread: the tiny model gains nothing from more, and on a busy (shared CI) machine
 # OpenMP threads that wait on each other at every barrier make a 10 ms step take seconds.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -11,9 +10,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from mobizo.cli import _quiet_imports
+from mobizo.util import quiet_third_party
 
-_quiet_imports()
+quiet_third_party()
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Every test runs in its own directory: runs without --out land in ./runs/ there, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -53,11 +53,11 @@ def references(fork, tmp_path_factory):
 @pytest.fixture(scope="module")
 def et_program(tmp_path_factory):
     """One exported program for every ExecuTorch run here (exporting costs ~40 s; the runs reuse it)."""
-    from mobizo.cli import build_parser, train_config
-    from mobizo.trainer import export
+    from mobizo.build import export
+    from mobizo.cli import build_parser, config_from
 
     d = tmp_path_factory.mktemp("et") / "program"
-    export(train_config(build_parser().parse_args(["train", *FAST_ARGS])), str(d))
+    export(config_from(build_parser().parse_args(["train", *FAST_ARGS]))[0], str(d))
     return d
 
 

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from mobizo.errors import MobizoError
-from mobizo.trainer import TrainConfig, export, train
+from mobizo.config import TrainConfig
+from mobizo.build import export
+from mobizo.trainer import train
 
 COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=24,
               eval_batch_size=8, lr=1.0, eps=0.05, seed=3, progress=False)  # fmt: skip
@@ -18,7 +20,7 @@ COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_lengt
 @pytest.fixture(scope="module")
 def program(tmp_path_factory):
     d = tmp_path_factory.mktemp("program")
-    export(TrainConfig(**COMMON), str(d / "p"))
+    export(TrainConfig.from_flat(**COMMON), str(d / "p"))
     return d / "p"
 
 
@@ -42,8 +44,8 @@ def test_manifest_describes_the_program(program):
 
 def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     steps = dict(steps=50, eval_every=25, save_every=10)
-    s_eager = train(TrainConfig(**COMMON, **steps, out=str(tmp_path / "eager")))
-    s_et = train(TrainConfig(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et")))
+    s_eager = train(TrainConfig.from_flat(**COMMON, **steps, out=str(tmp_path / "eager")))
+    s_et = train(TrainConfig.from_flat(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et")))
     le, lx = _losses(tmp_path / "eager"), _losses(tmp_path / "et")
     assert len(le) == len(lx) == 50
     for a, b in zip(le, lx):
@@ -56,7 +58,7 @@ def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     assert abs(s_eager["eval"]["loss"] - s_et["eval"]["loss"]) <= 1e-4 * s_eager["eval"]["loss"]
     # interrupt the ExecuTorch run at step 20 (checkpoint), resume to 50: the same trajectory
     part = tmp_path / "et-part"
-    train(TrainConfig(**COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)))
+    train(TrainConfig.from_flat(**COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)))
     code, err = run_cli(["train", "--out", part, "--resume", "--steps", 50, "--no-progress"])
     assert code == 0, err
     ar = _adapter(part)
@@ -65,15 +67,15 @@ def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
 
 def test_mismatched_and_corrupted_programs_are_refused(program, tmp_path):
     with pytest.raises(MobizoError, match="queries=2, this run needs 4"):
-        train(TrainConfig(**{**COMMON, "queries": 4}, steps=1, engine="executorch", program=str(program)))
+        train(TrainConfig.from_flat(**{**COMMON, "queries": 4}, steps=1, engine="executorch", program=str(program)))
     with pytest.raises(MobizoError, match="max_length"):
-        train(TrainConfig(**{**COMMON, "max_length": 48}, steps=1, engine="executorch", program=str(program)))
+        train(TrainConfig.from_flat(**{**COMMON, "max_length": 48}, steps=1, engine="executorch", program=str(program)))
     bad = tmp_path / "bad"
     shutil.copytree(program, bad)
     data = (bad / "train.pte").read_bytes()
     (bad / "train.pte").write_bytes(data[: len(data) // 2])
     code, err = run_cli(["train", "--engine", "executorch", "--program", bad, "--queries", 2, "--batch-size", 4,
-                         "--max-length", 32, "--seed", 3, "--steps", 1, "--out", tmp_path / "o"])  # fmt: skip
+                         "--max-length", 32, "--seed", 3, "--steps", 1, "--out", tmp_path / "o", "--no-progress"])  # fmt: skip
     assert code == 2 and "truncated or corrupted" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()  # nothing half-written
     (bad / "manifest.json").write_text("{not json")

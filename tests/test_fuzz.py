@@ -381,6 +381,7 @@ def test_fuzz_cli(cli_sandbox, argv, monkeypatch_module, capsys):
 
 @pytest.fixture(scope="module")
 def monkeypatch_module():
+    import mobizo.build
     import mobizo.models
     import mobizo.trainer
 
@@ -389,16 +390,19 @@ def monkeypatch_module():
     def stop(*a, **k):
         raise Accepted()
 
-    def prepare(cfg, out=None):
-        mobizo.trainer.check_config(cfg)
-        mobizo.trainer.load_task_data(cfg)
+    def assemble(cfg, need_train=True, **objects):
+        cfg.validate()
+        task = mobizo.build.load_task(cfg)
+        task.load("validation", cfg.data.eval_examples, cfg.seed)
         # what was accepted is sane
-        assert cfg.steps >= 1 and cfg.lr > 0 and math.isfinite(cfg.lr) and cfg.eps > 0 and cfg.max_grad > 0
-        assert math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0 and cfg.queries >= 1 and cfg.rank >= 1
+        o = cfg.optim
+        assert o.steps >= 1 and o.lr > 0 and math.isfinite(o.lr) and o.eps > 0 and (o.max_grad is None or o.max_grad > 0)
+        assert math.isfinite(o.weight_decay) and o.weight_decay >= 0 and o.queries >= 1 and cfg.adapter.rank >= 1
         raise Accepted()
 
     mp.setattr(mobizo.models, "load_model", stop)
-    mp.setattr(mobizo.trainer, "prepare", prepare)
+    mp.setattr(mobizo.build, "assemble", assemble)
+    mp.setattr(mobizo.trainer, "assemble", assemble)
     cwd = os.getcwd()
     yield mp
     mp.undo()

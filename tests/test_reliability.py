@@ -176,7 +176,8 @@ def test_guard_counts_survive_a_resume(capsys, tmp_path):
 
 def test_bare_resume_continues_with_the_saved_flags(capsys, tmp_path):
     """`mobizo train --resume --out DIR` alone finishes an interrupted run as it was started."""
-    from mobizo.trainer import TrainConfig, train as train_api
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import train as train_api
 
     class Killed(BaseException):
         pass
@@ -186,7 +187,7 @@ def test_bare_resume_continues_with_the_saved_flags(capsys, tmp_path):
             raise Killed()
 
     out = tmp_path / "run"
-    cfg = TrainConfig(steps=9, save_every=4, lr=0.05, max_bad_steps=7, batch_size=4, queries=2, max_length=32,
+    cfg = TrainConfig.from_flat(steps=9, save_every=4, lr=0.05, max_bad_steps=7, batch_size=4, queries=2, max_length=32,
                       eval_every=0, eval_examples=8, train_examples=64, out=str(out), progress=False)  # fmt: skip
     with pytest.raises(Killed):
         train_api(cfg, on_step=die_at_6)
@@ -282,7 +283,7 @@ def test_resume_uses_the_old_twin_after_a_kill_between_the_renames(capsys, ckpt_
     (ckpt_run / ".checkpoint.tmp-abc" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     assert resolve_dir(ck) == ckpt_run / ".checkpoint.old"
     assert _resume(capsys, ckpt_run)[0] == 0
-    assert sorted(p.name for p in ckpt_run.iterdir()) == ["adapter", "best", "checkpoint", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in ckpt_run.iterdir()) == [".mobizo", "adapter", "best", "checkpoint", "metrics.jsonl", "summary.json"]
 
 
 def test_atomic_write_dir_never_exposes_a_partial_version(tmp_path):
@@ -334,19 +335,27 @@ def test_out_validation(capsys, tmp_path):
     (d / "notes.txt").write_text("keep me")
     rc, err = train(capsys, d, "--steps", "2")
     assert rc == 2 and "is not empty" in err
-    # --overwrite only replaces what looks like a mobizo run
+    # --overwrite only replaces a directory that carries mobizo's marker, even one with a summary.json
+    (d / "summary.json").write_text("{}")
     rc, err = train(capsys, d, "--steps", "2", "--overwrite")
-    assert rc == 2 and "does not look like a mobizo run" in err
-    assert (d / "notes.txt").read_text() == "keep me"
+    assert rc == 2 and "is not a mobizo run directory" in err and "not deleting anything" in err
+    assert (d / "notes.txt").read_text() == "keep me" and (d / "summary.json").read_text() == "{}"
     rc, err = train(capsys, tmp_path / "empty", "--steps", "2", "--resume")
     assert rc == 2 and "no checkpoint" in err
     run = tmp_path / "run"
     assert train(capsys, run, "--steps", "2", "--save-every", "0")[0] == 0
-    assert train(capsys, run, "--steps", "2", "--save-every", "0", "--overwrite")[0] == 0
+    first = (run / "metrics.jsonl").read_text()
+    (run / "notes.txt").write_text("mine")  # a user's file inside a run directory survives --overwrite
+    (run / "best").mkdir(exist_ok=True)
+    assert train(capsys, run, "--steps", "3", "--save-every", "0", "--overwrite")[0] == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "metrics.jsonl").read_text() != first and json.loads((run / "summary.json").read_text())["final_step"] == 3
+    rc, err = train(capsys, run, "--steps", "3", "--resume", "--overwrite")
+    assert rc == 2 and "exclude each other" in err
 
 
 def test_unwritable_out(capsys, tmp_path, monkeypatch):
-    import mobizo.trainer as trainer
+    import mobizo.rundir as trainer
 
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -16,7 +16,8 @@ from mobizo.data import Encoder, collate
 from mobizo.errors import MobizoError
 from mobizo.evaluate import evaluate, score_pairs
 from mobizo.tasks import get_task
-from mobizo.trainer import TrainConfig, train
+from mobizo.config import TrainConfig
+from mobizo.trainer import train
 
 _TOKENIZER = None
 
@@ -163,7 +164,7 @@ def test_task_trains_and_evaluates_end_to_end(task, tmp_path, capsys):
     data = make_data(tmp_path / "data", task)
     metric = TASKS[task][1]
     out = tmp_path / "run"
-    cfg = TrainConfig(model="tiny", task=task, data=str(data), steps=2, batch_size=2, queries=1, lr=0.05, eps=0.05,
+    cfg = TrainConfig.from_flat(model="tiny", task=task, data=str(data), steps=2, batch_size=2, queries=1, lr=0.05, eps=0.05,
                       eval_examples=4, eval_every=1, save_every=0, progress=False, out=str(out), max_length=96,
                       max_new_tokens=6)  # fmt: skip
     summary = train(cfg)
@@ -331,7 +332,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     write(d / "big" / "validation", [{"premise": "p", "hypothesis": "h", "label": 3}], "jsonl")
     cases.append((lambda: get_task("cb", data=str(d / "big")).load("validation"), "out of range"))
     write(d / "word" / "validation", [{"sentence": "x", "label": "banana"}], "jsonl")
-    cases.append((lambda: get_task("sst2", data=str(d / "word")).load("validation"), "not a class index"))
+    cases.append((lambda: get_task("sst2", data=str(d / "word")).load("validation"), "is not one of the classes"))
     (d / "empty").mkdir()
     (d / "empty" / "validation.jsonl").write_text("\n")
     cases.append((lambda: get_task("rte", data=str(d / "empty")).load("validation"), "empty file"))
@@ -364,13 +365,13 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path, capsys):
     long = [{"sentence": " ".join(["the movie was good"] * 30), "label": 1}] * 3 + [{"sentence": "fun", "label": 1}]
     write(tmp_path / "d" / "train", long, "jsonl")
     write(tmp_path / "d" / "validation", long, "jsonl")
-    cfg = TrainConfig(task="sst2", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, eval_examples=None,
+    cfg = TrainConfig.from_flat(task="sst2", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, eval_examples=None,
                       eval_every=0, save_every=0, progress=False, max_length=32)  # fmt: skip
     summary = train(cfg)
     assert summary["truncated"] == {"train": 3, "validation": 3} and summary["eval"]["truncated"] == 3
     assert "3 of 4 train examples exceed --max-length 32" in capsys.readouterr().err
     with pytest.raises(MobizoError, match="longer than --max-length"):
-        train(TrainConfig(**{**cfg.__dict__, "truncation": "error"}))
+        train(cfg.replace(truncation="error"))
 
 
 # ---------------------------------------------------------------- generation: F1 / EM and greedy decoding
@@ -463,7 +464,7 @@ def test_squad_generation_end_to_end_after_learning_the_answer(tmp_path):
              "answers": {"text": ["the soup"], "answer_start": [8]}} for h in ("noon", "six", "ten", "one")]  # fmt: skip
     write(tmp_path / "train", rows, "jsonl")
     write(tmp_path / "validation", rows, "parquet")
-    summary = train(TrainConfig(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=3e-2, steps=60, train_a=True,
+    summary = train(TrainConfig.from_flat(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=3e-2, steps=60, train_a=True,
                                 batch_size=2, eval_every=0, save_every=0, progress=False, max_length=64,
                                 max_new_tokens=12))  # fmt: skip
     assert summary["eval"]["f1"] == 1.0 and summary["eval"]["em"] == 1.0
@@ -561,7 +562,7 @@ def test_custom_prompt_completion_trains_and_keeps_the_best_adapter(tmp_path):
     write(tmp_path / "d" / "train", rows, "jsonl")
     write(tmp_path / "d" / "validation", rows[:4], "csv")
     out = tmp_path / "run"
-    cfg = TrainConfig(task="custom", data=str(tmp_path / "d"), steps=4, batch_size=2, queries=2, lr=0.5, eps=0.05,
+    cfg = TrainConfig.from_flat(task="custom", data=str(tmp_path / "d"), steps=4, batch_size=2, queries=2, lr=0.5, eps=0.05,
                       eval_every=1, save_every=2, progress=False, out=str(out), max_length=48)  # fmt: skip
     summary = train(cfg)
     assert summary["metric"] == "loss"
@@ -573,9 +574,9 @@ def test_custom_prompt_completion_trains_and_keeps_the_best_adapter(tmp_path):
                  "--adapter", str(out / "best"), "--json", str(tmp_path / "b.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "b.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
     # a run stopped after step 2 and resumed to step 4 keeps the same best (remembered from metrics.jsonl)
-    part = TrainConfig(**{**cfg.__dict__, "steps": 2, "out": str(tmp_path / "part")})
+    part = cfg.replace(steps=2, out=str(tmp_path / "part"))
     train(part)
-    resumed = train(TrainConfig(**{**part.__dict__, "steps": 4, "resume": True}))
+    resumed = train(part.replace(steps=4, resume=True))
     assert resumed["best"] == summary["best"]
     part_recs = [r for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) if "step" in r]
     assert [r["eval_loss"] for r in part_recs] == [r["eval_loss"] for r in recs]
@@ -614,7 +615,7 @@ def test_chat_records_use_the_chat_template(tmp_path, tiny):
     write(tmp_path / "d" / "validation", CHATS[:3], "jsonl")
     # no chat template (the tiny tokenizer): a clear error before any training
     with pytest.raises(MobizoError, match="need a tokenizer with a chat template"):
-        train(TrainConfig(task="custom", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, progress=False))
+        train(TrainConfig.from_flat(task="custom", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, progress=False))
     chat_tok = copy.deepcopy(tok)
     chat_tok.chat_template = CHAT_TEMPLATE
     prompt, completion = render_chat(chat_tok, CHATS[0]["messages"])
@@ -626,6 +627,6 @@ def test_chat_records_use_the_chat_template(tmp_path, tiny):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     chat_tok.save_pretrained(model_dir)
-    summary = train(TrainConfig(model=str(model_dir), task="custom", data=str(tmp_path / "d"), steps=2, batch_size=2,
+    summary = train(TrainConfig.from_flat(model=str(model_dir), task="custom", data=str(tmp_path / "d"), steps=2, batch_size=2,
                                 queries=1, eval_every=0, save_every=0, progress=False, max_length=64))  # fmt: skip
     assert summary["metric"] == "loss" and math.isfinite(summary["eval_loss"]) and summary["eval"]["n"] == 3

@@ -110,7 +110,7 @@ def test_zo_training_learns_the_synthetic_task(tmp_path):
 
 
 BAD = [
-    (["train", "--estimator", "sgd"], "unknown estimator 'sgd'"),
+    (["train", "--estimator", "sgd"], "invalid choice: 'sgd'"),
     (["train", "--task", "nope"], "unknown task 'nope'"),
     (["train", "--queries", 0], "--queries must be >= 1"),
     (["train", "--queries", 3, "--batch-size", 16, "--data-mode", "split"], "divisible"),

@@ -1,3 +1,45 @@
-"""mobizo: fine-tune LLMs on-device with forward passes only (P-RGE + MP-LoRA, ExecuTorch)."""
+"""mobizo: fine-tune LLMs on-device with forward passes only (P-RGE + MP-LoRA, ExecuTorch).
+
+The public Python API (README "Python API")::
+
+    import mobizo
+    model = mobizo.get_mplora_model(hf_model, mobizo.MPLoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    summary = mobizo.train(mobizo.TrainConfig.from_flat(model="tiny", task="synthetic", steps=100, out="runs/x"))
+    metrics = mobizo.evaluate(model="tiny", task="synthetic", adapter="runs/x/adapter")
+
+Names are imported on first use, so ``import mobizo`` (and the command line's start-up) stays light.
+"""
+
+import os
+
+# Models and data load from local paths only: never reach for a hub (one home for this setting).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
+
+_API = {
+    "MPLoRAConfig": "mobizo.mplora",
+    "get_mplora_model": "mobizo.mplora",
+    "ZOStep": "mobizo.step",
+    "ZOConfig": "mobizo.step",
+    "TrainConfig": "mobizo.config",
+    "train": "mobizo.api",
+    "evaluate": "mobizo.api",
+    "save_adapter": "mobizo.api",
+    "load_adapter": "mobizo.api",
+    "Example": "mobizo.tasks.base",
+    "MobizoError": "mobizo.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mobizo' has no attribute {name!r}")

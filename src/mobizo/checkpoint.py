@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from .errors import MobizoError
-from .util import file_sha256
+from .util import dumps, file_sha256
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -152,14 +152,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 _SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")
 
 
-def clear_dir(directory: Path, first: tuple[str, ...] = ()) -> None:
-    """Empty ``directory`` so that a kill midway leaves only complete entries (plus scratch).
+def clear_entries(directory: Path, remove: Callable[[str], bool]) -> None:
+    """Delete the entries of ``directory`` for which ``remove(name)`` holds, so that a kill midway leaves
+    only complete entries (plus scratch): they are renamed into a scratch trash directory, then deleted.
 
-    Entries are renamed into a scratch trash directory (``first`` ones first), then the trash is deleted.
+    The checkpoint goes first: a kill midway never leaves a checkpoint without the log it relies on.
     """
     d = Path(directory)
+    names = sorted((e.name for e in d.iterdir() if remove(e.name)), key=lambda n: ("checkpoint" not in n, n))
+    if not names:
+        return
     trash = Path(tempfile.mkdtemp(prefix=".overwrite.trash-", dir=d))
-    names = sorted((e.name for e in d.iterdir() if e != trash), key=lambda n: (n not in first, n))
     for name in names:
         os.replace(d / name, trash / name)
     shutil.rmtree(trash, ignore_errors=True)
@@ -352,7 +355,7 @@ def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, sta
             torch.save(optimizer, d / OPTIMIZER)
             st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)[1]
         st["sha256"] = _state_sha256(st)
-        (d / STATE).write_text(json.dumps(st, indent=1, sort_keys=True), encoding="utf-8")
+        (d / STATE).write_text(dumps(st, indent=1, sort_keys=True), encoding="utf-8")
 
     atomic_write_dir(Path(directory), write)
 
@@ -360,7 +363,7 @@ def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, sta
 def _state_sha256(state: dict) -> str:
     """sha256 of the canonical JSON of a state (without its own ``sha256`` entry)."""
     body = {k: v for k, v in state.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.sha256(dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def read_state(d: Path, require_checksum: bool = True) -> dict:

@@ -39,7 +39,6 @@ class Batch:
     attention_mask: torch.Tensor  # (rows, T) int64
     labels: torch.Tensor  # (rows, K) int64, IGNORE outside answers
     n_real: int  # rows that are real examples; the others are masked filler
-    truncated: int = 0  # how many examples lost prompt tokens to --max-length
     gold: torch.Tensor | None = None  # (examples,) gold candidate index for the choice objective, -100 = filler
 
     @property
@@ -137,7 +136,7 @@ def collate(
     if rows is not None and len(encs) > rows:
         raise MobizoError(f"batch of {len(encs)} examples does not fit the {rows} rows of the program")
     limit = min(max_length, length) if length else max_length
-    seqs, answers, truncated = [], [], 0
+    seqs, answers = [], []
     for e in real:
         a = e.answer_ids
         if answer_len is not None and len(a) > answer_len:
@@ -149,7 +148,6 @@ def collate(
         p = e.prompt_ids
         if len(p) + len(a) > limit:
             p = p[len(p) + len(a) - limit :]
-            truncated += 1
         seqs.append(p + a)
         answers.append(a)
     T = length or max(len(s) for s in seqs)
@@ -170,7 +168,7 @@ def collate(
             a = answers[j]
             labels[i, K - len(a) :] = torch.tensor(a)
             j += 1
-    return Batch(ids, mask, labels, len(real), truncated)
+    return Batch(ids, mask, labels, len(real))
 
 
 def collate_choices(
@@ -196,6 +194,29 @@ def collate_choices(
     batch = collate(encs, pad_id, max_length, length, answer_len, rows=examples * n_choices)
     batch.gold = torch.tensor(list(golds) + [IGNORE] * (examples - len(groups)), dtype=torch.long)
     return batch
+
+
+def count_truncated(encoder: Encoder, examples: list[Example], max_length: int, truncation: str = "left",
+                    what: str = "examples") -> int:
+    """How many examples' prompts must lose tokens on the left to fit ``max_length`` with their answer(s).
+
+    Encodes everything once (bad text fails fast). An answer that cannot fit is always an error; a
+    prompt that must be cut is one with ``truncation="error"``.
+    """
+    long = 0
+    for ex in examples:
+        encs = [encoder(ex.prompt, c) for c in ex.candidates] or [encoder.example(ex)]
+        for e in encs:
+            if len(e.answer_ids) + 1 > max_length:
+                raise MobizoError(f"{what}: an answer of {len(e.answer_ids)} tokens does not fit --max-length {max_length}")
+        if any(len(e.prompt_ids) + len(e.answer_ids) > max_length for e in encs):
+            long += 1
+            if truncation == "error":
+                raise MobizoError(
+                    f"{what}: a prompt of {len(encs[0].prompt_ids)} tokens is longer than --max-length {max_length} "
+                    "allows (raise --max-length or use --truncation left)"
+                )
+    return long
 
 
 @lru_cache(maxsize=4)

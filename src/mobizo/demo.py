@@ -6,11 +6,12 @@ seed, data and hyperparameters; a before/after table and ``demo.json``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from .trainer import TrainConfig, train
+from .config import TrainConfig
+from .trainer import train
+from .util import dumps
 
 # Tuned for the random-init tiny model on the synthetic task (see README "Demo").
 DEMO = dict(
@@ -45,14 +46,14 @@ def run_demo(out: str | None = None, steps: int | None = None, engines=None, pro
         root = Path(out) if out else Path(tmp)
         legs = []
         for engine in engines:
-            cfg = TrainConfig(**DEMO, steps=steps, engine=engine, eval_at_start=True, progress=progress,
+            cfg = TrainConfig.from_flat(**DEMO, steps=steps, engine=engine, eval_at_start=True, progress=progress,
                               out=str(root / engine), overwrite=True)  # fmt: skip
             s = train(cfg)
             legs.append(
                 {
                     "engine": engine,
-                    "estimator": cfg.estimator,
-                    "queries": cfg.queries,
+                    "estimator": cfg.optim.estimator,
+                    "queries": cfg.optim.queries,
                     "steps": s["final_step"],
                     "accuracy_before": s["eval_start"]["accuracy"],
                     "accuracy_after": s["eval"]["accuracy"],
@@ -65,7 +66,7 @@ def run_demo(out: str | None = None, steps: int | None = None, engines=None, pro
         print(format_table(legs))
         if out:
             root.mkdir(parents=True, exist_ok=True)
-            (root / "demo.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+            (root / "demo.json").write_text(dumps(result, indent=1), encoding="utf-8")
     return result
 
 

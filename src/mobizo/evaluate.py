@@ -19,7 +19,7 @@ import string
 
 import torch
 
-from .data import Encoder, collate
+from .data import Encoder, collate, count_truncated
 from .errors import MobizoError
 from .tasks.base import Example
 
@@ -99,16 +99,6 @@ def score_pairs(engine, encoder: Encoder, pairs: list[tuple[str, str]], pad_id: 
         sums.append(s[: batch.n_real].double())
         counts.append(c[: batch.n_real].double())
     return torch.cat(sums), torch.cat(counts)
-
-
-def count_truncated(encoder: Encoder, examples: list[Example], limit: int) -> int:
-    """Examples whose prompt must lose tokens on the left to fit ``limit`` with its answer(s)."""
-    n = 0
-    for ex in examples:
-        answers = ex.candidates or [ex.answer]
-        if any(len(e.prompt_ids) + len(e.answer_ids) > limit for e in (encoder(ex.prompt, a) for a in answers)):
-            n += 1
-    return n
 
 
 @torch.no_grad()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import torch
 
-import torch  # noqa: E402
-
-from .errors import MobizoError  # noqa: E402
+from .errors import MobizoError
 
 TINY = "tiny"
 
@@ -72,14 +68,19 @@ def build_tiny(dtype: torch.dtype = torch.float32):
         eos_token_id=tokenizer.eos_token_id,
         **TINY_CONFIG,
     )
+    return random_model(LlamaForCausalLM, config, TINY_SEED, TINY).to(dtype), tokenizer
+
+
+def random_model(cls, config, seed: int, name: str):
+    """``cls(config)`` with seeded random weights (the global RNG is left as it was), named ``name``."""
     state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(config)
+        torch.manual_seed(seed)
+        model = cls(config)
     finally:
         torch.random.set_rng_state(state)
-    model.config.name_or_path = TINY
-    return model.to(dtype).eval(), tokenizer
+    model.config.name_or_path = name
+    return model.eval()
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -175,3 +176,32 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                     f"adapter tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}"
                 )
             target.copy_(value.to(target.dtype))
+
+
+# ---------------------------------------------------------------- the PEFT-like face
+
+
+@dataclass
+class MPLoRAConfig:
+    """An MP-LoRA (LoRA-FA) adapter: rank r, scaling alpha/r, the targeted modules (default: per
+    architecture, :data:`DEFAULT_TARGETS`) and the seed of the frozen A matrices."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | None = None
+    seed: int = 0
+
+
+def get_mplora_model(model: nn.Module, config: MPLoRAConfig | None = None) -> nn.Module:
+    """Inject MP-LoRA layers into ``model`` (a Hugging Face causal LM) in place and return it.
+
+    The result is still called like the original model (``model(input_ids=...)`` gives its usual
+    output, with the adapter applied); :class:`mobizo.ZOStep` trains it and :func:`mobizo.save_adapter`
+    writes the adapter in PEFT format. The adapted layer names are in ``model.mplora_layers``.
+    """
+    config = config or MPLoRAConfig()
+    if lora_layers(model):
+        raise MobizoError("the model already has MP-LoRA layers")
+    model.mplora_layers = inject(model, config.target_modules, config.rank, config.alpha, config.seed)
+    model.mplora_config = config
+    return model

@@ -12,12 +12,12 @@ This is also the recovery path when a checkpoint is lost or corrupted.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from . import rundir
 from .checkpoint import save_adapter
 from .errors import MobizoError
 from .step import ZO_ESTIMATORS, ZOConfig, ZOStep, apply_update
@@ -28,45 +28,26 @@ def _number(v) -> bool:
 
 
 def read_log(path: str | Path) -> tuple[dict, list[dict]]:
-    """(header, step records in order) of a metrics.jsonl; every problem is a clear error."""
+    """(header, step records in order) of a ZO run's metrics.jsonl; every problem is a clear error."""
     p = Path(path)
     if not p.is_file():
         raise MobizoError(f"--log {p} does not exist or is not a file")
-    try:
-        data = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MobizoError(f"{p}: not valid UTF-8 text (byte offset {e.start})") from e
-    except OSError as e:
-        raise MobizoError(f"{p}: unreadable ({e.strerror or e})") from e
-    lines = data.split("\n")
-    header, records = None, []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            if lineno == len(lines):  # the last line has no newline: cut by a kill; it was never applied
-                break
-            raise MobizoError(f"{p}:{lineno}: malformed JSON line ({getattr(e, 'msg', e)})") from e
-        if not isinstance(rec, dict):
-            raise MobizoError(f"{p}:{lineno}: expected a JSON object")
-        if header is None:
-            if not (rec.get("mobizo_log") == 1 and isinstance(rec.get("config"), dict)
-                    and isinstance(rec.get("layers"), list)):  # fmt: skip
-                raise MobizoError(
-                    f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
-                )
-            header = rec
-            if rec["config"].get("estimator") not in ZO_ESTIMATORS:
-                raise MobizoError(
-                    f"{p}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), "
-                    f"this one used {rec['config'].get('estimator')!r}"
-                )
-            continue
-        records.append(_check_record(rec, f"{p}:{lineno}", len(records) + 1, header["config"]))
+    header, raw = rundir.read_log(p)
     if header is None:
+        if raw:
+            raise MobizoError(
+                f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
+            )
         raise MobizoError(f"{p}: empty log")
+    if not (header.get("mobizo_log") == 1 and isinstance(header.get("config"), dict)
+            and isinstance(header.get("layers"), list)):  # fmt: skip
+        raise MobizoError(f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)")
+    if header["config"].get("estimator") not in ZO_ESTIMATORS:
+        raise MobizoError(
+            f"{p}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), "
+            f"this one used {header['config'].get('estimator')!r}"
+        )
+    records = [_check_record(rec, f"{p}:{rec.pop('_line')}", n, header["config"]) for n, rec in enumerate(raw, 1)]
     return header, records
 
 
@@ -82,7 +63,8 @@ def _check_record(rec: dict, where: str, expected_step: int, config: dict) -> di
     if not isinstance(skipped, bool):
         raise MobizoError(f"{where}: 'skipped' must be true or false")
     grads, lr = rec.get("projected_grads"), rec.get("lr")
-    if not isinstance(grads, list) or not all(_number(g) for g in grads):
+    # a skipped step may carry null (strict JSON's NaN) for its non-finite g
+    if not isinstance(grads, list) or not all(_number(g) or (skipped and g is None) for g in grads):
         raise MobizoError(f"{where}: 'projected_grads' must be a list of numbers")
     if len(grads) != config.get("queries"):
         raise MobizoError(f"{where}: {len(grads)} projected gradients, the run has --queries {config.get('queries')}")
@@ -107,8 +89,7 @@ def replay(
     from .mplora import adapter_state, inject
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MobizoError(f"--out {out} exists and is not a directory")
+    rundir.check_target(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")

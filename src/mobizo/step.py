@@ -207,11 +207,18 @@ class ZOStep(nn.Module):
         return torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))
 
 
+# The largest |B| an update may produce. A LoRA B entry of this size makes the adapter's output
+# dwarf the frozen layer's (activations are O(1)), and past ~1e19 squares overflow fp32 inside the
+# model's norms, which then silently zero the hidden states (every loss equal, every g = 0). So an
+# update beyond it is an overflow, whatever the lr: the guard refuses it.
+B_LIMIT = 1e6
+
+
 def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0):
     """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``.
 
-    All-or-nothing: if the new value of any B would be non-finite (an overflow), no B changes.
-    Returns whether the update was applied (0-d bool tensor).
+    All-or-nothing: if the new value of any B would be non-finite or beyond :data:`B_LIMIT` (an
+    overflow), no B changes. Returns whether the update was applied (0-d bool tensor).
     """
     news = []
     for layer, z in zip(layers, zs):
@@ -220,7 +227,7 @@ def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0):
         if weight_decay:
             update = update + weight_decay * layer.lora_B
         news.append(layer.lora_B - lr * update)
-    applied = torch.stack([torch.isfinite(new).all() for new in news]).all()
+    applied = torch.stack([(new.abs() <= B_LIMIT).all() for new in news]).all()  # NaN fails too
     for layer, new in zip(layers, news):
         layer.lora_B.copy_(torch.where(applied, new, layer.lora_B))
     return applied

@@ -40,3 +40,35 @@ def quiet_stderr():
         os.close(devnull)
 
 
+
+
+def jsonable(obj):
+    """``obj`` with every non-finite float replaced by ``None``: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON (``null`` for NaN / infinity), the only way mobizo writes JSON."""
+    return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party chatter: import warnings (torchao's optional CUDA kernels, pytree deprecations),
+    transformers' and datasets' progress bars. mobizo's own messages go to stderr explicitly."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)

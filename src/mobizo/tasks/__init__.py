@@ -1,5 +1,20 @@
-"""Tasks: prompt templates, local loaders and metrics. See :mod:`mobizo.tasks.base`."""
+"""Tasks: prompt templates, local loaders and metrics. See :mod:`mobizo.tasks.base`.
 
-from .base import KINDS, TASKS, Example, Task, get_task, register
+Importing this package registers every built-in task (:func:`mobizo.tasks.base.register`).
+"""
+
+from ..errors import MobizoError
+from . import benchmarks, custom, synthetic  # noqa: F401 - registration
+from .base import ALIASES, KINDS, TASKS, Example, Task, canonical_name, register
 
 __all__ = ["KINDS", "TASKS", "Example", "Task", "get_task", "register"]
+
+
+def get_task(name: str, data: str | None = None, **options) -> Task:
+    key = canonical_name(name)
+    if key == "custom" and options.get("label_words"):
+        key = "custom-cls"  # --task custom --template ... --label-words ...: classification
+    if key not in TASKS:
+        raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[key](data=data, **options)
+

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..errors import MobizoError
 
@@ -57,8 +57,13 @@ class Task:
     def __init__(self, data: str | None = None, **options):
         if self.needs_data and not data:
             raise MobizoError(f"task {self.name} needs --data DIR")
+        if data and not self.needs_data:
+            raise MobizoError(f"task {self.name} is built in: --data does not apply to it")
+        # Options a subclass does not consume reach here: a flag that would be silently ignored is an error.
+        for key, value in options.items():
+            if value is not None:
+                raise MobizoError(f"--{key.replace('_', '-')} does not apply to task {self.name}")
         self.data = data
-        self.options = options
 
     def load_split(self, split: str) -> list[Example]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -99,13 +104,30 @@ def canonical_name(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-def get_task(name: str, data: str | None = None, **options) -> Task:
-    from . import benchmarks, custom, synthetic  # noqa: F401 - registration side effects
-
-    key = canonical_name(name)
-    if key == "custom" and options.get("label_words"):
-        key = "custom-cls"  # --task custom --template ... --label-words ...: classification
-    if key not in TASKS:
-        raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[key](data=data, **options)
-
+def parse_label(value: Any, names, where: str, noun: str = "classes") -> int:
+    """Class index of a label: an int, a bool (two classes), a decimal string, or one of ``names``
+    (exact, else case-insensitive). The one label parser of every task."""
+    names = list(names)
+    original = value
+    if isinstance(value, bool):
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str):
+        v = value.strip()
+        lowered = [n.lower() for n in names]
+        if v in names:
+            return names.index(v)
+        if v.lower() in lowered:
+            return lowered.index(v.lower())
+        if v.lstrip("-").isdecimal() and v.count("-") <= 1 and not v.endswith("-"):
+            value = int(v)
+        elif len(names) == 2 and v.lower() in ("true", "false"):
+            value = int(v.lower() == "true")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MobizoError(f"{where}: label {original!r} is not one of the {noun} {names} (nor a class index)")
+    if value < 0:
+        raise MobizoError(f"{where}: label {original!r} means 'no label' (an unlabelled test split?); use a labelled split")
+    if value >= len(names):
+        raise MobizoError(f"{where}: label {original!r} is out of range for {len(names)} {noun} {names}")
+    return value

@@ -19,7 +19,7 @@ import json
 from typing import Any, ClassVar
 
 from ..errors import MobizoError
-from .base import Example, Task, register
+from .base import Example, Task, parse_label, register
 from .custom import parse_label_words
 from .io import find_split, read_records
 
@@ -84,33 +84,6 @@ def _parse_literal(text: str, where: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError) as e:
         raise MobizoError(f"{where}: cannot parse {text[:60]!r} as JSON or a Python literal") from e
-
-
-def parse_label(value: Any, names: tuple[str, ...], where: str) -> int:
-    """Class index from an int, a bool (binary tasks), a numeric string or a class name."""
-    original = value
-    if isinstance(value, bool):
-        value = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif isinstance(value, str):
-        v = value.strip()
-        lowered = [n.lower() for n in names]
-        if v.lower() in lowered:
-            return lowered.index(v.lower())
-        if v.lstrip("-").isdigit():
-            value = int(v)
-        elif len(names) == 2 and v.lower() in ("true", "false"):
-            value = int(v.lower() == "true")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise MobizoError(f"{where}: label {original!r} is not a class index or one of {list(names)}")
-    if value < 0:
-        raise MobizoError(
-            f"{where}: label {original!r} means 'no label' (an unlabelled test split?); use a labelled split"
-        )
-    if value >= len(names):
-        raise MobizoError(f"{where}: label {original!r} is out of range for {len(names)} classes {list(names)}")
-    return value
 
 
 def follow(prompt: str, word: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import string
 
 from ..errors import MobizoError
-from .base import Example, Task, register
+from .base import Example, Task, parse_label, register
 from .io import find_split, read_records
 
 
@@ -77,21 +77,7 @@ def render(template: str, record: dict, where: str) -> str:
 
 
 def label_index(value, words: list[str], where: str) -> int:
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, int):
-        idx = value
-    elif isinstance(value, float) and value.is_integer():
-        idx = int(value)
-    elif isinstance(value, str) and value.strip() in words:
-        return words.index(value.strip())
-    elif isinstance(value, str) and value.strip().lstrip("-").isdecimal():
-        idx = int(value.strip())
-    else:
-        raise MobizoError(f"{where}: label {value!r} is not one of the label words {words} nor an index")
-    if not 0 <= idx < len(words):
-        raise MobizoError(f"{where}: label index {idx} is out of range for {len(words)} label words {words}")
-    return idx
+    return parse_label(value, words, where, noun="label words")
 
 
 @register

@@ -67,6 +67,8 @@ def _read_json(path: Path) -> list[dict]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise MobizoError(f"{path}: malformed JSON: {e.msg} at line {e.lineno}") from e
+        except RecursionError as e:
+            raise MobizoError(f"{path}: JSON nested too deeply to read") from e
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -76,6 +78,8 @@ def _read_json(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise MobizoError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from e
+            except RecursionError as e:
+                raise MobizoError(f"{path}:{lineno}: JSON line nested too deeply to read") from e
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise MobizoError(f"{path}: record {i} is {type(row).__name__}, expected a JSON object")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from ...checkpoint import atomic_write_dir
 from ...errors import MobizoError
 from ...mplora import lora_layers
 from ...step import ZOStep, answer_losses
+from ...progress import Stages
+from ...util import dumps
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
 
@@ -123,8 +124,11 @@ def _example_inputs(m: Manifest, rows: int):
     return ids, mask, labels
 
 
-def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True) -> Manifest:
-    """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically)."""
+def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True,
+                   progress: bool = False) -> Manifest:
+    """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
+
+    ``progress``: a status line per stage (trace, lower, serialize, write) on stderr."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -138,6 +142,8 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     train_args = (ids, mask, labels, torch.tensor(1, dtype=torch.long), torch.tensor(1e-3), torch.tensor(1e-3))
     if manifest.objective != "answer":
         train_args += (torch.zeros(manifest.batch_size, dtype=torch.long),)
+    stage = Stages("export", progress)
+    stage("tracing the step (torch.export)")
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
     saved = [b.clone() for b in bs]
     try:
@@ -149,6 +155,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }
     except Exception as e:  # noqa: BLE001 - surface export failures as one line
+        stage.done(failed=True)
         raise MobizoError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
         # tracing ran the step's in-place update once: restore the adapter exactly
@@ -158,10 +165,12 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # All XNNPACK-supported ops (not just the frozen linears: the portable kernels for
     # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
     # reading B, which XNNPACK would bake in as a constant.
+    stage("lowering to XNNPACK" if xnnpack else "lowering")
     partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
     edge = to_edge_transform_and_lower(
         programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
     )
+    stage("serializing the program")
     et = edge.to_executorch(
         ExecutorchBackendConfig(
             passes=[InitializedMutableBufferPass(["lora_B"])],
@@ -177,7 +186,9 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
 
     def write(d: Path) -> None:
         (d / PROGRAM).write_bytes(data)
-        (d / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1), encoding="utf-8")
+        (d / MANIFEST).write_text(dumps(asdict(manifest), indent=1), encoding="utf-8")
 
+    stage(f"writing {manifest.pte_bytes / 1e6:.1f} MB")
     atomic_write_dir(Path(out_dir), write)
+    stage.done()
     return manifest

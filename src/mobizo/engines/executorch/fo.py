@@ -41,7 +41,7 @@ from ...errors import MobizoError
 from ...mplora import lora_layers, make_trainable
 from ...step import AnswerLoss
 from .. import Shapes, StepOutput
-from ...util import quiet_stderr
+from ...util import dumps, quiet_stderr
 from .export import plain_attention, xnnpack_partitioner
 from .manifest import versions
 
@@ -139,7 +139,7 @@ def export_fo_program(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / FO_PROGRAM).write_bytes(data)
-        (out / FO_MANIFEST).write_text(json.dumps(asdict(m), indent=1), encoding="utf-8")
+        (out / FO_MANIFEST).write_text(dumps(asdict(m), indent=1), encoding="utf-8")
     return data, m
 
 

@@ -9,6 +9,7 @@ with one clear line before the runtime sees it.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ class Manifest:
     seed: int
     data_mode: str
     weight_decay: float
-    max_grad: float
+    max_grad: float | None  # None: no bound (strict JSON has no infinity)
     objective: str
     choices: int
     batch_size: int  # examples per step
@@ -56,7 +57,8 @@ class Manifest:
         return self.batch_size * (self.choices if self.objective != "answer" else 1)
 
     def zo_config(self) -> ZOConfig:
-        return ZOConfig(self.estimator, self.queries, self.seed, self.data_mode, self.weight_decay, self.max_grad,
+        return ZOConfig(self.estimator, self.queries, self.seed, self.data_mode, self.weight_decay,
+                        math.inf if self.max_grad is None else self.max_grad,
                         self.objective, self.choices)  # fmt: skip
 
 
@@ -101,7 +103,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         seed=zo.seed,
         data_mode=zo.data_mode,
         weight_decay=zo.weight_decay,
-        max_grad=zo.max_grad,
+        max_grad=zo.max_grad if math.isfinite(zo.max_grad) else None,
         objective=zo.objective,
         choices=zo.choices,
         batch_size=batch_size,

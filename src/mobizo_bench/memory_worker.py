@@ -1,4 +1,4 @@
-"""One peak-RSS measurement in a fresh process: ``python -m mobizo.bench.memory_worker SPEC_JSON``.
+"""One peak-RSS measurement in a fresh process: ``python -m mobizo_bench.memory_worker SPEC_JSON``.
 
 Prints one JSON line: ``peak_rss_mb`` (whole process; from ``VmHWM``, the high-water mark of
 the resident set: ``ru_maxrss`` is no use here because a child inherits its parent's value
@@ -65,7 +65,7 @@ def main(spec: dict) -> dict:
         import tokenizers  # noqa: F401
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
-        import mobizo.bench.common  # noqa: F401
+        import mobizo_bench.common  # noqa: F401
         import mobizo.engines.eager  # noqa: F401
         import mobizo.models  # noqa: F401
     else:
@@ -74,14 +74,14 @@ def main(spec: dict) -> dict:
 
         import mobizo.engines.executorch  # noqa: F401
         import mobizo.engines.executorch.fo  # noqa: F401
-        from mobizo.bench.common import set_threads
+        from mobizo_bench.common import set_threads
 
         set_threads(int(spec.get("threads", 1)))
     baseline = _rss_mb()
     batch = _batch(spec["batch_file"])
     times = []
     if mode.startswith("eager"):
-        from mobizo.bench.common import adapted_model
+        from mobizo_bench.common import adapted_model
         from mobizo.engines.eager import EagerEngine
         from mobizo.step import ZOConfig, answer_losses
 
@@ -156,8 +156,7 @@ class _null:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mobizo.cli import _quiet_imports
+    from mobizo.util import quiet_third_party
 
-    _quiet_imports()
+    quiet_third_party()
     print("MOBIZO-MEMORY " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)

@@ -1,4 +1,4 @@
-"""README headline tables from a ``results.json``: ``python -m mobizo.bench.headline DIR/results.json``."""
+"""README headline tables from a ``results.json``: ``python -m mobizo_bench.headline DIR/results.json``."""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from mobizo.util import dumps
+
 # The ~100M-parameter Llama of the benchmarks: random weights, built in-process (no download).
 # Tied embeddings: 109.5M parameters (85M in the transformer blocks, 24.6M embedding).
 LLAMA_100M = dict(
@@ -35,7 +37,7 @@ def set_threads(n: int) -> None:
     """Intra-op threads of PyTorch and of the ExecuTorch runtime's threadpool (XNNPACK)."""
     torch.set_num_threads(n)
     try:
-        from ..util import quiet_stderr
+        from mobizo.util import quiet_stderr
 
         with quiet_stderr():  # the runtime's cpuinfo probes print on first import
             from executorch.extension.pybindings import portable_lib
@@ -53,13 +55,12 @@ def thread_env(n: int) -> dict:
         env[k] = str(n)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 
 def build_model(name: str):
     """(model, tokenizer): ``tiny`` or the random-weight ``100m`` Llama (tiny's tokenizer: ids < 1024)."""
-    from ..models import build_tiny, tiny_tokenizer
+    from mobizo.models import build_tiny, random_model, tiny_tokenizer
 
     if name == "tiny":
         return build_tiny()
@@ -70,19 +71,12 @@ def build_model(name: str):
     tok = tiny_tokenizer()
     config = LlamaConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          **LLAMA_100M)  # fmt: skip
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(100)
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    model.config.name_or_path = "llama-100m-random"
-    return model.eval(), tok
+    return random_model(LlamaForCausalLM, config, 100, "llama-100m-random"), tok
 
 
 def adapted_model(name: str):
     """The benchmark model with MP-LoRA (rank 8, alpha 16, q_proj/v_proj) injected."""
-    from ..mplora import inject
+    from mobizo.mplora import inject
 
     model, tok = build_model(name)
     inject(model, list(TARGETS), RANK, ALPHA, ADAPTER_SEED)
@@ -97,8 +91,8 @@ def n_params(model) -> int:
 
 def speed_batch(tok, rows: int, length: int = LENGTH):
     """``rows`` synthetic examples left-padded to ``length`` tokens, answer window of 1 token."""
-    from ..data import Encoder, collate
-    from ..tasks.synthetic import make_split
+    from mobizo.data import Encoder, collate
+    from mobizo.tasks.synthetic import make_split
 
     enc = Encoder(tok)
     exs = make_split("train", max(rows, 1), seed=7)
@@ -149,7 +143,7 @@ def step_flops(model, batch, copies: int) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..step import ZOConfig, ZOStep
+    from mobizo.step import ZOConfig, ZOStep
 
     step = ZOStep(model, ZOConfig("prge", 1))
     saved = [layer.lora_B.clone() for _, layer in _lora(model)]
@@ -163,7 +157,7 @@ def step_flops(model, batch, copies: int) -> float:
 
 
 def _lora(model):
-    from ..mplora import lora_layers
+    from mobizo.mplora import lora_layers
 
     return lora_layers(model)
 
@@ -171,7 +165,7 @@ def _lora(model):
 def environment(threads: int) -> dict:
     import importlib.metadata as md
 
-    from .. import __version__
+    from mobizo import __version__
 
     def ver(p):
         try:
@@ -211,7 +205,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=float), encoding="utf-8")
+    path.write_text(dumps(obj, indent=1, default=float), encoding="utf-8")
 
 
 def progress(total: int, desc: str, enabled: bool):

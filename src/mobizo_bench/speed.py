@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..step import ZO_ESTIMATORS, ZOConfig, ZOStep
+from mobizo.step import ZO_ESTIMATORS, ZOConfig, ZOStep
 from .common import (LENGTH, adapted_model, interleaved, matmul_contender, md_table, median, n_params, progress,
                      set_threads, speed_batch, step_flops)  # fmt: skip
 from .programs import ensure_fo, ensure_gemm, ensure_zo, gemm_contender
@@ -66,9 +66,9 @@ def _zo_contender(model, est, q, batch):
 
 
 def run_speed(out: Path, quick: bool, threads: int, models=None, bar_enabled: bool = True) -> dict:
-    from ..engines.eager import EagerEngine
-    from ..engines.executorch import ExecuTorchEngine
-    from ..engines.executorch.fo import ExecuTorchFOEngine
+    from mobizo.engines.eager import EagerEngine
+    from mobizo.engines.executorch import ExecuTorchEngine
+    from mobizo.engines.executorch.fo import ExecuTorchFOEngine
 
     p = plan(quick, models)
     programs = out / "programs"

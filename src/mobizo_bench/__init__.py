@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import MobizoError
+from mobizo.errors import MobizoError
 from .common import environment, set_threads, write_json
 
 SECTIONS = ("speed", "memory", "convergence")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engines.executorch import MANIFEST, PROGRAM, export_program, manifest_for
-from ..engines.executorch.fo import FO_MANIFEST, FO_PROGRAM, FOManifest, export_fo_program
-from ..models import weights_hash
-from ..step import ZOConfig
+from mobizo.engines.executorch import MANIFEST, PROGRAM, export_program, manifest_for
+from mobizo.engines.executorch.fo import FO_MANIFEST, FO_PROGRAM, FOManifest, export_fo_program
+from mobizo.models import weights_hash
+from mobizo.step import ZOConfig
 from .common import ALPHA, LENGTH, RANK
 
 
@@ -44,7 +44,7 @@ def ensure_gemm(root: Path, n: int = 2048) -> Path:
     """An ExecuTorch program of one n x n fp32 linear layer (XNNPACK): the runtime's GEMM peak reference."""
     import torch
 
-    from ..util import quiet_stderr
+    from mobizo.util import quiet_stderr
 
     path = Path(root) / f"gemm-{n}.pte"
     if path.is_file():
@@ -69,7 +69,7 @@ def gemm_contender(path: Path, n: int = 2048):
     import torch
     from executorch.runtime import Runtime
 
-    from ..util import quiet_stderr
+    from mobizo.util import quiet_stderr
 
     with quiet_stderr():
         method = Runtime.get().load_program(path).load_method("forward")

@@ -1,6 +1,6 @@
 """``mobizo bench memory``: peak RSS of inference, ZO and FO training, eager and ExecuTorch.
 
-Every measurement is its own subprocess (:mod:`mobizo.bench.memory_worker`), so peaks never
+Every measurement is its own subprocess (:mod:`mobizo_bench.memory_worker`), so peaks never
 mix. ExecuTorch processes load only the program and a saved batch (no PyTorch model). Each
 row reports the peak RSS and the peak above the process's RSS right after its imports
 ("above imports"): the Python + torch + runtime footprint is ~200-400 MB on its own and
@@ -33,7 +33,7 @@ def plan(quick: bool, models=None) -> dict:
 
 
 def run_worker(spec: dict, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "mobizo.bench.memory_worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "mobizo_bench.memory_worker", json.dumps(spec)]
     proc = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True, timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("MOBIZO-MEMORY "):

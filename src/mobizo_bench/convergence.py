@@ -61,7 +61,9 @@ def contenders(p: ConvPlan) -> list[dict]:
 
 def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="synthetic", data=None, seeds=None,
                     steps=None, bar_enabled: bool = True) -> dict:  # fmt: skip
-    from ..trainer import TrainConfig, make_batch, prepare, run_eval
+    from mobizo.build import build_run
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import make_batch, run_eval
 
     p = plan(quick, model, task, data, seeds, steps)
     set_threads(threads)
@@ -72,12 +74,12 @@ def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="sy
         for c in cons:
             for seed in p.seeds:
                 bar.set_description(f"bench convergence: prepare {c['name']} seed {seed}")
-                cfg = TrainConfig(model=p.model, task=p.task, data=p.data, estimator=c["estimator"], queries=c["queries"],
-                                  batch_size=c["batch_size"], lr=c["lr"], eps=c["eps"], optimizer=c["optimizer"],
+                cfg = TrainConfig.from_flat(model=p.model, task=p.task, data=p.data, estimator=c["estimator"], queries=c["queries"],
+                                  batch_size=c["batch_size"], lr=c["lr"], eps=c["eps"], optimizer=c["optimizer"] if c["estimator"] == "fo" else None,
                                   steps=p.steps, rank=8, alpha=16.0, target_modules=["q_proj", "v_proj"], seed=seed,
                                   max_length=p.max_length, eval_every=0, save_every=0, eval_examples=p.eval_examples,
                                   progress=False)  # fmt: skip
-                run = prepare(cfg)
+                run = build_run(cfg)
                 ev = run_eval(run)
                 runs.append({"contender": c["name"], "seed": seed, "run": run, "cfg": cfg, "loss": [], "seconds": [],
                              "evals": [{"step": 0, "seconds": 0.0, **_ev(ev)}]})  # fmt: skip
@@ -88,7 +90,7 @@ def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="sy
                 run, cfg = r["run"], r["cfg"]
                 batch = make_batch(run, step)
                 t0 = time.perf_counter()
-                res = run.engine.train_step(batch, step, cfg.lr, cfg.eps)
+                res = run.engine.train_step(batch, step, cfg.optim.lr, cfg.optim.eps)
                 r["seconds"].append(time.perf_counter() - t0)
                 r["loss"].append(res.loss)
                 bar.update(1)

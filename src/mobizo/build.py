@@ -1,0 +1,225 @@
+"""Builders: the assembly of model + task + adapter + engine that train, eval, export, replay and bench share.
+
+Like torchtune's builders: each function makes one thing from a validated :class:`TrainConfig`
+(or from objects the caller already has) and nothing here runs a training loop or writes a run
+directory. :func:`assemble` gives a :class:`Run` without an engine (what ``mobizo export`` needs);
+:func:`build_engine` adds the engine that will run the step.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import Encoder, count_truncated
+from .errors import MobizoError
+from .progress import status
+from .tasks.base import Example
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, validated."""
+
+    cfg: TrainConfig
+    model: object
+    tokenizer: object
+    task: object
+    train: list
+    validation: list
+    encoder: Encoder
+    targets: list[str]
+    objective: str = "answer"
+    choices: int = 0
+    truncated: dict = field(default_factory=dict)  # split -> examples whose prompts are cut to fit
+    answer_len: int = 0  # longest answer (any candidate) in tokens: the exported answer window K
+    engine: object = None
+
+    def zo_config(self):
+        return self.cfg.zo_config(self.objective, self.choices)
+
+
+def load_base(name: str, trust_remote_code: bool = False, progress: bool = True):
+    """(model, tokenizer) of ``name`` (``tiny`` or a local directory), with a status line."""
+    from .models import load_model
+
+    with status(f"loading model {name}", progress):
+        return load_model(name, trust_remote_code=trust_remote_code)
+
+
+def load_task(cfg: TrainConfig):
+    from .tasks import get_task
+
+    d = cfg.data
+    return get_task(d.task, data=d.data, template=d.template, label_words=d.label_words)
+
+
+def as_examples(items, what: str) -> list[Example]:
+    """``Example`` objects, or dicts with Example's fields (``prompt`` plus ``candidates``/``label`` or ``target``)."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Example):
+            out.append(item)
+        elif isinstance(item, dict):
+            try:
+                out.append(Example(**item))
+            except TypeError as e:
+                raise MobizoError(f"{what}[{i}]: not an Example ({e})") from e
+        else:
+            raise MobizoError(f"{what}[{i}]: expected an Example or a dict, got {type(item).__name__}")
+    if not out:
+        raise MobizoError(f"{what}: no examples")
+    return out
+
+
+def resolve_objective(requested: str, kind: str, examples) -> tuple[str, int]:
+    """(step objective, candidates per example). ``auto`` trains classification and multiple-choice
+    tasks on the candidates (MeZO's train-as-classification) and everything else on the answer."""
+    has_choices = kind in ("classification", "multiple_choice")
+    if requested == "answer" or (requested == "auto" and not has_choices):
+        return "answer", 0
+    if not has_choices:
+        raise MobizoError(f"--objective choice needs a classification or multiple-choice task, not {kind}")
+    choices = max(len(e.candidates) for e in examples)
+    return ("choice-sum" if kind == "classification" else "choice-mean"), choices
+
+
+def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str, what: str) -> int:
+    """:func:`mobizo.data.count_truncated` plus a warning on stderr with the count; returns the count."""
+    n = count_truncated(encoder, examples, max_length, truncation, what)
+    if n:
+        print(f"mobizo: warning: {n} of {len(examples)} {what} examples exceed --max-length {max_length}; "
+              "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
+    return n
+
+
+def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validation=None, need_train: bool = True,
+             inject_adapter: bool = True) -> Run:
+    """Validate ``cfg``, load (or take) the task's examples and the model, inject the adapter.
+
+    ``model``/``tokenizer`` (a Hugging Face model object and its tokenizer) replace loading
+    ``cfg.model``; ``train``/``validation`` (Examples or dicts) replace the task's files.
+    ``inject_adapter=False``: leave the model as it is (eval of a saved adapter injects its own).
+    """
+    from .mplora import inject
+
+    cfg.validate()
+    d = cfg.data
+    task = load_task(cfg)
+    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
+        raise MobizoError(f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}")
+    if train is not None:
+        train = as_examples(train, "train_examples")
+    elif need_train:
+        train = task.load("train", d.train_examples, cfg.seed)
+    else:
+        train = []
+    validation = as_examples(validation, "eval_examples") if validation is not None else \
+        task.load("validation", d.eval_examples, cfg.seed)  # fmt: skip
+    if (model is None) != (tokenizer is None):
+        raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
+    if model is None:
+        model, tokenizer = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
+    elif tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
+    a = cfg.adapter
+    targets = inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
+    encoder = Encoder(tokenizer)
+    truncated = {what: warn_truncated(encoder, exs, d.max_length, d.truncation, what)
+                 for what, exs in (("train", train), ("validation", validation)) if exs}  # fmt: skip
+    objective, choices = resolve_objective(cfg.optim.objective, task.kind, train or validation)
+    answer_len = max(
+        len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
+    )
+    return Run(cfg, model, tokenizer, task, train, validation, encoder, targets, objective, choices, truncated,
+               answer_len)  # fmt: skip
+
+
+def manifest_for_run(run: Run):
+    """The manifest a program for ``run`` must have (what the program is checked against)."""
+    from .engines.executorch import manifest_for
+    from .models import weights_hash
+
+    cfg = run.cfg
+    return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
+                        run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
+                        weights_hash(run.model))  # fmt: skip
+
+
+def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
+    """Export ``run``'s step into ``out_dir`` (atomically), with a status line per stage."""
+    from .engines.executorch import export_program as export
+
+    from .rundir import write_marker
+
+    manifest = manifest_for_run(run)
+    export(run.model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress)
+    write_marker(out_dir, "program")
+    return manifest
+
+
+def program_matches(program_dir: Path, expected: dict) -> bool:
+    """Whether ``program_dir`` holds an intact program built for ``expected`` (reuse instead of re-export)."""
+    from .engines.executorch import PROGRAM, check_manifest, read_manifest
+    from .util import file_sha256
+
+    try:
+        m = read_manifest(program_dir)
+        check_manifest(m, expected)
+        size, digest = file_sha256(Path(program_dir) / PROGRAM)
+    except (MobizoError, OSError):
+        return False
+    return size == m.pte_bytes and digest == m.pte_sha256
+
+
+def build_engine(run: Run, program_dir: Path | None = None):
+    """The engine that runs ``run``'s step.
+
+    ``--engine executorch``: the program in ``cfg.engine.program`` (checked against this run's identity),
+    else ``program_dir`` (the run directory's ``program/``), reused when it matches and not
+    ``--reexport``, exported otherwise.
+    """
+    cfg = run.cfg
+    if cfg.engine.engine == "executorch":
+        from .engines.executorch import ExecuTorchEngine, identity
+
+        manifest = manifest_for_run(run)
+        expected = identity(manifest)
+        if cfg.engine.program:
+            target = Path(cfg.engine.program)
+        else:
+            target = program_dir or Path(tempfile.mkdtemp(prefix="mobizo-program-"))
+            if cfg.engine.reexport or not program_matches(target, expected):
+                export_program(run, target)
+        with status("loading the ExecuTorch program", cfg.run.progress):
+            engine = ExecuTorchEngine(target, expected)
+    else:
+        from .engines.eager import EagerEngine
+
+        o = cfg.optim
+        zo = run.zo_config() if o.estimator != "fo" else None
+        engine = EagerEngine(run.model, o.estimator, zo, o.optimizer or "sgd", o.train_a, o.weight_decay,
+                             objective=run.objective, choices=run.choices)  # fmt: skip
+    if run.task.kind == "generation" and not hasattr(engine, "next_token_logits"):
+        raise MobizoError(f"task {run.task.name} evaluates by generating text, which the {engine.name} engine "
+                          "cannot do; use --engine eager")  # fmt: skip
+    run.engine = engine
+    return engine
+
+
+def build_run(cfg: TrainConfig, program_dir: Path | None = None, **objects) -> Run:
+    """:func:`assemble` + :func:`build_engine`."""
+    run = assemble(cfg, **objects)
+    build_engine(run, program_dir)
+    return run
+
+
+def export(cfg: TrainConfig, out_dir: str | Path, xnnpack: bool = True):
+    """``mobizo export``: the program for ``cfg``'s model, task shapes and step (no engine is built)."""
+    if cfg.optim.estimator == "fo":
+        raise MobizoError("mobizo export builds the zeroth-order step; the fo baseline is exported by the benchmarks")
+    return export_program(assemble(cfg), Path(out_dir), xnnpack=xnnpack)

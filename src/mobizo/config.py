@@ -1,0 +1,303 @@
+"""The run configuration: one :class:`TrainConfig` made of small parts, each field with its help text.
+
+The command line is generated from these dataclasses (:func:`add_arguments`), so a flag, its
+default, its type and its help live in one place. Every field name is unique across the parts, which
+gives each setting one flat name: the ``--flag`` (``lr`` -> ``--lr``), the key in ``metrics.jsonl``'s
+header and in ``state.json``, and the keyword of :meth:`TrainConfig.from_flat`.
+
+* :class:`DataArgs`: the task and how its examples become sequences;
+* :class:`AdapterArgs`: the MP-LoRA adapter (rank, alpha, target modules);
+* :class:`OptimArgs`: the estimator and its update (q, lr, eps, guard, steps);
+* :class:`EngineArgs`: who runs the step (eager PyTorch or an ExecuTorch program);
+* :class:`RunArgs`: the run directory and its cadence (eval, checkpoints, resume).
+
+``model``, ``seed`` and ``trust_remote_code`` sit on :class:`TrainConfig` itself: every command needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MobizoError
+
+ESTIMATORS = ("prge", "prge-outer", "mezo", "fo")
+ENGINES = ("eager", "executorch")
+
+
+def opt(default: Any, help: str, *, choices=None, short: str | None = None, meta: str | None = None,
+        trajectory: bool = False, recovery: bool = False, setting: bool = False, minimum: float | None = None):  # fmt: skip
+    """A config field. ``trajectory``: it shapes the updates (a resumed run must keep it; ``recovery``
+    ones may change, with a warning); ``setting``: a resumed run keeps it unless it is given again."""
+    md = dict(help=help, choices=choices, short=short, meta=meta, trajectory=trajectory, recovery=recovery,
+              setting=setting, minimum=minimum)  # fmt: skip
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class DataArgs:
+    task: str = opt("synthetic", "task name: synthetic, sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, qnli, wnli, "
+                    "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (README 'Tasks "
+                    "and data')", trajectory=True)  # fmt: skip
+    data: str | None = opt(None, "directory or file with the task's train/validation data", trajectory=True)
+    template: str | None = opt(None, 'prompt template of a custom classification task, e.g. "Review: {text} '
+                               'Sentiment:"', trajectory=True)  # fmt: skip
+    label_words: str | None = opt(None, "comma-separated label words (custom classification, or to override a "
+                                  "benchmark's), e.g. bad,good", trajectory=True)  # fmt: skip
+    max_length: int = opt(128, "max tokens per sequence (prompt + answer)", trajectory=True, minimum=2)
+    truncation: str = opt("left", "prompts longer than --max-length: cut from the left, or fail",
+                          choices=("left", "error"), trajectory=True)  # fmt: skip
+    train_examples: int | None = opt(None, "sample this many training examples (default: all)", trajectory=True,
+                                     minimum=1)  # fmt: skip
+    eval_examples: int | None = opt(500, "validation examples to evaluate (0 = all)", setting=True, minimum=0)
+    eval_batch_size: int = opt(32, "rows per eval forward", setting=True, minimum=1)
+    max_new_tokens: int = opt(32, "generation tasks: max tokens generated per answer", setting=True, minimum=1)
+
+
+@dataclass
+class AdapterArgs:
+    rank: int = opt(8, "LoRA rank r", trajectory=True, minimum=1)
+    alpha: float = opt(16.0, "LoRA alpha; the adapter is scaled by alpha/r", trajectory=True)
+    target_modules: list[str] | None = opt(None, "comma-separated module names (suffix match, or a regex); "
+                                           "default: per architecture", meta="NAMES", trajectory=True)  # fmt: skip
+
+
+@dataclass
+class OptimArgs:
+    estimator: str = opt("prge", "prge: one forward over 2q copies; prge-outer: two forwards over q copies; mezo: "
+                         "2q sequential forwards; fo: backprop baseline on the same adapter",
+                         choices=ESTIMATORS, trajectory=True)  # fmt: skip
+    queries: int = opt(4, "query directions q per step", short="-q", trajectory=True, minimum=1)
+    batch_size: int = opt(16, "examples per step", trajectory=True, minimum=1)
+    data_mode: str = opt("repeat", "repeat: every direction sees the whole batch; split: direction i sees the i-th "
+                         "1/q of it", choices=("repeat", "split"), trajectory=True)  # fmt: skip
+    objective: str = opt("auto", "answer: answer-token cross-entropy; choice: cross-entropy over the candidates' "
+                         "scores; auto: choice for classification / multiple choice", choices=("auto", "answer", "choice"),
+                         trajectory=True)  # fmt: skip
+    lr: float = opt(1e-3, "learning rate: B -= lr * mean_i(g_i z_i)", trajectory=True, recovery=True)
+    eps: float = opt(1e-3, "perturbation scale: B +- eps z_i", trajectory=True, recovery=True)
+    weight_decay: float = opt(0.0, "weight decay on B", trajectory=True, minimum=0)
+    max_grad: float | None = opt(None, "skip steps with a |projected gradient| above this (default: no bound)",
+                                 trajectory=True, recovery=True)  # fmt: skip
+    max_bad_steps: int = opt(3, "stop after this many consecutive skipped steps", setting=True, minimum=1)
+    steps: int = opt(1000, "total training steps (with --resume: continue up to this)", setting=True, minimum=1)
+    optimizer: str | None = opt(None, "fo only: sgd (default) or adamw", choices=("sgd", "adamw"), trajectory=True)
+    train_a: bool = opt(False, "fo only: train A too (plain LoRA instead of LoRA-FA)", trajectory=True)
+
+
+@dataclass
+class EngineArgs:
+    engine: str = opt("eager", "who runs the step: eager PyTorch, or the ExecuTorch runtime", choices=ENGINES,
+                      trajectory=True)  # fmt: skip
+    program: str | None = opt(None, "--engine executorch: a program directory from 'mobizo export' (default: "
+                              "export into OUT/program, or reuse the one there when it matches)", setting=True)  # fmt: skip
+    reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
+
+
+@dataclass
+class RunArgs:
+    out: str | None = opt(None, "run directory (default: runs/<task>-<estimator>-<time>)")
+    resume: bool = opt(False, "continue the run in --out up to --steps (flags not given keep the run's values)")
+    overwrite: bool = opt(False, "replace the mobizo run in --out (only the entries mobizo wrote are removed)")
+    eval_every: int = opt(100, "evaluate every N steps (0 = only at the end)", setting=True, minimum=0)
+    eval_at_start: bool = opt(False, "also evaluate before the first step (summary's eval_start)")
+    save_every: int = opt(100, "checkpoint every N steps (0 = only at the end)", setting=True, minimum=0)
+    progress: bool = opt(True, "progress bars and status lines on stderr")
+
+
+PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "engine": EngineArgs, "run": RunArgs}
+TOP = ("model", "seed", "trust_remote_code")
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("tiny", "local Hugging Face model directory, or 'tiny' (built-in)", trajectory=True)
+    seed: int = opt(0, "run seed: the adapter's A, the noise, the data order", trajectory=True, minimum=0)
+    trust_remote_code: bool = opt(False, "allow model code from the model directory", setting=True)
+    data: DataArgs = field(default_factory=DataArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    engine: EngineArgs = field(default_factory=EngineArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    # ------------------------------------------------------------ flat view
+
+    @classmethod
+    def from_flat(cls, **values) -> "TrainConfig":
+        """``TrainConfig.from_flat(model="tiny", lr=4.0, queries=2)``: fields by their flat names."""
+        return cls().replace(**values)
+
+    def replace(self, **values) -> "TrainConfig":
+        """A copy with fields replaced by their flat names (unknown names are an error)."""
+        top = {k: values.pop(k) for k in TOP if k in values}
+        parts = {}
+        for part, cls in PARTS.items():
+            names = {f.name for f in dataclasses.fields(cls)}
+            mine = {k: values.pop(k) for k in list(values) if k in names}
+            parts[part] = dataclasses.replace(getattr(self, part), **mine) if mine else getattr(self, part)
+        if values:
+            raise MobizoError(f"unknown config field(s): {', '.join(sorted(values))}")
+        return dataclasses.replace(self, **top, **parts)
+
+    def flat(self) -> dict:
+        """Every field by its flat name."""
+        out = {k: getattr(self, k) for k in TOP}
+        for part in PARTS:
+            out.update(dataclasses.asdict(getattr(self, part)))
+        return out
+
+    def trajectory(self) -> dict:
+        """The fields that shape the updates (saved in the log header and the checkpoint)."""
+        return {k: v for k, v in self.flat().items() if FIELDS[k].metadata.get("trajectory")}
+
+    def settings(self) -> dict:
+        return {k: v for k, v in self.flat().items() if FIELDS[k].metadata.get("setting")}
+
+    # ------------------------------------------------------------ checks
+
+    def validate(self) -> "TrainConfig":
+        """Every value in range and every flag meaningful for the chosen estimator / engine / task."""
+        flat = self.flat()
+        for name, value in flat.items():
+            f = FIELDS[name]
+            lo, choices = f.metadata.get("minimum"), f.metadata.get("choices")
+            if value is None:
+                continue
+            if choices and value not in choices:
+                raise MobizoError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MobizoError(f"{flag(name)} must be a finite number, got {value}")
+            if lo is not None and value < lo:
+                raise MobizoError(f"{flag(name)} must be >= {lo:g}, got {value}")
+        for name in ("lr", "eps", "alpha"):
+            if not flat[name] > 0:
+                raise MobizoError(f"{flag(name)} must be a positive number, got {flat[name]}")
+        if flat["max_grad"] is not None and not flat["max_grad"] > 0:
+            raise MobizoError(f"--max-grad must be a positive number, got {flat['max_grad']}")
+        if self.seed >= 2**63:
+            raise MobizoError(f"--seed must be in [0, 2**63), got {self.seed}")
+        o, e, r = self.optim, self.engine, self.run
+        if r.resume and r.overwrite:
+            raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+        if r.out is not None and not str(r.out).strip():
+            raise MobizoError("--out must not be empty")
+        if o.estimator != "fo":
+            for name in ("optimizer", "train_a"):
+                if flat[name]:
+                    raise MobizoError(f"{flag(name)} applies to --estimator fo only, not {o.estimator}")
+            if o.data_mode == "split" and o.batch_size % o.queries:
+                raise MobizoError(f"--data-mode split needs --batch-size divisible by --queries "
+                                  f"({o.batch_size} % {o.queries} != 0)")  # fmt: skip
+        elif e.engine == "executorch":
+            raise MobizoError("--engine executorch trains with zeroth-order estimators; use --engine eager for fo")
+        if e.engine != "executorch":
+            for name in ("program", "reexport"):
+                if flat[name]:
+                    raise MobizoError(f"{flag(name)} applies to --engine executorch only")
+        elif e.program and e.reexport:
+            raise MobizoError("--reexport exports into OUT/program; it cannot be combined with --program")
+        return self
+
+    def zo_config(self, objective: str = "answer", choices: int = 0):
+        from .step import ZOConfig
+
+        o = self.optim
+        return ZOConfig(o.estimator, o.queries, self.seed, o.data_mode, o.weight_decay,
+                        math.inf if o.max_grad is None else o.max_grad, objective, choices)  # fmt: skip
+
+
+def _collect_fields() -> dict[str, dataclasses.Field]:
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TOP:
+            out[f.name] = f
+    for cls in PARTS.values():
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"config field {f.name} defined twice"
+            out[f.name] = f
+    return out
+
+
+FIELDS = _collect_fields()
+DEFAULTS = TrainConfig().flat()
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _optional_float(text: str) -> float:
+    return float(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None = None) -> None:
+    """Add ``--flag``s for the config fields ``names`` (flat names) to ``parser``.
+
+    Every flag defaults to "not given" (``None`` in the namespace, or absent for booleans), so
+    :func:`given` can tell what the user typed: resume semantics depend on it.
+    """
+    overrides = overrides or {}
+    for name in names:
+        f = FIELDS[name]
+        md = {**f.metadata, **overrides.get(name, {})}
+        default = DEFAULTS[name]
+        help_text = md["help"]
+        if default is not None and not isinstance(default, bool):
+            help_text += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        flags = [flag(name)] + ([md["short"]] if md.get("short") else [])
+        if name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                                help="no progress bars or status lines")  # fmt: skip
+            continue
+        if isinstance(default, bool):
+            parser.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
+            continue
+        kind = str(f.type)
+        if "list" in kind:
+            typ = _csv_list
+        elif kind.startswith("int"):
+            typ = int
+        elif kind.startswith("float"):
+            typ = _optional_float
+        else:
+            typ = str
+        parser.add_argument(*flags, dest=name, type=typ, default=None, choices=md.get("choices"),
+                            metavar=md.get("meta"), help=help_text)  # fmt: skip
+
+
+def given(args: argparse.Namespace, names=None) -> dict:
+    """The config fields the user gave on the command line (``--eval-examples 0`` means all)."""
+    names = FIELDS if names is None else names
+    out = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if out.get("eval_examples") == 0:
+        out["eval_examples"] = None
+    return out
+
+
+def non_default(cfg: TrainConfig) -> set[str]:
+    """Flat names whose value differs from the default: what a Python caller 'gave'."""
+    return {k for k, v in cfg.flat().items() if v != DEFAULTS[k]}
+
+
+# Groups of flags per command.
+MODEL_FLAGS = ("model", "trust_remote_code")
+DATA_FLAGS = tuple(f.name for f in dataclasses.fields(DataArgs))
+ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
+STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")
+TRAIN_FLAGS = MODEL_FLAGS + ("seed",) + DATA_FLAGS + ADAPTER_FLAGS + tuple(f.name for f in dataclasses.fields(OptimArgs)) \
+    + tuple(f.name for f in dataclasses.fields(EngineArgs)) + tuple(f.name for f in dataclasses.fields(RunArgs))
+EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS
