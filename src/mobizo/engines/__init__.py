@@ -1,20 +1,15 @@
-"""Engines drive the one step implementation (:mod:`mobizo.step`).
+"""Engines drive the one step implementation (:mod:`mobizo.step`); :class:`Engine` is their interface."""
 
-An engine exposes:
-
-* ``name``; ``shapes``: fixed (length, answer_len, rows) for batches, ``None`` where free;
-* ``train_step(batch, step, lr, eps) -> StepOutput``;
-* ``score(batch) -> (sums, counts)``: per-row answer cross-entropy sums and token counts (eval);
-* optional ``next_token_logits(input_ids, attention_mask) -> (rows, vocab)`` for left-padded rows:
-  generation eval (greedy decoding) needs it;
-* ``adapter_state()`` / ``load_adapter_state(state)``; ``optimizer_state()`` / ``load_optimizer_state``.
-"""
+from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 
 @dataclass
 class Shapes:
+    """Fixed batch shapes of an engine (an exported program has static shapes); ``None`` where free."""
+
     length: int | None = None
     answer_len: int | None = None
     rows: int | None = None
@@ -26,3 +21,30 @@ class StepOutput:
     loss: float
     projected_grads: list[float] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)  # [plus per direction, minus per direction]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the trainer, eval and the benchmarks need from whoever runs the step.
+
+    An engine that can also generate text (generation tasks) has
+    ``next_token_logits(input_ids, attention_mask) -> (rows, vocab)`` for left-padded rows.
+    """
+
+    name: str
+    shapes: Shapes
+
+    def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
+        """One training step on ``batch`` (the update is applied to the engine's adapter)."""
+
+    def score(self, batch):
+        """(per-row answer cross-entropy sums, per-row answer token counts) with the current adapter."""
+
+    def adapter_state(self) -> dict:
+        """{``<module>.lora_A`` / ``<module>.lora_B``: tensor} of the current adapter."""
+
+    def load_adapter_state(self, state: dict) -> None: ...
+
+    def optimizer_state(self): ...
+
+    def load_optimizer_state(self, state) -> None: ...
