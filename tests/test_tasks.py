@@ -14,7 +14,7 @@ from mobizo import models
 from mobizo.cli import main
 from mobizo.data import Encoder, collate
 from mobizo.errors import MobizoError
-from mobizo.evaluate import evaluate, score_pairs
+from mobizo.evaluation import evaluate, score_pairs
 from mobizo.tasks import get_task
 from mobizo.config import TrainConfig
 from mobizo.trainer import train
@@ -385,14 +385,14 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path, capsys):
      ("x b b", "b b c", 2 / 3, 0.0), ("a b b", "b b c", 0.8, 0.0)],
 )  # fmt: skip
 def test_squad_f1_and_exact_match(pred, gold, f1, em):
-    from mobizo.evaluate import exact_match, normalize_answer, token_f1
+    from mobizo.evaluation import exact_match, normalize_answer, token_f1
 
     assert token_f1(pred, gold) == pytest.approx(f1) and exact_match(pred, gold) == em
     assert normalize_answer("  The  Cat, an apple. ") == "cat apple"
 
 
 def test_answer_scores_take_the_best_accepted_answer():
-    from mobizo.evaluate import answer_scores
+    from mobizo.evaluation import answer_scores
 
     assert answer_scores("Broncos", ["Carolina Panthers", "Denver Broncos", "Broncos"]) == (1.0, 1.0)
     assert answer_scores("the Broncos team", ["Denver Broncos"]) == (pytest.approx(0.5), 0.0)
@@ -428,7 +428,7 @@ class ScriptedGenerator:
 
 
 def test_greedy_generation_stops_at_newline_eos_or_budget(tiny):
-    from mobizo.evaluate import evaluate, generate
+    from mobizo.evaluation import evaluate, generate
     from mobizo.tasks import Example
 
     _, tok = tiny
@@ -471,7 +471,7 @@ def test_squad_generation_end_to_end_after_learning_the_answer(tmp_path):
 
 
 def test_generation_truncates_long_prompts_from_the_left(tiny):
-    from mobizo.evaluate import generate
+    from mobizo.evaluation import generate
 
     _, tok = tiny
     enc = Encoder(tok)

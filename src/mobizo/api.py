@@ -38,8 +38,8 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
     from .build import assemble
     from .checkpoint import read_adapter
     from .engines.eager import EagerEngine
-    from .evaluate import evaluate as run_eval
-    from .evaluate import main_metric
+    from .evaluation import evaluate as run_eval
+    from .evaluation import main_metric
     from .mplora import inject, load_adapter_state
 
     cfg = (config or TrainConfig()).replace(**fields)

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import DataArgs, TrainConfig
 from .data import Encoder, count_truncated
 from .errors import MobizoError
 from .progress import status
@@ -108,17 +108,22 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
 
     cfg.validate()
     d = cfg.data
-    task = load_task(cfg)
-    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
-        raise MobizoError(f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}")
     if train is not None:
         train = as_examples(train, "train_examples")
-    elif need_train:
-        train = task.load("train", d.train_examples, cfg.seed)
+    if validation is not None:
+        validation = as_examples(validation, "eval_examples")
+    if d.data is None and (train is not None or validation is not None) and d.task == DataArgs().task:
+        from .tasks.base import ExamplesTask
+
+        task = ExamplesTask((train or []) + (validation or []))  # examples passed as objects: no task files
     else:
-        train = []
-    validation = as_examples(validation, "eval_examples") if validation is not None else \
-        task.load("validation", d.eval_examples, cfg.seed)  # fmt: skip
+        task = load_task(cfg)
+    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
+        raise MobizoError(f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}")
+    if train is None:
+        train = task.load("train", d.train_examples, cfg.seed) if need_train else []
+    if validation is None:
+        validation = task.load("validation", d.eval_examples, cfg.seed)
     if (model is None) != (tokenizer is None):
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     if model is None:

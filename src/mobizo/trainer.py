@@ -18,7 +18,7 @@ from .build import Run, assemble, build_engine
 from .config import FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
-from .evaluate import evaluate, main_metric, metric_score
+from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
 from .step import step_is_good

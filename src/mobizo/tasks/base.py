@@ -131,3 +131,20 @@ def parse_label(value: Any, names, where: str, noun: str = "classes") -> int:
     if value >= len(names):
         raise MobizoError(f"{where}: label {original!r} is out of range for {len(names)} {noun} {names}")
     return value
+
+
+class ExamplesTask(Task):
+    """Examples passed as objects (``mobizo.train(..., train_examples=[...])``): no files to read.
+
+    The kind follows the examples: candidates and a label make a classification task, a target alone a
+    language-modelling one (answer loss)."""
+
+    name = "examples"
+    needs_data = False
+
+    def __init__(self, examples: list[Example]):
+        super().__init__()
+        self.kind = "classification" if all(e.candidates and e.label is not None for e in examples) else "lm"
+
+    def load_split(self, split: str) -> list[Example]:
+        raise MobizoError(f"no {split} examples were passed")
