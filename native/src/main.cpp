@@ -155,7 +155,7 @@ struct QuietStderr {
   }
 };
 
-std::string et_error(EtError e) { return "error code " + std::to_string(static_cast<int>(e)); }
+std::string et_error(EtError e) { return executorch::runtime::to_string(e); }
 
 struct Program_ {
   std::unique_ptr<Module> module;
