@@ -102,7 +102,8 @@ def main() -> None:
     rows = []
 
     run = out / "native-run"
-    rss, wall = measure([str(binary), str(bundle), "--out", str(run), "--overwrite", "--quiet", "--steps", str(args.steps)])
+    cmd = [str(binary), str(bundle), "--out", str(run), "--overwrite", "--quiet", "--steps", str(args.steps)]
+    rss, wall = measure(cmd)
     sps = json.loads((run / "summary.json").read_text())["seconds_per_step"]
     rows.append(("native mobizo-train", rss, sps, wall))
     native_recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[1:]]
@@ -112,15 +113,19 @@ def main() -> None:
         rss, wall = measure([sys.executable, "-c", PY_ET, str(bundle), str(args.steps)], stdout=f)
     py = [json.loads(x) for x in log.read_text().splitlines()]
     rows.append(("Python ExecuTorchEngine", rss, py[-1]["seconds_per_step"], wall))
-    diff = max(max(abs(a["loss"] - b["loss"]), *(abs(x - y) for x, y in zip(a["projected_grads"], b["projected_grads"])))
-               for a, b in zip(py[:-1], native_recs))  # fmt: skip
+    diff = 0.0
+    for a, b in zip(py[:-1], native_recs, strict=True):
+        diff = max(diff, abs(a["loss"] - b["loss"]),
+                   *(abs(x - y) for x, y in zip(a["projected_grads"], b["projected_grads"])))
 
     eager = out / "eager-run"
     flags = ["--model", "tiny", "--task", "synthetic", "--estimator", "prge", "--queries", "4", "--batch-size", "8",
              "--max-length", "48", "--lr", "4", "--eps", "0.02", "--seed", "0", "--eval-examples", "8",
-             "--eval-every", "0", "--save-every", str(args.steps), "--steps", str(args.steps), "--no-progress"]  # fmt: skip
+             "--eval-every", "0", "--save-every", str(args.steps), "--steps", str(args.steps),
+             "--no-progress"]  # fmt: skip
     rss, wall = measure([sys.executable, "-m", "mobizo", "train", *flags, "--out", str(eager), "--overwrite"])
-    rows.append(("eager (mobizo train)", rss, json.loads((eager / "summary.json").read_text())["seconds_per_step"], wall))
+    sps = json.loads((eager / "summary.json").read_text())["seconds_per_step"]
+    rows.append(("eager (mobizo train)", rss, sps, wall))
 
     lines = [f"tiny, prge q=4, batch 8, T=48, {args.steps} steps; train.pte {pte_mb:.2f} MB; "
              f"native vs Python ExecuTorch max |diff| of loss/g: {diff}", "",

@@ -128,8 +128,8 @@ def test_gather_equals_make_batch_answer_objective_and_filler_rows(case, tmp_pat
         for i in range(24):
             n = rng.choice([2, 3, 4])
             labels = "ABCD"[:n]
-            rows.append({"question": f"what is {i} plus {i % 5}?", "answerKey": rng.choice(labels),
-                         "choices": {"text": [f"{i + j} apples" for j in range(n)], "label": list(labels)}})  # fmt: skip
+            choices = {"text": [f"{i + j} apples" for j in range(n)], "label": list(labels)}
+            rows.append({"question": f"what is {i} plus {i % 5}?", "answerKey": rng.choice(labels), "choices": choices})
         for split in ("train", "validation"):
             (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = TrainConfig(**{**COMMON, "task": "arc-easy", "batch_size": 3}, data=str(tmp_path))
@@ -230,7 +230,8 @@ def test_resume_continues_bitwise(binary, bundle, ref_run, tmp_path):
     p = native(binary, bundle, out, "--resume")
     assert p.returncode == 0, p.stderr
     assert trajectory(out) == trajectory(ref_run)
-    for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors", "adapter/adapter_config.json"):
+    for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors",
+              "adapter/adapter_config.json"):
         assert (out / f).read_bytes() == (ref_run / f).read_bytes(), f
     p = native(binary, bundle, out, "--resume", "--steps", 10)  # the checkpoint is past --steps
     assert p.returncode == 2 and "past --steps 10" in p.stderr
@@ -270,14 +271,15 @@ def test_sigkill_at_random_moments_then_resume_matches(binary, bundle, ref_run, 
                 p.kill()
                 p.wait()
                 kills += 1
-                scratch = [e.name for e in out.iterdir() if ".tmp-" in e.name or ".old" in e.name] if out.exists() else []
-                moments.append((_consistent(out, ref), bool(scratch)))
+                names = [e.name for e in out.iterdir()] if out.exists() else []
+                moments.append((_consistent(out, ref), any(".tmp-" in n or ".old" in n for n in names)))
                 continue
         assert p.wait(timeout=120) == 0, p.stderr.read()
         done = True
     print(f"\n{kills} kills (checkpoint step, inside an atomic write) = {moments}, {resumed} resumes")
     assert trajectory(out) == ref
-    assert (out / "adapter/adapter_model.safetensors").read_bytes() == (ref_run / "adapter/adapter_model.safetensors").read_bytes()
+    f = "adapter/adapter_model.safetensors"
+    assert (out / f).read_bytes() == (ref_run / f).read_bytes()
     assert not [e.name for e in out.iterdir() if e.name.startswith(".")]  # no scratch left after the final run
 
 
@@ -307,7 +309,8 @@ def test_bad_bundles_are_refused_before_anything_is_written(binary, bundle, tmp_
     assert "input_ids.bin is truncated or corrupted" in one_line_error(native(binary, cut, out))
     m = json.loads((bundle / "manifest.json").read_text())
     layer = next(iter(m["adapter_shapes"]))
-    mism = edited_copy(bundle, tmp_path / "mism", "manifest.json", adapter_shapes={**m["adapter_shapes"], layer: [64, 4]})
+    shapes = {**m["adapter_shapes"], layer: [64, 4]}
+    mism = edited_copy(bundle, tmp_path / "mism", "manifest.json", adapter_shapes=shapes)
     assert "manifest.json does not match train.pte" in one_line_error(native(binary, mism, out))
     other = edited_copy(bundle, tmp_path / "other", pte_sha256="0" * 64)
     assert "another program" in one_line_error(native(binary, other, out))

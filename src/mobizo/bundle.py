@@ -268,8 +268,11 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     if cfg.estimator == "fo":
         raise MobizoError("mobizo-train runs the zeroth-order step; the fo baseline has no bundle")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
+        if not (out / RUN).is_file():
+            raise MobizoError(f"--overwrite: {out} does not look like a mobizo bundle; not replacing it")
     cfg = dataclasses.replace(cfg, engine="executorch", program=None)
     run = prepare(dataclasses.replace(cfg, engine="eager"))
     zo = zo_config(cfg, run.objective, run.choices)

@@ -38,7 +38,8 @@ def source_dir() -> Path:
     env = os.environ.get("MOBIZO_NATIVE_SRC")
     d = Path(env) if env else Path(__file__).resolve().parents[2] / "native"
     if not (d / "CMakeLists.txt").is_file():
-        raise MobizoError(f"the mobizo-train sources are not at {d} (set MOBIZO_NATIVE_SRC to the repository's native/)")
+        raise MobizoError(f"the mobizo-train sources are not at {d} (set MOBIZO_NATIVE_SRC to the repository's "
+                          "native/ directory)")
     return d
 
 
@@ -49,7 +50,8 @@ def _executorch_dir() -> Path:
         raise MobizoError("building mobizo-train needs the executorch wheel (pip install executorch)") from e
     d = Path(list(executorch.__path__)[0])
     if not (d / "share" / "cmake" / "executorch-config.cmake").is_file():
-        raise MobizoError(f"{d} has no share/cmake/executorch-config.cmake (this executorch wheel cannot build C++ apps)")
+        raise MobizoError(f"{d} has no share/cmake/executorch-config.cmake (this executorch wheel cannot build "
+                          "C++ programs)")
     return d
 
 
