@@ -157,7 +157,7 @@ struct QuietStderr {
 
 std::string et_error(EtError e) { return executorch::runtime::to_string(e); }
 
-struct Program_ {
+struct TrainProgram {
   std::unique_ptr<Module> module;
   const Bundle* b = nullptr;
   std::vector<Tensor> a;  // frozen A per layer, read out once
@@ -395,7 +395,7 @@ int train(const Options& o) {
   if (total > b.steps)
     throw mobizo::Error("--steps " + std::to_string(total) + ": the bundle holds batches for " +
                         std::to_string(b.steps) + " steps (write a bundle with more steps)");
-  Program_ prog;
+  TrainProgram prog;
   prog.load(b);
 
   // B: zeros for a fresh run, the checkpoint's for --resume (shared mutable buffers start
@@ -510,7 +510,7 @@ int train(const Options& o) {
     std::vector<EValue> inputs;
     for (auto& t : keep) inputs.emplace_back(*t);
     auto outs = prog.run("train_step", inputs);
-    Tensor losses = Program_::copy_out(outs[0]), grads = Program_::copy_out(outs[1]);
+    Tensor losses = TrainProgram::copy_out(outs[0]), grads = TrainProgram::copy_out(outs[1]);
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     total_time += dt;
     ++timed;
