@@ -1,0 +1,605 @@
+// mobizo-train: the on-device zeroth-order trainer. Runs a bundle's train.pte (the whole P-RGE
+// step exported by `mobizo export`) in the stock ExecuTorch runtime, with no Python and no torch:
+//
+//   mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]
+//
+// It writes what `mobizo train` writes: RUN/metrics.jsonl (the bundle's header line, then one
+// record per step), RUN/checkpoint/ (PEFT adapter + state.json, every save_every steps and at the
+// end), RUN/adapter/ (PEFT format) and RUN/summary.json, all atomically. --resume continues from
+// the checkpoint bit for bit; a SIGKILL loses at most the steps since the last checkpoint.
+// Errors are one line on stderr ("mobizo-train: error: ...") and exit code 2.
+
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "adapter.h"
+#include "bundle.h"
+#include "fsutil.h"
+#include "json.h"
+#include "sha256.h"
+
+#ifndef MOBIZO_EXECUTORCH_VERSION
+#define MOBIZO_EXECUTORCH_VERSION ""
+#endif
+
+using executorch::aten::ScalarType;
+using executorch::extension::from_blob;
+using executorch::extension::TensorPtr;
+using executorch::extension::module::Module;
+using EtError = executorch::runtime::Error;
+using executorch::runtime::EValue;
+using executorch::runtime::Program;
+
+namespace mobizo {
+namespace {
+
+const char* const PEFT_PREFIX = "base_model.model.";
+
+struct Options {
+  std::string bundle, out;
+  bool resume = false, overwrite = false, quiet = false;
+  int64_t steps = -1;
+};
+
+[[noreturn]] void usage_error(const std::string& msg) {
+  throw mobizo::Error(msg + " (usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet])");
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  for (int k = 1; k < argc; ++k) {
+    std::string a = argv[k];
+    auto value = [&]() -> std::string {
+      if (k + 1 >= argc) usage_error(a + " needs a value");
+      return argv[++k];
+    };
+    if (a == "--out") o.out = value();
+    else if (a == "--resume") o.resume = true;
+    else if (a == "--overwrite") o.overwrite = true;
+    else if (a == "--quiet") o.quiet = true;
+    else if (a == "--steps") {
+      std::string v = value();
+      char* end = nullptr;
+      o.steps = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || o.steps < 0) usage_error("--steps must be an integer >= 0, got '" + v + "'");
+    } else if (a == "-h" || a == "--help") {
+      std::printf("usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]\n");
+      std::exit(0);
+    } else if (!a.empty() && a[0] == '-') usage_error("unknown option " + a);
+    else if (o.bundle.empty()) o.bundle = a;
+    else usage_error("unexpected argument " + a);
+  }
+  if (o.bundle.empty()) usage_error("missing BUNDLE");
+  if (o.out.empty()) usage_error("missing --out RUN");
+  if (o.resume && o.overwrite) usage_error("--resume and --overwrite exclude each other");
+  return o;
+}
+
+// ------------------------------------------------------------------ the output directory
+
+const std::vector<std::string> RUN_MARKERS = {"metrics.jsonl", "summary.json", "checkpoint", "adapter",
+                                              ".checkpoint.old", ".adapter.old"};
+
+bool looks_like_run(const std::string& out) {
+  auto names = list_dir(out);
+  bool all_scratch = true;
+  for (const auto& n : names) {
+    for (const auto& m : RUN_MARKERS)
+      if (n == m) return true;
+    if (n.size() > 4 && n.compare(n.size() - 4, 4, ".pte") == 0) return true;
+    if (!(n[0] == '.' && (n.find(".tmp-") != std::string::npos || n.find(".trash-") != std::string::npos)))
+      all_scratch = false;
+  }
+  return all_scratch;
+}
+
+// Validate --out before anything is loaded or written (mobizo.trainer._check_out).
+void check_out(const Options& o) {
+  if (exists(o.out) && !is_dir(o.out)) throw mobizo::Error("--out " + o.out + " exists and is not a directory");
+  if (o.resume) {
+    if (!is_dir(o.out) || resolve_dir(join(o.out, "checkpoint")).empty())
+      throw mobizo::Error("--resume: no checkpoint in " + o.out +
+                          " (a run killed before its first checkpoint has nothing to resume: start it again with "
+                          "--overwrite)");
+    if (access(o.out.c_str(), W_OK | X_OK) != 0) throw mobizo::Error("--out " + o.out + " is not writable");
+    return;
+  }
+  if (is_dir(o.out)) {
+    if (access(o.out.c_str(), W_OK | X_OK) != 0) throw mobizo::Error("--out " + o.out + " is not writable");
+    if (!list_dir(o.out).empty()) {
+      if (!o.overwrite)
+        throw mobizo::Error("--out " + o.out +
+                            " is not empty (use --resume to continue that run or --overwrite to replace it)");
+      if (!looks_like_run(o.out))
+        throw mobizo::Error("--overwrite: " + o.out + " does not look like a mobizo run directory; not deleting it");
+    }
+  } else {
+    std::string parent = parent_dir(o.out);
+    while (!exists(parent) && parent != parent_dir(parent)) parent = parent_dir(parent);
+    if (!is_dir(parent)) throw mobizo::Error("cannot create --out " + o.out + ": " + parent + " is not a directory");
+    if (access(parent.c_str(), W_OK | X_OK) != 0)
+      throw mobizo::Error("cannot create --out " + o.out + ": " + parent + " is not writable");
+  }
+}
+
+// ------------------------------------------------------------------ the program
+
+// Hide the runtime's start-up chatter on fd 2 (like ExecuTorchEngine's quiet_stderr): our own
+// errors are one line.
+struct QuietStderr {
+  int saved = -1;
+  QuietStderr() {
+    std::fflush(stderr);
+    saved = dup(2);
+    int devnull = open("/dev/null", O_WRONLY);
+    if (saved >= 0 && devnull >= 0) dup2(devnull, 2);
+    if (devnull >= 0) close(devnull);
+  }
+  ~QuietStderr() {
+    if (saved >= 0) {
+      dup2(saved, 2);
+      close(saved);
+    }
+  }
+};
+
+std::string et_error(EtError e) { return executorch::runtime::to_string(e); }
+
+struct TrainProgram {
+  std::unique_ptr<Module> module;
+  const Bundle* b = nullptr;
+  std::vector<Tensor> a;  // frozen A per layer, read out once
+
+  void load(const Bundle& bundle) {
+    b = &bundle;
+    const Json& m = bundle.manifest;
+    std::string built = m.at("versions").at("executorch").as_string();
+    std::string mine = MOBIZO_EXECUTORCH_VERSION;
+    if (!mine.empty() && built != mine)
+      throw mobizo::Error("program was built with executorch " + built + ", this mobizo-train with " + mine +
+                          " (re-export it)");
+    QuietStderr quiet;
+    // mmap the program (no second copy of the weights); share the memory-planned arenas between
+    // methods: the program was exported with share_mutable_buffers=True, so B lives in one
+    // allocation that train_step, get_adapter and set_adapter all see.
+    module = std::make_unique<Module>(bundle.pte_path(), Module::LoadMode::Mmap, nullptr, nullptr, nullptr,
+                                      /*share_memory_arenas=*/true);
+    EtError err = module->load(Program::Verification::InternalConsistency);
+    if (err != EtError::Ok) throw mobizo::Error("ExecuTorch cannot load " + bundle.pte_path() + " (" + et_error(err) + ")");
+    auto names = module->method_names();
+    if (!names.ok()) throw mobizo::Error("ExecuTorch cannot read the methods of " + bundle.pte_path());
+    for (const char* want : {"train_step", "get_adapter", "set_adapter"}) {
+      if (!names->count(want)) throw mobizo::Error(bundle.pte_path() + " lacks the method " + want);
+      err = module->load_method(want);  // not `score`: its XNNPACK delegate would pack another weight copy
+      if (err != EtError::Ok) throw mobizo::Error(std::string("ExecuTorch cannot load method ") + want + " (" + et_error(err) + ")");
+    }
+    check_signatures();
+  }
+
+  // The manifest and the program must agree (a swapped train.pte with a matching sha256 in a
+  // hand-edited manifest, or a manifest for another shape).
+  void check_signatures() {
+    const Bundle& bd = *b;
+    auto mismatch = [&](const std::string& what) {
+      return mobizo::Error("manifest.json does not match train.pte: " + what + " (re-export the program)");
+    };
+    auto shape_of = [](const executorch::runtime::TensorInfo& t) {
+      std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
+      return s;
+    };
+    auto ts = module->method_meta("train_step");
+    if (!ts.ok()) throw mismatch("no train_step metadata");
+    size_t want_inputs = bd.choice ? 7 : 6;
+    if (ts->num_inputs() != want_inputs) throw mismatch("train_step takes " + std::to_string(ts->num_inputs()) + " inputs");
+    const int64_t rows = bd.batch_size * bd.rows_per_example;
+    std::vector<std::vector<int64_t>> want = {{rows, bd.length}, {rows, bd.length}, {rows, bd.answer_len}, {}, {}, {}};
+    std::vector<ScalarType> types = {ScalarType::Long, ScalarType::Long, ScalarType::Long, ScalarType::Long,
+                                     ScalarType::Float, ScalarType::Float};
+    if (bd.choice) {
+      want.push_back({bd.batch_size});
+      types.push_back(ScalarType::Long);
+    }
+    for (size_t k = 0; k < want_inputs; ++k) {
+      auto t = ts->input_tensor_meta(k);
+      if (!t.ok() || shape_of(*t) != want[k] || t->scalar_type() != types[k])
+        throw mismatch("train_step input " + std::to_string(k) + " has another shape or dtype");
+    }
+    if (ts->num_outputs() != 2) throw mismatch("train_step returns " + std::to_string(ts->num_outputs()) + " outputs");
+    auto sa = module->method_meta("set_adapter");
+    if (!sa.ok() || sa->num_inputs() != bd.layers.size()) throw mismatch("set_adapter takes another number of tensors");
+    for (size_t k = 0; k < bd.layers.size(); ++k) {
+      auto t = sa->input_tensor_meta(k);
+      if (!t.ok() || shape_of(*t) != bd.adapter_shapes[k] || t->scalar_type() != ScalarType::Float)
+        throw mismatch("adapter tensor of " + bd.layers[k] + " has another shape");
+    }
+    auto ga = module->method_meta("get_adapter");
+    if (!ga.ok() || ga->num_outputs() != 2 * bd.layers.size()) throw mismatch("get_adapter returns another number of tensors");
+  }
+
+  std::vector<EValue> run(const char* method, const std::vector<EValue>& inputs) {
+    auto res = module->execute(method, inputs);
+    if (!res.ok()) throw mobizo::Error(std::string("ExecuTorch ") + method + " failed (" + et_error(res.error()) + ")");
+    return std::move(*res);
+  }
+
+  static Tensor copy_out(const EValue& v) {
+    const auto& t = v.toTensor();
+    Tensor out;
+    for (auto d : t.sizes()) out.shape.push_back(d);
+    const float* p = t.const_data_ptr<float>();
+    out.data.assign(p, p + t.numel());
+    return out;
+  }
+
+  // (A_0, B_0, A_1, B_1, ...) copied out at once: outputs may alias the shared arenas.
+  std::vector<Tensor> get_adapter() {
+    auto outs = run("get_adapter", {});
+    std::vector<Tensor> ts;
+    for (const auto& v : outs) ts.push_back(copy_out(v));
+    return ts;
+  }
+
+  void set_adapter(std::vector<Tensor>& bs) {
+    std::vector<TensorPtr> keep;
+    std::vector<EValue> inputs;
+    for (size_t k = 0; k < bs.size(); ++k) {
+      std::vector<executorch::aten::SizesType> sizes(bs[k].shape.begin(), bs[k].shape.end());
+      keep.push_back(from_blob(bs[k].data.data(), sizes, ScalarType::Float));
+      inputs.emplace_back(*keep.back());
+    }
+    run("set_adapter", inputs);
+  }
+};
+
+// ------------------------------------------------------------------ the loss torch would log
+
+// float(losses.mean()) as PyTorch computes it for the (2, q) float32 losses on an AVX2 build (what
+// ExecuTorchEngine logs): sum in float32 with ATen's cascade_sum layout (4 partial sums for fewer
+// than 8 values; 8-lane vectors, then their lanes, from 8 values on), then divide by n.
+float torch_mean(const std::vector<float>& x) {
+  const size_t n = x.size(), lanes = 8;
+  if (n == 0) return NAN;
+  float sum = 0.f;
+  if (n < lanes) {
+    float p[4] = {0.f, 0.f, 0.f, 0.f};
+    size_t full = n / 4;
+    for (size_t i = 0; i < full; ++i)
+      for (size_t k = 0; k < 4; ++k) p[k] += x[4 * i + k];
+    for (size_t i = full * 4; i < n; ++i) p[0] += x[i];
+    sum = ((p[0] + p[1]) + p[2]) + p[3];
+  } else {
+    size_t vecs = n / lanes, full = vecs / 4;
+    float acc[4][8] = {};
+    for (size_t i = 0; i < full; ++i)
+      for (size_t k = 0; k < 4; ++k)
+        for (size_t l = 0; l < lanes; ++l) acc[k][l] += x[(4 * i + k) * lanes + l];
+    for (size_t v = full * 4; v < vecs; ++v)
+      for (size_t l = 0; l < lanes; ++l) acc[0][l] += x[v * lanes + l];
+    for (size_t k = 1; k < 4; ++k)
+      for (size_t l = 0; l < lanes; ++l) acc[0][l] += acc[k][l];
+    for (size_t i = vecs * lanes; i < n; ++i) sum += x[i];
+    for (size_t l = 0; l < lanes; ++l) sum += acc[0][l];
+  }
+  return sum / float(n);
+}
+
+// ------------------------------------------------------------------ checkpoints
+
+struct RunState {
+  int64_t step = 0, skipped = 0;
+  double last_loss = NAN;
+};
+
+Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
+  Json st = Json::object();
+  st.set("step", Json::integer(s.step));
+  st.set("config", b.log_header.at("config"));
+  const Json* ver = b.run.find("mobizo_version");
+  st.set("mobizo_version", ver ? *ver : Json::null());
+  st.set("skipped_steps", Json::integer(s.skipped));
+  st.set("last_loss", std::isfinite(s.last_loss) ? Json::number(s.last_loss) : Json::null());
+  Json settings = Json::object();
+  settings.set("steps", Json::integer(total_steps));
+  settings.set("save_every", Json::integer(b.save_every));
+  settings.set("max_bad_steps", Json::integer(b.max_bad_steps));
+  st.set("settings", settings);
+  st.set("engine", Json::string("native"));
+  st.set("pte_sha256", b.manifest.at("pte_sha256"));
+  // mobizo.checkpoint._state_sha256: sha256 of json.dumps(state without "sha256", sort_keys=True)
+  st.set("sha256", Json::string(sha256_hex(dump_json(st, /*sort_keys=*/true))));
+  return st;
+}
+
+TensorMap peft_tensors(const Bundle& b, const std::vector<Tensor>& ab) {
+  TensorMap t;
+  for (size_t k = 0; k < b.layers.size(); ++k) {
+    t[PEFT_PREFIX + b.layers[k] + ".lora_A.weight"] = ab[2 * k];
+    t[PEFT_PREFIX + b.layers[k] + ".lora_B.weight"] = ab[2 * k + 1];
+  }
+  return t;
+}
+
+void write_adapter(const Bundle& b, const std::string& dir, const TensorMap& tensors) {
+  const Json& ad = b.run.at("adapter");
+  write_file_synced(join(dir, "adapter_config.json"), ad.at("config").as_string());
+  write_file_synced(join(dir, "adapter_model.safetensors"), safetensors_bytes(tensors, ad.at("metadata")));
+}
+
+// ------------------------------------------------------------------ metrics.jsonl
+
+// The header and the records up to `upto` (mobizo.trainer._read_metrics): later steps will be
+// redone, and a line cut by a kill is dropped.
+std::string kept_metrics(const std::string& path, int64_t upto, const std::string& header) {
+  std::string text = is_file(path) ? read_file(path) : "";
+  std::string out;
+  bool have_header = false, any = false;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    std::string line = text.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+    pos = nl == std::string::npos ? text.size() : nl + 1;
+    Json rec;
+    try {
+      rec = parse_json(line);
+    } catch (const JsonError&) {
+      continue;
+    }
+    if (rec.type != Json::Type::Object) continue;
+    const Json* step = rec.find("step");
+    if (rec.find("mobizo_log") && !any) {
+      have_header = true;
+    } else if (!(step && step->type == Json::Type::Int && step->i <= upto)) {
+      continue;
+    }
+    out += line + "\n";
+    any = true;
+  }
+  return have_header ? out : header + "\n" + out;
+}
+
+void append_line(int fd, const std::string& path, const std::string& line) {
+  // one write per record: a kill leaves at most a partial last line, which readers drop
+  size_t off = 0;
+  while (off < line.size()) {
+    ssize_t n = write(fd, line.data() + off, line.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw_errno("cannot write", path);
+    off += size_t(n);
+  }
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+// ------------------------------------------------------------------ the run
+
+int train(const Options& o) {
+  check_out(o);
+  Bundle b = Bundle::load(o.bundle);
+  const int64_t total = o.steps >= 0 ? o.steps : b.steps;
+  if (total > b.steps)
+    throw mobizo::Error("--steps " + std::to_string(total) + ": the bundle holds batches for " +
+                        std::to_string(b.steps) + " steps (write a bundle with more steps)");
+  TrainProgram prog;
+  prog.load(b);
+
+  // B: zeros for a fresh run, the checkpoint's for --resume (shared mutable buffers start
+  // uninitialised in the runtime, so B is always set explicitly).
+  std::vector<Tensor> bs;
+  for (const auto& s : b.adapter_shapes) {
+    Tensor t;
+    t.shape = s;
+    t.data.assign(size_t(s[0] * s[1]), 0.f);
+    bs.push_back(t);
+  }
+  prog.set_adapter(bs);
+  std::vector<Tensor> ab = prog.get_adapter();
+  if (ab.size() != 2 * b.layers.size()) throw mobizo::Error("get_adapter returned an unexpected number of tensors");
+
+  RunState st;
+  const std::string ckpt = join(o.out, "checkpoint"), metrics_path = join(o.out, "metrics.jsonl");
+  if (o.resume) {
+    clean_stale(o.out);
+    std::string d = resolve_dir(ckpt);
+    const std::string hint = " (start again with --overwrite)";
+    Json state;
+    try {
+      state = parse_json(read_file(join(d, "state.json")));
+      Json body = state;
+      body.o.erase(std::remove_if(body.o.begin(), body.o.end(), [](auto& kv) { return kv.first == "sha256"; }),
+                   body.o.end());
+      const Json* sum = state.find("sha256");
+      if (!sum || sum->type != Json::Type::String || sum->s != sha256_hex(dump_json(body, true)))
+        throw mobizo::Error(join(d, "state.json") + ": checksum mismatch (the file is corrupted)");
+      st.step = state.at("step").as_int("step");
+      st.skipped = state.at("skipped_steps").as_int("skipped_steps");
+      st.last_loss = state.at("last_loss").is_null() ? NAN : state.at("last_loss").as_double("last_loss");
+    } catch (const JsonError& e) {
+      throw mobizo::Error("cannot resume: " + join(d, "state.json") + ": unreadable checkpoint state (" + e.what() + ")" + hint);
+    } catch (const mobizo::Error& e) {
+      throw mobizo::Error(std::string("cannot resume: ") + e.what() + hint);
+    }
+    if (!json_equal(state.at("config"), b.log_header.at("config")) || !state.find("pte_sha256") ||
+        !json_equal(state.at("pte_sha256"), b.manifest.at("pte_sha256")))
+      throw mobizo::Error("--resume: the checkpoint in " + o.out + " belongs to another bundle or run configuration");
+    if (st.step > total)
+      throw mobizo::Error("--resume: the checkpoint in " + o.out + " is at step " + std::to_string(st.step) +
+                          ", past --steps " + std::to_string(total));
+    TensorMap saved;
+    try {
+      saved = read_safetensors_checked(join(d, "adapter_model.safetensors"));
+      if (!is_file(join(d, "adapter_config.json"))) throw mobizo::Error(join(d, "adapter_config.json") + ": missing");
+    } catch (const mobizo::Error& e) {
+      throw mobizo::Error(std::string("cannot resume: ") + e.what() + hint);
+    }
+    TensorMap current = peft_tensors(b, ab);
+    if (saved.size() != current.size()) throw mobizo::Error("cannot resume: the checkpoint adapter has other layers" + hint);
+    for (const auto& kv : current) {
+      auto it = saved.find(kv.first);
+      if (it == saved.end() || it->second.shape != kv.second.shape)
+        throw mobizo::Error("cannot resume: the checkpoint adapter does not fit this program (" + kv.first + ")" + hint);
+      if (kv.first.find(".lora_A.") != std::string::npos && it->second.data != kv.second.data)
+        throw mobizo::Error("cannot resume: " + kv.first + " differs from the program's frozen A" + hint);
+    }
+    for (size_t k = 0; k < b.layers.size(); ++k) bs[k] = saved[PEFT_PREFIX + b.layers[k] + ".lora_B.weight"];
+    prog.set_adapter(bs);
+    atomic_write_file(metrics_path, kept_metrics(metrics_path, st.step, b.log_header_line));
+  } else {
+    if (o.overwrite && is_dir(o.out))  // the checkpoint goes first: a kill midway never leaves one without its log
+      clear_dir(o.out, {"checkpoint", ".checkpoint.old", "adapter", ".adapter.old", "summary.json"});
+    make_dirs(o.out);
+    atomic_write_file(metrics_path, b.log_header_line + "\n");
+  }
+
+  int mfd = open(metrics_path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+  if (mfd < 0) throw_errno("cannot open", metrics_path);
+  int64_t last_ckpt = st.step;
+  auto save_ckpt = [&](int64_t step) {
+    if (fsync(mfd) != 0) throw_errno("cannot write", metrics_path);  // the log always covers the checkpoint
+    RunState s = st;
+    s.step = step;
+    TensorMap tensors = peft_tensors(b, prog.get_adapter());
+    atomic_write_dir(ckpt, [&](const std::string& tmp) {
+      write_adapter(b, tmp, tensors);
+      write_file_synced(join(tmp, "state.json"), dump_json(state_json(b, s, total), true) + "\n");
+    });
+    last_ckpt = step;
+  };
+  if (!o.resume) save_ckpt(0);  // a run killed at any point after this can be resumed
+
+  if (!o.quiet)
+    std::printf("mobizo-train: %s -> %s, steps %lld..%lld of %lld\n", o.bundle.c_str(), o.out.c_str(),
+                (long long)st.step + 1, (long long)total, (long long)total);
+  std::vector<int64_t> ids, mask, lab, gold;
+  const int64_t rows = b.batch_size * b.rows_per_example;
+  const float max_grad = float(b.max_grad);
+  int64_t bad_run = 0, timed = 0;
+  double total_time = 0;
+  auto t_report = std::chrono::steady_clock::now();
+  int64_t report_step = st.step;
+  int64_t step = st.step;
+  for (step = st.step + 1; step <= total; ++step) {
+    b.gather(step, ids, mask, lab, gold);
+    auto [lr, eps] = b.lr_eps(step);
+    auto t0 = std::chrono::steady_clock::now();
+    int64_t step_v = step;
+    float lr_v = float(lr), eps_v = float(eps);
+    std::vector<TensorPtr> keep = {
+        from_blob(ids.data(), {int(rows), int(b.length)}, ScalarType::Long),
+        from_blob(mask.data(), {int(rows), int(b.length)}, ScalarType::Long),
+        from_blob(lab.data(), {int(rows), int(b.answer_len)}, ScalarType::Long),
+        from_blob(&step_v, {}, ScalarType::Long),
+        from_blob(&lr_v, {}, ScalarType::Float),
+        from_blob(&eps_v, {}, ScalarType::Float)};
+    if (b.choice) keep.push_back(from_blob(gold.data(), {int(b.batch_size)}, ScalarType::Long));
+    std::vector<EValue> inputs;
+    for (auto& t : keep) inputs.emplace_back(*t);
+    auto outs = prog.run("train_step", inputs);
+    Tensor losses = TrainProgram::copy_out(outs[0]), grads = TrainProgram::copy_out(outs[1]);
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    total_time += dt;
+    ++timed;
+    if (int64_t(grads.data.size()) != b.queries) throw mobizo::Error("train_step returned an unexpected number of gradients");
+
+    // the host's verdict of the in-graph guard (mobizo.step.step_is_good, float32 comparisons)
+    bool good = true;
+    for (float v : losses.data) good = good && std::isfinite(v);
+    for (float g : grads.data) good = good && std::isfinite(g) && std::fabs(g) <= max_grad;
+    double loss = double(torch_mean(losses.data));
+    Json rec = Json::object();
+    rec.set("step", Json::integer(step));
+    rec.set("loss", Json::number(loss));
+    Json g = Json::array();
+    for (float v : grads.data) g.push(Json::number(double(v)));
+    rec.set("projected_grads", g);
+    rec.set("lr", Json::number(lr));
+    rec.set("eps", Json::number(eps));
+    rec.set("seconds", Json::number(dt));
+    if (good) {
+      bad_run = 0;
+      st.last_loss = loss;
+    } else {  // the step left B untouched (in-graph guard); count it
+      ++bad_run;
+      ++st.skipped;
+      rec.set("skipped", Json::boolean(true));
+    }
+    append_line(mfd, metrics_path, dump_json(rec, false, /*strict=*/true) + "\n");
+
+    auto now = std::chrono::steady_clock::now();
+    double since = std::chrono::duration<double>(now - t_report).count();
+    if (!o.quiet && (since >= 1.0 || step == total)) {
+      std::printf("step %lld/%lld  loss %s  %s steps/s\n", (long long)step, (long long)total,
+                  std::isfinite(st.last_loss) ? fmt("%.4f", st.last_loss).c_str() : "nan",
+                  fmt("%.1f", double(step - report_step) / std::max(since, 1e-9)).c_str());
+      std::fflush(stdout);
+      t_report = now;
+      report_step = step;
+    }
+    if (bad_run >= b.max_bad_steps) {
+      std::string msg = "training stopped at step " + std::to_string(step) + ": " + std::to_string(bad_run) +
+                        " consecutive bad steps (non-finite loss or |g| > max_grad); last good checkpoint: step " +
+                        std::to_string(last_ckpt) + " in " + ckpt + " (write a bundle with a lower lr or eps and --resume)";
+      Json s = Json::object();
+      s.set("status", Json::string("stopped"));
+      s.set("final_step", Json::integer(step));
+      s.set("error", Json::string(msg));
+      s.set("last_checkpoint_step", Json::integer(last_ckpt));
+      s.set("skipped_steps", Json::integer(st.skipped));
+      s.set("engine", Json::string("native"));
+      close(mfd);
+      atomic_write_file(join(o.out, "summary.json"), dump_json(s, false, true) + "\n");
+      throw mobizo::Error(msg);
+    }
+    // checkpoints never land inside a streak of bad steps: resuming redoes them
+    if (b.save_every && step % b.save_every == 0 && step != total && bad_run == 0) save_ckpt(step);
+  }
+  step = std::max(st.step, total);
+  save_ckpt(step);
+  close(mfd);
+  TensorMap final_adapter = peft_tensors(b, prog.get_adapter());
+  atomic_write_dir(join(o.out, "adapter"), [&](const std::string& tmp) { write_adapter(b, tmp, final_adapter); });
+  Json s = Json::object();
+  s.set("status", Json::string("completed"));
+  s.set("final_step", Json::integer(step));
+  s.set("final_loss", std::isfinite(st.last_loss) ? Json::number(st.last_loss) : Json::null());
+  s.set("skipped_steps", Json::integer(st.skipped));
+  s.set("seconds_per_step", timed ? Json::number(total_time / double(timed)) : Json::null());
+  s.set("engine", Json::string("native"));
+  s.set("estimator", b.manifest.at("estimator"));
+  s.set("config", b.log_header.at("config"));
+  s.set("mobizo_version", b.run.find("mobizo_version") ? *b.run.find("mobizo_version") : Json::null());
+  atomic_write_file(join(o.out, "summary.json"), dump_json(s, false, true) + "\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace mobizo
+
+int main(int argc, char** argv) {
+  std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit is a write error, reported like a full disk
+  try {
+    return mobizo::train(mobizo::parse_args(argc, argv));
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::string msg = e.what();
+    for (char& c : msg)
+      if (c == '\n') c = ' ';
+    std::fprintf(stderr, "mobizo-train: error: %s\n", msg.c_str());
+    return 2;
+  }
+}

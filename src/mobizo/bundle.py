@@ -1,0 +1,379 @@
+"""Training bundles: everything the native on-device trainer (``mobizo-train``) needs, no Python.
+
+A bundle is a directory. It is also a valid ``--program`` directory for the Python ExecuTorch
+engine (``ExecuTorchEngine(bundle_dir)`` loads it), because it holds the exported program as is:
+
+================== ====================================================================================
+file               content
+================== ====================================================================================
+``train.pte``      the exported training program (``mobizo export``), unchanged
+``manifest.json``  its manifest, unchanged (shapes, q, seed, adapter shapes, sha256 of ``train.pte``)
+``run.json``       the run: format version, settings, shapes, the arrays below, the log header, the adapter
+``input_ids.bin``  int64 (N, R, T): every training example pre-collated, R rows each
+``attention_mask.bin`` int64 (N, R, T)
+``labels.bin``     int64 (N, R, K): the answer window, -100 where nothing is supervised
+``real_rows.bin``  int64 (N,): rows of each example that are real (candidates); the rest are filler
+``gold.bin``       int64 (N,): gold candidate index (choice objectives only)
+``batches.bin``    int32 (S, B): example indices of step s (1-based) in row s-1 (= ``data.step_indices``)
+``schedule.bin``   float64 (S, 2): lr, eps of every step (only when they vary; else ``run.json`` lr/eps)
+================== ====================================================================================
+
+N examples, R = rows per example (the number of candidates C for the choice objectives, else 1),
+T = the program's sequence length, K = its answer window, S steps, B examples per step. Arrays are
+raw little-endian, row-major, no header; ``run.json`` gives each one's file, dtype, shape and sha256.
+
+``run.json``::
+
+    {"mobizo_bundle": 1, "mobizo_version": "0.1.0",
+     "pte_sha256": "<sha256 of train.pte, as in the manifest>",
+     "examples": N, "rows_per_example": R, "length": T, "answer_len": K, "batch_size": B, "steps": S,
+     "objective": "answer" | "choice-sum" | "choice-mean",
+     "lr": 1.0, "eps": 0.05, "save_every": 100, "max_bad_steps": 3,
+     "arrays": {"input_ids": {"file": "input_ids.bin", "dtype": "int64", "shape": [N, R, T], "sha256": "..."},
+                "attention_mask": {...}, "labels": {...}, "real_rows": {...}, "gold": {...},
+                "batches": {"file": "batches.bin", "dtype": "int32", "shape": [S, B], "sha256": "..."}},
+     "log_header": "<first line of metrics.jsonl, verbatim: {\\"mobizo_log\\": 1, \\"config\\": ..., ...}>",
+     "adapter": {"config": "<adapter_config.json text>",
+                 "metadata": {"format": "pt", "r": "8", "lora_alpha": "16.0", "writer": "mobizo"}}}
+
+Batches are pre-collated per example: sequences are left-padded to the fixed T, so an example's rows
+do not depend on the other examples of its batch, and gathering rows gives exactly the batch
+``trainer.make_batch`` builds (:func:`gather`; tested). The one exception is a filler row (an
+example with fewer candidates than C): ``data.collate`` fills it with the next example's first row
+(the first example's, for the last one) and supervises nothing; the gatherer does the same.
+
+The log header is strict JSON (a non-finite setting such as ``max_grad`` = inf is written as null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import atomic_write_dir
+from .data import IGNORE, Batch, collate, collate_choices, step_indices
+from .errors import MobizoError
+
+FORMAT = 1
+PROGRAM, MANIFEST, RUN = "train.pte", "manifest.json", "run.json"
+ARRAYS = {  # name -> (file, dtype)
+    "input_ids": ("input_ids.bin", "int64"),
+    "attention_mask": ("attention_mask.bin", "int64"),
+    "labels": ("labels.bin", "int64"),
+    "real_rows": ("real_rows.bin", "int64"),
+    "gold": ("gold.bin", "int64"),
+    "batches": ("batches.bin", "int32"),
+    "schedule": ("schedule.bin", "float64"),
+}
+
+
+@dataclass
+class BundleData:
+    """Pre-collated training examples (see the module docstring for the shapes)."""
+
+    input_ids: torch.Tensor  # (N, R, T) int64
+    attention_mask: torch.Tensor  # (N, R, T) int64
+    labels: torch.Tensor  # (N, R, K) int64
+    real_rows: torch.Tensor  # (N,) int64
+    gold: torch.Tensor | None = None  # (N,) int64, choice objectives
+
+
+def collate_examples(run, length: int, answer_len: int) -> BundleData:
+    """Every training example of ``run`` (a :class:`mobizo.trainer.Run`) collated on its own to
+    the program's fixed T = ``length`` and K = ``answer_len``."""
+    cfg, pad = run.cfg, run.tokenizer.pad_token_id
+    ids, masks, labels, real, gold = [], [], [], [], []
+    for ex in run.train:
+        if run.objective != "answer":
+            encs = [run.encoder(ex.prompt, c) for c in ex.candidates]
+            b = collate_choices([encs], [ex.label], run.choices, pad, cfg.max_length, length=length,
+                                answer_len=answer_len, examples=1)  # fmt: skip
+            real.append(len(encs))
+            gold.append(int(b.gold[0]))
+        else:
+            b = collate([run.encoder.example(ex)], pad, cfg.max_length, length=length, answer_len=answer_len, rows=1)
+            real.append(1)
+        ids.append(b.input_ids)
+        masks.append(b.attention_mask)
+        labels.append(b.labels)
+    return BundleData(
+        torch.stack(ids), torch.stack(masks), torch.stack(labels), torch.tensor(real, dtype=torch.long),
+        torch.tensor(gold, dtype=torch.long) if run.objective != "answer" else None,
+    )  # fmt: skip
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """(steps, batch_size) int32: row s-1 holds the examples of step s (:func:`mobizo.data.step_indices`)."""
+    rows = [step_indices(n, batch_size, s, seed) for s in range(1, steps + 1)]
+    return torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
+
+
+def _strict(obj):
+    """``obj`` with non-finite floats replaced by None (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str) -> tuple[str, dict]:
+    """(adapter_config.json text, safetensors metadata without sha256) as ``checkpoint.write_adapter`` writes them."""
+    from peft import LoraConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(set(modules)), lora_dropout=0.0, bias="none",
+                   task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(d)  # fmt: skip
+        config = (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
+    meta = {"format": "pt", "r": str(rank), "lora_alpha": repr(float(alpha)), "writer": "mobizo"}
+    return config, meta
+
+
+def _array_bytes(t: torch.Tensor, dtype: str) -> bytes:
+    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.dtype(dtype).newbyteorder("<"))).tobytes()
+
+
+def write_bundle(
+    out_dir: str | Path,
+    program_dir: str | Path,
+    data: BundleData,
+    batches: torch.Tensor,
+    *,
+    lr: float | list[float],
+    eps: float | list[float],
+    log_header: dict,
+    adapter_config: str,
+    adapter_metadata: dict,
+    save_every: int = 100,
+    max_bad_steps: int = 3,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle (format above) into ``out_dir``, atomically.
+
+    ``program_dir`` holds ``train.pte`` + ``manifest.json`` (``mobizo export``); ``data`` the
+    pre-collated examples (:func:`collate_examples`); ``batches`` the (steps, batch_size) example
+    indices (:func:`batch_indices`); ``lr``/``eps`` a number, or one value per step; ``log_header``
+    the first record of metrics.jsonl; ``adapter_config``/``adapter_metadata`` from :func:`adapter_files`.
+    """
+    from .engines.executorch import read_manifest
+
+    program_dir, out = Path(program_dir), Path(out_dir)
+    manifest = read_manifest(program_dir)
+    pte = program_dir / PROGRAM
+    if not pte.is_file():
+        raise MobizoError(f"{program_dir} has no {PROGRAM}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
+        if not (out / RUN).is_file():
+            raise MobizoError(f"--overwrite: {out} does not look like a mobizo bundle; not replacing it")
+    N, R, T = data.input_ids.shape
+    K = data.labels.shape[-1]
+    steps, B = batches.shape
+    objective = manifest.objective
+    choice = objective != "answer"
+    want_r = manifest.choices if choice else 1
+    if (T, K, B, R) != (manifest.max_length, manifest.answer_len, manifest.batch_size, want_r):
+        raise MobizoError(f"bundle data of shape T={T} K={K} batch={B} rows/example={R} does not fit the program "
+                          f"(T={manifest.max_length} K={manifest.answer_len} batch={manifest.batch_size} "
+                          f"rows/example={want_r})")  # fmt: skip
+    if tuple(data.attention_mask.shape) != (N, R, T) or tuple(data.labels.shape) != (N, R, K) \
+            or tuple(data.real_rows.shape) != (N,) or (choice and (data.gold is None or data.gold.shape != (N,))):
+        raise MobizoError("inconsistent bundle arrays (input_ids, attention_mask, labels, real_rows, gold)")
+    if N < 1 or (steps and (int(batches.min()) < 0 or int(batches.max()) >= N)):
+        raise MobizoError("batch indices outside the examples (or no examples)")
+    if int(data.real_rows.min()) < 1 or int(data.real_rows.max()) > R:
+        raise MobizoError(f"real_rows must be within 1..{R}")
+    if save_every < 0 or max_bad_steps < 1:
+        raise MobizoError("save_every must be >= 0 and max_bad_steps >= 1")
+    per_step = isinstance(lr, (list, tuple)) or isinstance(eps, (list, tuple))
+    if per_step:
+        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * steps
+        epss = list(eps) if isinstance(eps, (list, tuple)) else [eps] * steps
+        if len(lrs) != steps or len(epss) != steps:
+            raise MobizoError(f"lr and eps need one value per step ({steps})")
+        schedule = torch.tensor([lrs, epss], dtype=torch.float64).T.contiguous()
+        values = lrs + epss
+    else:
+        values = [lr, eps]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise MobizoError("lr and eps must be positive numbers")
+
+    arrays = {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels,
+              "real_rows": data.real_rows, "batches": batches}  # fmt: skip
+    if choice:
+        arrays["gold"] = data.gold
+    if per_step:
+        arrays["schedule"] = schedule
+    blobs, specs = {}, {}
+    for name, t in arrays.items():
+        file, dtype = ARRAYS[name]
+        blobs[file] = _array_bytes(t, dtype)
+        specs[name] = {"file": file, "dtype": dtype, "shape": list(t.shape),
+                       "sha256": hashlib.sha256(blobs[file]).hexdigest()}  # fmt: skip
+    header_line = json.dumps(_strict(log_header), allow_nan=False)
+    run = {
+        "mobizo_bundle": FORMAT,
+        "mobizo_version": __version__,
+        "pte_sha256": manifest.pte_sha256,
+        "examples": N,
+        "rows_per_example": R,
+        "length": T,
+        "answer_len": K,
+        "batch_size": B,
+        "steps": steps,
+        "objective": objective,
+        "lr": float(lrs[0] if per_step else lr),
+        "eps": float(epss[0] if per_step else eps),
+        "save_every": int(save_every),
+        "max_bad_steps": int(max_bad_steps),
+        "arrays": specs,
+        "log_header": header_line,
+        "adapter": {"config": adapter_config, "metadata": adapter_metadata},
+    }
+
+    def write(d: Path) -> None:
+        shutil.copyfile(pte, d / PROGRAM)
+        shutil.copyfile(program_dir / MANIFEST, d / MANIFEST)
+        for file, blob in blobs.items():
+            (d / file).write_bytes(blob)
+        (d / RUN).write_text(json.dumps(run, indent=1, allow_nan=False), encoding="utf-8")
+
+    atomic_write_dir(out, write)
+    return out
+
+
+def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, overwrite: bool = False) -> Path:
+    """``mobizo bundle``: a bundle for training ``cfg`` (a :class:`mobizo.trainer.TrainConfig`) natively.
+
+    Exports the program (or checks that ``program``, a ``mobizo export`` directory, fits ``cfg``),
+    collates ``cfg``'s training data and writes the batches of steps 1..``cfg.steps``.
+    """
+    from .engines.executorch import _identity, check_manifest, export_program, manifest_for, read_manifest
+    from .models import weights_hash
+    from .trainer import LOG_FORMAT, prepare, zo_config
+
+    if cfg.estimator == "fo":
+        raise MobizoError("mobizo-train runs the zeroth-order step; the fo baseline has no bundle")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
+        if not (out / RUN).is_file():
+            raise MobizoError(f"--overwrite: {out} does not look like a mobizo bundle; not replacing it")
+    cfg = dataclasses.replace(cfg, engine="executorch", program=None)
+    run = prepare(dataclasses.replace(cfg, engine="eager"))
+    zo = zo_config(cfg, run.objective, run.choices)
+    manifest = manifest_for(run.model, cfg.model, zo, cfg.batch_size, cfg.max_length, run.answer_len,
+                            cfg.eval_batch_size, cfg.rank, cfg.alpha, weights_hash(run.model))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mobizo-bundle-") as tmp:
+        if program is None:
+            program = Path(tmp) / "program"
+            export_program(run.model, manifest, program)
+        else:
+            check_manifest(read_manifest(Path(program)), _identity(manifest))
+        data = collate_examples(run, manifest.max_length, manifest.answer_len)
+        batches = batch_indices(len(run.train), cfg.batch_size, cfg.steps, cfg.seed)
+        header = {"mobizo_log": LOG_FORMAT, "config": cfg.trajectory(), "layers": list(run.targets),
+                  "mobizo_version": __version__}  # fmt: skip
+        config, meta = adapter_files(manifest.target_modules, cfg.rank, cfg.alpha, cfg.model)
+        return write_bundle(out, program, data, batches, lr=cfg.lr, eps=cfg.eps, log_header=header,
+                            adapter_config=config, adapter_metadata=meta, save_every=cfg.save_every,
+                            max_bad_steps=cfg.max_bad_steps, overwrite=overwrite)  # fmt: skip
+
+
+# ---------------------------------------------------------------- reading a bundle (Python twin of the C++ side)
+
+
+@dataclass
+class Bundle:
+    dir: Path
+    run: dict
+    arrays: dict[str, torch.Tensor]
+
+    @property
+    def steps(self) -> int:
+        return int(self.run["steps"])
+
+    def lr_eps(self, step: int) -> tuple[float, float]:
+        if "schedule" in self.arrays:
+            lr, eps = self.arrays["schedule"][step - 1].tolist()
+            return lr, eps
+        return self.run["lr"], self.run["eps"]
+
+
+def read_bundle(bundle_dir: str | Path) -> Bundle:
+    """Load and verify a bundle's ``run.json`` and arrays (sizes and sha256)."""
+    d = Path(bundle_dir)
+    path = d / RUN
+    if not path.is_file():
+        raise MobizoError(f"bundle {d} is missing {RUN}")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MobizoError(f"{path}: malformed JSON ({e})") from e
+    if not isinstance(run, dict) or run.get("mobizo_bundle") != FORMAT:
+        raise MobizoError(f"{path} is not a mobizo bundle (format {FORMAT})")
+    arrays = {}
+    for name, spec in run["arrays"].items():
+        f = d / spec["file"]
+        if not f.is_file():
+            raise MobizoError(f"bundle {d} is missing {spec['file']}")
+        blob = f.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != spec["sha256"]:
+            raise MobizoError(f"{f} is truncated or corrupted (its sha256 does not match {RUN})")
+        a = np.frombuffer(blob, dtype=np.dtype(spec["dtype"]).newbyteorder("<")).reshape(spec["shape"])
+        arrays[name] = torch.from_numpy(a.astype(np.dtype(spec["dtype"])))
+    return Bundle(d, run, arrays)
+
+
+def gather(bundle: Bundle, step: int) -> Batch:
+    """The batch of 1-based ``step``: what ``trainer.make_batch`` builds, from the pre-collated rows."""
+    a = bundle.arrays
+    idx = a["batches"][step - 1].long()
+    B = idx.shape[0]
+    N, R, T = a["input_ids"].shape
+    ids, mask, labels = a["input_ids"][idx].clone(), a["attention_mask"][idx].clone(), a["labels"][idx].clone()
+    real = a["real_rows"][idx]
+    for b in range(B):  # filler rows: the next example's first row, nothing supervised (data.collate)
+        nxt = (b + 1) % B
+        for r in range(int(real[b]), R):
+            ids[b, r], mask[b, r] = ids[nxt, 0], mask[nxt, 0]
+            labels[b, r] = IGNORE
+    gold = a["gold"][idx].clone() if "gold" in a else None
+    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), 0, gold)
+
+
+def train_python(bundle_dir: str | Path, steps: int | None = None):
+    """Drive the bundle through the Python ExecuTorch engine (the reference ``mobizo-train`` must match).
+
+    Returns (metrics records as ``mobizo train`` logs them, raw (2, q) losses per step, final adapter state).
+    """
+    from .engines.executorch import ExecuTorchEngine
+    from .trainer import step_good
+
+    bundle = read_bundle(bundle_dir)
+    engine = ExecuTorchEngine(bundle.dir)
+    max_grad = engine.manifest.max_grad
+    records, raw = [], []
+    for step in range(1, (bundle.steps if steps is None else steps) + 1):
+        lr, eps = bundle.lr_eps(step)
+        res = engine.train_step(gather(bundle, step), step, lr, eps)
+        rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": lr, "eps": eps}
+        if not step_good(res, max_grad):
+            rec["skipped"] = True
+        records.append(rec)
+        raw.append(res.losses)
+    return records, raw, engine.adapter_state()

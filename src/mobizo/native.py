@@ -1,0 +1,196 @@
+"""Build and run the native on-device trainer ``mobizo-train`` (C++17 sources in ``native/``).
+
+``mobizo-train`` trains from a bundle (:mod:`mobizo.bundle`) inside the stock ExecuTorch runtime,
+with no Python or torch in the process. It is built against the installed ``executorch`` wheel,
+which ships the runtime (``libexecutorch.so``), the CPU kernels, the XNNPACK delegate, their
+headers and a CMake package config:
+
+* needs a C++17 compiler and CMake >= 3.19 (>= 3.28 uses the wheel's imported targets; older
+  versions link the same libraries through its variables), Ninja if present (else make). The
+  ``test`` extra installs ``cmake>=3.28`` and ``ninja`` from PyPI; those are used when importable.
+* the build directory is cached, by default in ``$XDG_CACHE_HOME/mobizo/native/<key>``
+  (``~/.cache/...``; ``MOBIZO_NATIVE_CACHE`` overrides the root), where the key hashes the sources,
+  the executorch package and the compiler: a change of any of them builds afresh.
+* the sources are found next to the package (a source checkout or editable install:
+  ``<repo>/native``) or in ``MOBIZO_NATIVE_SRC``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import MobizoError
+
+BINARY = "mobizo-train"
+MIN_CMAKE = (3, 19)
+
+
+def source_dir() -> Path:
+    """The directory holding ``CMakeLists.txt`` and ``src/`` of mobizo-train."""
+    env = os.environ.get("MOBIZO_NATIVE_SRC")
+    d = Path(env) if env else Path(__file__).resolve().parents[2] / "native"
+    if not (d / "CMakeLists.txt").is_file():
+        raise MobizoError(f"the mobizo-train sources are not at {d} (set MOBIZO_NATIVE_SRC to the repository's "
+                          "native/ directory)")
+    return d
+
+
+def _executorch_dir() -> Path:
+    try:
+        import executorch
+    except ImportError as e:
+        raise MobizoError("building mobizo-train needs the executorch wheel (pip install executorch)") from e
+    d = Path(list(executorch.__path__)[0])
+    if not (d / "share" / "cmake" / "executorch-config.cmake").is_file():
+        raise MobizoError(f"{d} has no share/cmake/executorch-config.cmake (this executorch wheel cannot build "
+                          "C++ programs)")
+    return d
+
+
+def _version(exe: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups(default="0")) if m else ()
+
+
+def _cmake() -> str:
+    """The newest usable cmake: PyPI's ``cmake`` package first, then the one on PATH."""
+    candidates = []
+    try:
+        import cmake
+
+        candidates.append(str(Path(cmake.CMAKE_BIN_DIR) / "cmake"))
+    except (ImportError, AttributeError):
+        pass
+    if shutil.which("cmake"):
+        candidates.append(shutil.which("cmake"))
+    found = [(v, c) for c in candidates if (v := _version(c))]
+    found = [(v, c) for v, c in found if v >= MIN_CMAKE]
+    if not found:
+        raise MobizoError("building mobizo-train needs CMake >= 3.19 (pip install 'cmake>=3.28' ninja)")
+    return max(found)[1]
+
+
+def _ninja() -> str | None:
+    try:
+        import ninja
+
+        exe = Path(ninja.BIN_DIR) / "ninja"
+        if exe.is_file():
+            return str(exe)
+    except (ImportError, AttributeError):
+        pass
+    return shutil.which("ninja")
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise MobizoError("building mobizo-train needs a C++17 compiler (g++ or clang++)")
+    return cxx
+
+
+def _build_key(src: Path, et: Path, cxx: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted([src / "CMakeLists.txt", *(src / "src").glob("*")]):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(str(et).encode())
+    for lib in sorted((et / "lib").glob("*.so")):
+        st = lib.stat()
+        h.update(f"{lib.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    try:
+        h.update(subprocess.run([cxx, "--version"], capture_output=True, timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError):
+        h.update(cxx.encode())
+    return h.hexdigest()[:16]
+
+
+def default_build_dir() -> Path:
+    root = os.environ.get("MOBIZO_NATIVE_CACHE")
+    if root:
+        return Path(root)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mobizo" / "native"
+
+
+def build(out_dir: str | Path | None = None, force: bool = False, verbose: bool = False) -> Path:
+    """Compile mobizo-train against the installed executorch wheel; returns the binary's path.
+
+    ``out_dir`` is the build directory (default: a cached one per sources/wheel/compiler, see the
+    module docstring). An up-to-date binary is reused; concurrent builds wait for each other.
+    """
+    src, et, cxx = source_dir(), _executorch_dir(), _compiler()
+    key = _build_key(src, et, cxx)
+    bdir = Path(out_dir) if out_dir is not None else default_build_dir() / key
+    bdir.mkdir(parents=True, exist_ok=True)
+    binary, stamp = bdir / BINARY, bdir / "mobizo-build.key"
+    with open(bdir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and binary.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+            return binary
+        cmake, ninja = _cmake(), _ninja()
+        configure = [cmake, "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_PREFIX_PATH={et / 'share' / 'cmake'}", f"-DCMAKE_CXX_COMPILER={cxx}"]  # fmt: skip
+        if force:
+            for entry in bdir.iterdir():
+                if entry.name != ".lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if ninja and not (bdir / "CMakeCache.txt").exists():  # a configured dir keeps its generator
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        log = bdir / "build.log"
+        with open(log, "w") as f:
+            for cmd in (configure, [cmake, "--build", str(bdir), "-j2"]):
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                r = subprocess.run(cmd, stdout=None if verbose else f, stderr=None if verbose else subprocess.STDOUT)
+                if r.returncode != 0:
+                    raise MobizoError(f"building mobizo-train failed ({' '.join(cmd[:2])} exited {r.returncode}; "
+                                      f"see {log})")  # fmt: skip
+        if not binary.is_file():
+            raise MobizoError(f"building mobizo-train produced no {binary} (see {log})")
+        stamp.write_text(key + "\n")
+    return binary
+
+
+def train(
+    bundle: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    steps: int | None = None,
+    quiet: bool = True,
+    binary: str | Path | None = None,
+) -> dict:
+    """Run mobizo-train on ``bundle`` into ``out`` (building it first if needed); returns ``summary.json``.
+
+    Raises :class:`MobizoError` with the binary's one-line error when it fails.
+    """
+    exe = Path(binary) if binary is not None else build()
+    cmd = [str(exe), str(bundle), "--out", str(out)]
+    if resume:
+        cmd.append("--resume")
+    if overwrite:
+        cmd.append("--overwrite")
+    if steps is not None:
+        cmd += ["--steps", str(int(steps))]
+    if quiet:
+        cmd.append("--quiet")
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mobizo-train: error: ")]
+        msg = lines[-1][len("mobizo-train: error: "):] if lines else (r.stderr.strip().splitlines() or [""])[-1]
+        raise MobizoError(msg or f"mobizo-train exited with code {r.returncode}")
+    if r.stderr and not quiet:
+        sys.stderr.write(r.stderr)
+    return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
