@@ -47,7 +47,6 @@ The log header is strict JSON (a non-finite setting such as ``max_grad`` = inf i
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -63,9 +62,13 @@ from . import __version__
 from .checkpoint import atomic_write_dir
 from .data import IGNORE, Batch, collate, collate_choices, step_indices
 from .errors import MobizoError
+from .rundir import MARKER, check_replaceable
+from .util import dumps
 
 FORMAT = 1
-PROGRAM, MANIFEST, RUN = "train.pte", "manifest.json", "run.json"
+from .engines.executorch.manifest import MANIFEST, PROGRAM  # noqa: E402 - the files a program directory has
+
+RUN = "run.json"
 ARRAYS = {  # name -> (file, dtype)
     "input_ids": ("input_ids.bin", "int64"),
     "attention_mask": ("attention_mask.bin", "int64"),
@@ -75,6 +78,7 @@ ARRAYS = {  # name -> (file, dtype)
     "batches": ("batches.bin", "int32"),
     "schedule": ("schedule.bin", "float64"),
 }
+BUNDLE_ENTRIES = (PROGRAM, MANIFEST, RUN, *(file for file, _ in ARRAYS.values()))  # what --overwrite may replace
 
 
 @dataclass
@@ -91,17 +95,17 @@ class BundleData:
 def collate_examples(run, length: int, answer_len: int) -> BundleData:
     """Every training example of ``run`` (a :class:`mobizo.trainer.Run`) collated on its own to
     the program's fixed T = ``length`` and K = ``answer_len``."""
-    cfg, pad = run.cfg, run.tokenizer.pad_token_id
+    max_length, pad = run.cfg.data.max_length, run.tokenizer.pad_token_id
     ids, masks, labels, real, gold = [], [], [], [], []
     for ex in run.train:
         if run.objective != "answer":
             encs = [run.encoder(ex.prompt, c) for c in ex.candidates]
-            b = collate_choices([encs], [ex.label], run.choices, pad, cfg.max_length, length=length,
+            b = collate_choices([encs], [ex.label], run.choices, pad, max_length, length=length,
                                 answer_len=answer_len, examples=1)  # fmt: skip
             real.append(len(encs))
             gold.append(int(b.gold[0]))
         else:
-            b = collate([run.encoder.example(ex)], pad, cfg.max_length, length=length, answer_len=answer_len, rows=1)
+            b = collate([run.encoder.example(ex)], pad, max_length, length=length, answer_len=answer_len, rows=1)
             real.append(1)
         ids.append(b.input_ids)
         masks.append(b.attention_mask)
@@ -116,17 +120,6 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tenso
     """(steps, batch_size) int32: row s-1 holds the examples of step s (:func:`mobizo.data.step_indices`)."""
     rows = [step_indices(n, batch_size, s, seed) for s in range(1, steps + 1)]
     return torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
-
-
-def _strict(obj):
-    """``obj`` with non-finite floats replaced by None (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str) -> tuple[str, dict]:
@@ -174,11 +167,7 @@ def write_bundle(
     pte = program_dir / PROGRAM
     if not pte.is_file():
         raise MobizoError(f"{program_dir} has no {PROGRAM}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
-        if not (out / RUN).is_file():
-            raise MobizoError(f"--overwrite: {out} does not look like a mobizo bundle; not replacing it")
+    check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)
     N, R, T = data.input_ids.shape
     K = data.labels.shape[-1]
     steps, B = batches.shape
@@ -223,7 +212,7 @@ def write_bundle(
         blobs[file] = _array_bytes(t, dtype)
         specs[name] = {"file": file, "dtype": dtype, "shape": list(t.shape),
                        "sha256": hashlib.sha256(blobs[file]).hexdigest()}  # fmt: skip
-    header_line = json.dumps(_strict(log_header), allow_nan=False)
+    header_line = dumps(log_header)
     run = {
         "mobizo_bundle": FORMAT,
         "mobizo_version": __version__,
@@ -249,49 +238,42 @@ def write_bundle(
         shutil.copyfile(program_dir / MANIFEST, d / MANIFEST)
         for file, blob in blobs.items():
             (d / file).write_bytes(blob)
-        (d / RUN).write_text(json.dumps(run, indent=1, allow_nan=False), encoding="utf-8")
+        (d / RUN).write_text(dumps(run, indent=1), encoding="utf-8")
+        (d / MARKER).write_text(dumps({"mobizo": __version__, "kind": "bundle"}) + "\n", encoding="utf-8")
 
     atomic_write_dir(out, write)
     return out
 
 
 def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, overwrite: bool = False) -> Path:
-    """``mobizo bundle``: a bundle for training ``cfg`` (a :class:`mobizo.trainer.TrainConfig`) natively.
+    """``mobizo bundle``: a bundle for training ``cfg`` (a :class:`mobizo.TrainConfig`) natively.
 
     Exports the program (or checks that ``program``, a ``mobizo export`` directory, fits ``cfg``),
-    collates ``cfg``'s training data and writes the batches of steps 1..``cfg.steps``.
+    collates ``cfg``'s training data and writes the batches of steps 1..``--steps``.
     """
-    from .engines.executorch import _identity, check_manifest, export_program, manifest_for, read_manifest
-    from .models import weights_hash
-    from .trainer import LOG_FORMAT, prepare, zo_config
+    from .build import assemble, export_program, manifest_for_run
+    from .engines.executorch import check_manifest, identity, read_manifest
+    from .rundir import log_header
 
-    if cfg.estimator == "fo":
-        raise MobizoError("mobizo-train runs the zeroth-order step; the fo baseline has no bundle")
+    cfg = cfg.replace(engine="executorch", program=None).validate()
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise MobizoError(f"--out {out} is not empty (use --overwrite to replace it)")
-        if not (out / RUN).is_file():
-            raise MobizoError(f"--overwrite: {out} does not look like a mobizo bundle; not replacing it")
-    cfg = dataclasses.replace(cfg, engine="executorch", program=None)
-    run = prepare(dataclasses.replace(cfg, engine="eager"))
-    zo = zo_config(cfg, run.objective, run.choices)
-    manifest = manifest_for(run.model, cfg.model, zo, cfg.batch_size, cfg.max_length, run.answer_len,
-                            cfg.eval_batch_size, cfg.rank, cfg.alpha, weights_hash(run.model))  # fmt: skip
+    check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)  # before any work
+    run = assemble(cfg)
+    manifest = manifest_for_run(run)
     with tempfile.TemporaryDirectory(prefix="mobizo-bundle-") as tmp:
         if program is None:
             program = Path(tmp) / "program"
-            export_program(run.model, manifest, program)
+            manifest = export_program(run, program)
         else:
-            check_manifest(read_manifest(Path(program)), _identity(manifest))
+            check_manifest(read_manifest(Path(program)), identity(manifest))
+        o, a = cfg.optim, cfg.adapter
         data = collate_examples(run, manifest.max_length, manifest.answer_len)
-        batches = batch_indices(len(run.train), cfg.batch_size, cfg.steps, cfg.seed)
-        header = {"mobizo_log": LOG_FORMAT, "config": cfg.trajectory(), "layers": list(run.targets),
-                  "mobizo_version": __version__}  # fmt: skip
-        config, meta = adapter_files(manifest.target_modules, cfg.rank, cfg.alpha, cfg.model)
-        return write_bundle(out, program, data, batches, lr=cfg.lr, eps=cfg.eps, log_header=header,
-                            adapter_config=config, adapter_metadata=meta, save_every=cfg.save_every,
-                            max_bad_steps=cfg.max_bad_steps, overwrite=overwrite)  # fmt: skip
+        batches = batch_indices(len(run.train), o.batch_size, o.steps, cfg.seed)
+        config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model)
+        return write_bundle(out, program, data, batches, lr=o.lr, eps=o.eps,
+                            log_header=log_header(cfg.trajectory(), run.targets), adapter_config=config,
+                            adapter_metadata=meta, save_every=cfg.run.save_every, max_bad_steps=o.max_bad_steps,
+                            overwrite=overwrite)  # fmt: skip
 
 
 # ---------------------------------------------------------------- reading a bundle (Python twin of the C++ side)
@@ -353,7 +335,7 @@ def gather(bundle: Bundle, step: int) -> Batch:
             ids[b, r], mask[b, r] = ids[nxt, 0], mask[nxt, 0]
             labels[b, r] = IGNORE
     gold = a["gold"][idx].clone() if "gold" in a else None
-    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), 0, gold)
+    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), gold=gold)
 
 
 def train_python(bundle_dir: str | Path, steps: int | None = None):

@@ -41,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="program directory to write (train.pte, manifest.json)")
     p.add_argument("--overwrite", action="store_true", help="replace the program in --out")
 
+    p = sub.add_parser("bundle", help="export the step and write a bundle for the native trainer (mobizo-train)")
+    C.add_arguments(p, tuple(n for n in C.TRAIN_FLAGS if n not in ("engine", "program", "reexport", "out", "resume",
+                                                                   "overwrite", "eval_every", "eval_at_start")))
+    p.add_argument("--program", help="reuse this 'mobizo export' directory instead of exporting (checked to fit)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the bundle in --out")
+
+    p = sub.add_parser("native", help="build or run the native trainer mobizo-train (C++, ExecuTorch runtime)")
+    nsub = p.add_subparsers(dest="native_command", required=True)
+    q = nsub.add_parser("build", help="compile mobizo-train against the installed executorch wheel; prints its path")
+    q.add_argument("--out", help="build directory (default: a cache under ~/.cache/mobizo/native)")
+    q.add_argument("--force", action="store_true", help="rebuild even if a build for these sources exists")
+    q = nsub.add_parser("train", help="train a bundle natively (builds mobizo-train first if needed)")
+    q.add_argument("bundle", help="bundle directory from 'mobizo bundle'")
+    q.add_argument("--out", required=True, help="run directory")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out")
+    q.add_argument("--overwrite", action="store_true", help="replace the mobizo run in --out")
+    q.add_argument("--steps", type=int, help="stop after this step (default: the bundle's)")
+    q.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
+
     p = sub.add_parser("replay", help="rebuild a ZO run's adapter from its metrics.jsonl (no forward pass)")
     p.add_argument("--log", required=True, help="the run's metrics.jsonl")
     p.add_argument("--out", required=True, help="adapter directory to write")
@@ -125,6 +145,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    from .bundle import make_bundle
+
+    cfg, _ = config_from(args)
+    out = make_bundle(cfg, args.out, program=args.program, overwrite=args.overwrite)
+    print(f"wrote bundle {out} (mobizo native train {out} --out RUN)")
+    return 0
+
+
+def cmd_native(args) -> int:
+    from . import native
+
+    if args.native_command == "build":
+        print(native.build(args.out, force=args.force))
+        return 0
+    if args.resume and args.overwrite:
+        raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    s = native.train(args.bundle, args.out, resume=args.resume, overwrite=args.overwrite, steps=args.steps,
+                     quiet=args.no_progress)  # fmt: skip
+    print(f"step {s.get('final_step')}: loss {s.get('final_loss')}; run in {args.out}")
+    return 0
+
+
 def cmd_replay(args) -> int:
     from .replay import replay
 
@@ -154,7 +197,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "bundle": cmd_bundle, "native": cmd_native}
 
 
 def _error(message: str) -> None:
