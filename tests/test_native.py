@@ -274,6 +274,8 @@ def test_sigkill_at_random_moments_then_resume_matches(binary, bundle, ref_run, 
                 kills += 1
                 names = [e.name for e in out.iterdir()] if out.exists() else []
                 moments.append((_consistent(out, ref), any(".tmp-" in n or ".old" in n for n in names)))
+                # the marker is written before any entry (a killed run can always be replaced with --overwrite)
+                assert ".mobizo" in names or not {"metrics.jsonl", "checkpoint", ".checkpoint.old"} & set(names), names
                 continue
         assert p.wait(timeout=120) == 0, p.stderr.read()
         done = True
@@ -281,7 +283,8 @@ def test_sigkill_at_random_moments_then_resume_matches(binary, bundle, ref_run, 
     assert trajectory(out) == ref
     f = "adapter/adapter_model.safetensors"
     assert (out / f).read_bytes() == (ref_run / f).read_bytes()
-    assert not [e.name for e in out.iterdir() if e.name.startswith(".")]  # no scratch left after the final run
+    # no scratch left after the final run; the marker is an entry, not scratch
+    assert [e.name for e in out.iterdir() if e.name.startswith(".")] == [".mobizo"]
 
 
 # ---------------------------------------------------------------- errors: one line, exit code 2
@@ -326,16 +329,63 @@ def test_out_directory_rules(binary, bundle, ref_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "summary.json").write_text("{}")  # looks like a run, but carries no marker
     assert "is not empty" in one_line_error(native(binary, bundle, out))
-    assert "does not look like a mobizo run" in one_line_error(native(binary, bundle, out, "--overwrite"))
+    line = one_line_error(native(binary, bundle, out, "--overwrite"))
+    assert line.endswith(f"--overwrite: {out} is not a mobizo run directory (no .mobizo marker); not deleting anything")
     assert "no checkpoint" in one_line_error(native(binary, bundle, out, "--resume"))
     assert "exclude each other" in one_line_error(native(binary, bundle, out, "--resume", "--overwrite"))
-    assert (out / "notes.txt").read_text() == "mine"
+    (out / ".mobizo").write_text('{"mobizo": "0.1.0", "kind": "program"}\n')  # another kind of directory
+    assert "not a mobizo run directory" in one_line_error(native(binary, bundle, out, "--overwrite"))
+    (out / ".mobizo").write_text("{not json")
+    assert "not a mobizo run directory" in one_line_error(native(binary, bundle, out, "--overwrite"))
+    assert sorted(e.name for e in out.iterdir()) == [".mobizo", "notes.txt", "summary.json"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").read_text() == "{}"
+    assert "bundle holds batches for 40 steps" in one_line_error(native(binary, bundle, tmp_path / "x", "--steps", 41))
+
+
+def test_marker_and_overwrite_keeps_foreign_files(binary, bundle, ref_run, tmp_path):
+    from mobizo.rundir import read_marker, write_marker
+
+    version = json.loads((bundle / "run.json").read_text())["mobizo_version"]
+    marker = (ref_run / ".mobizo").read_text()
+    assert marker == json.dumps({"mobizo": version, "kind": "run"}) + "\n"
+    assert read_marker(ref_run) == {"mobizo": version, "kind": "run"}
+    # --overwrite of a native run: only mobizo's entries (and their scratch) go, notes.txt and the marker stay
     run = shutil.copytree(ref_run, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    for d in ("best", "program", ".adapter.old", ".checkpoint.tmp-abc", ".overwrite.trash-xyz"):
+        (run / d).mkdir()
+        (run / d / "f").write_text("x")
+    (run / ".notes.txt.old").write_text("mine too")  # an ".X.old" of a file that is not mobizo's
     p = native(binary, bundle, run, "--overwrite", "--steps", 5)
     assert p.returncode == 0, p.stderr
-    assert len(trajectory(run)) == 5
-    assert "bundle holds batches for 40 steps" in one_line_error(native(binary, bundle, tmp_path / "x", "--steps", 41))
+    assert sorted(e.name for e in run.iterdir()) == [".mobizo", ".notes.txt.old", "adapter", "checkpoint",
+                                                    "metrics.jsonl", "notes.txt", "summary.json"]  # fmt: skip
+    assert (run / "notes.txt").read_text() == "mine" and (run / ".mobizo").read_text() == marker
+    assert len(trajectory(run)) == 5 and json.loads((run / "summary.json").read_text())["final_step"] == 5
+    # a directory that Python marked as a run is replaced too
+    py = tmp_path / "py"
+    py.mkdir()
+    write_marker(py, "run")
+    (py / "summary.json").write_text("{}")
+    p = native(binary, bundle, py, "--overwrite", "--steps", 2)
+    assert p.returncode == 0, p.stderr
+    assert len(trajectory(py)) == 2
+    # only the scratch of a run killed at its very start: counts as empty, and is cleaned
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "..mobizo.tmp-a1b2c3").write_text("{")
+    (fresh / ".checkpoint.tmp-q").mkdir()
+    (fresh / ".overwrite.trash-z").mkdir()
+    p = native(binary, bundle, fresh, "--steps", 2)
+    assert p.returncode == 0, p.stderr
+    assert not [e.name for e in fresh.iterdir() if e.name.startswith(".") and e.name != ".mobizo"]
+    # --resume writes a missing marker (a run of an older mobizo-train) and leaves an existing one alone
+    (fresh / ".mobizo").unlink()
+    p = native(binary, bundle, fresh, "--resume", "--steps", 3)
+    assert p.returncode == 0, p.stderr
+    assert (fresh / ".mobizo").read_text() == marker and len(trajectory(fresh)) == 3
 
 
 def test_write_errors_are_one_line(binary, bundle, tmp_path):

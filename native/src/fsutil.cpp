@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace mobizo {
@@ -265,13 +266,15 @@ void clean_stale(const std::string& dir) {
   }
 }
 
-void clear_dir(const std::string& dir, const std::vector<std::string>& first) {
-  std::string trash = make_temp_dir(dir, ".overwrite.trash-");
+void clear_entries(const std::string& dir, const std::function<bool(const std::string&)>& remove) {
   std::vector<std::string> names;
-  for (const auto& n : first)
-    if (exists(join(dir, n))) names.push_back(n);
   for (const auto& n : list_dir(dir))
-    if (join(dir, n) != trash && std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
+    if (remove(n)) names.push_back(n);
+  if (names.empty()) return;
+  // mobizo.checkpoint.clear_entries: key ("checkpoint" not in name, name)
+  auto key = [](const std::string& n) { return std::make_pair(n.find("checkpoint") == std::string::npos, n); };
+  std::sort(names.begin(), names.end(), [&](const std::string& x, const std::string& y) { return key(x) < key(y); });
+  std::string trash = make_temp_dir(dir, ".overwrite.trash-");
   for (const auto& n : names)
     if (rename(join(dir, n).c_str(), join(trash, n).c_str()) != 0) throw_errno("cannot move", join(dir, n));
   remove_tree(trash);

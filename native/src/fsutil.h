@@ -36,8 +36,10 @@ void clean_stale(const std::string& dir);
 void fsync_dir(const std::string& dir);
 void make_dirs(const std::string& dir);
 void remove_tree(const std::string& path);  // no error if missing
-// Empty `dir` (entries renamed into a trash dir first, `first` ones before the rest).
-void clear_dir(const std::string& dir, const std::vector<std::string>& first);
+// Delete the entries of `dir` for which remove(name) holds (mobizo.checkpoint.clear_entries): they are
+// renamed into a ".overwrite.trash-XXXXXX" dir, those with "checkpoint" in their name first (a kill
+// midway never leaves a checkpoint without its log), then deleted.
+void clear_entries(const std::string& dir, const std::function<bool(const std::string&)>& remove);
 std::vector<std::string> list_dir(const std::string& dir);  // names, without . and ..
 std::string parent_dir(const std::string& path);
 std::string base_name(const std::string& path);

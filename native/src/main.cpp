@@ -5,8 +5,9 @@
 //
 // It writes what `mobizo train` writes: RUN/metrics.jsonl (the bundle's header line, then one
 // record per step), RUN/checkpoint/ (PEFT adapter + state.json, every save_every steps and at the
-// end), RUN/adapter/ (PEFT format) and RUN/summary.json, all atomically. --resume continues from
-// the checkpoint bit for bit; a SIGKILL loses at most the steps since the last checkpoint.
+// end), RUN/adapter/ (PEFT format), RUN/summary.json and the RUN/.mobizo marker, all atomically.
+// --resume continues from the checkpoint bit for bit; a SIGKILL loses at most the steps since the
+// last checkpoint. --overwrite needs the marker and removes only mobizo's entries (mobizo.rundir).
 // Errors are one line on stderr ("mobizo-train: error: ...") and exit code 2.
 
 #include <executorch/extension/module/module.h>
@@ -89,23 +90,76 @@ Options parse_args(int argc, char** argv) {
 
 // ------------------------------------------------------------------ the output directory
 
-const std::vector<std::string> RUN_MARKERS = {"metrics.jsonl", "summary.json", "checkpoint", "adapter",
-                                              ".checkpoint.old", ".adapter.old"};
+// The run directory follows mobizo.rundir: a ".mobizo" marker ({"mobizo": version, "kind": "run"})
+// written at creation; --overwrite needs it and removes only mobizo's entries (a file of yours survives).
+const char* const MARKER = ".mobizo";
+const std::vector<std::string> ENTRIES = {"checkpoint", "adapter", "best", "summary.json", "metrics.jsonl", "program"};
 
-bool looks_like_run(const std::string& out) {
-  auto names = list_dir(out);
-  bool all_scratch = true;
-  for (const auto& n : names) {
-    for (const auto& m : RUN_MARKERS)
-      if (n == m) return true;
-    if (n.size() > 4 && n.compare(n.size() - 4, 4, ".pte") == 0) return true;
-    if (!(n[0] == '.' && (n.find(".tmp-") != std::string::npos || n.find(".trash-") != std::string::npos)))
-      all_scratch = false;
+// mobizo.rundir._SCRATCH, ^\.(.+)\.(tmp-|trash-|old$) with a greedy (.+): the entry a scratch name
+// belongs to, and whether it is an ".X.old" twin. False if `n` is no such name.
+bool split_scratch(const std::string& n, std::string& entry, bool& old) {
+  if (n.size() < 2 || n[0] != '.') return false;
+  for (size_t k = n.size() - 1; k >= 2; --k) {
+    bool is_old = k + 4 == n.size() && n.compare(k, 4, ".old") == 0;
+    if (is_old || n.compare(k, 5, ".tmp-") == 0 || n.compare(k, 7, ".trash-") == 0) {
+      entry = n.substr(1, k - 1);
+      old = is_old;
+      return true;
+    }
   }
-  return all_scratch;
+  return false;
 }
 
-// Validate --out before anything is loaded or written (mobizo.trainer._check_out).
+bool is_entry(const std::string& n) { return std::find(ENTRIES.begin(), ENTRIES.end(), n) != ENTRIES.end(); }
+
+// An entry mobizo writes in a run directory, or the scratch of one of its atomic writes (rundir.is_mobizo_entry).
+bool is_mobizo_entry(const std::string& n) {
+  if (n == MARKER || is_entry(n)) return true;
+  std::string entry;
+  bool old = false;
+  return split_scratch(n, entry, old) && (is_entry(entry) || entry == MARKER || entry == "overwrite");
+}
+
+// Scratch a kill can leave, not a complete entry: a directory holding only these counts as empty.
+bool is_scratch_entry(const std::string& n) {
+  std::string entry;
+  bool old = false;
+  return split_scratch(n, entry, old) && !old && is_mobizo_entry(n);
+}
+
+// rundir.read_marker: false if the marker is missing or not a JSON object with a "kind"; else its kind.
+bool read_marker_kind(const std::string& out, std::string& kind) {
+  try {
+    Json m = parse_json(read_file(join(out, MARKER)));
+    const Json* k = m.find("kind");
+    if (!k) return false;
+    kind = k->type == Json::Type::String ? k->s : std::string();
+    return true;
+  } catch (const JsonError&) {
+    return false;
+  } catch (const mobizo::Error&) {
+    return false;
+  }
+}
+
+bool has_run_marker(const std::string& out) {
+  std::string kind;
+  return read_marker_kind(out, kind) && kind == "run";
+}
+
+// At creation, and on --resume of a directory without one (RunDir.open). The version is the one
+// of the mobizo that wrote the bundle.
+void write_marker_if_missing(const std::string& out, const Bundle& b) {
+  std::string kind;
+  if (read_marker_kind(out, kind)) return;
+  Json m = Json::object();
+  const Json* ver = b.run.find("mobizo_version");
+  m.set("mobizo", ver ? *ver : Json::null());
+  m.set("kind", Json::string("run"));
+  atomic_write_file(join(out, MARKER), dump_json(m, false, true) + "\n");
+}
+
+// Validate --out before anything is loaded or written (mobizo.rundir.RunDir.check).
 void check_out(const Options& o) {
   if (exists(o.out) && !is_dir(o.out)) throw mobizo::Error("--out " + o.out + " exists and is not a directory");
   if (o.resume) {
@@ -118,12 +172,14 @@ void check_out(const Options& o) {
   }
   if (is_dir(o.out)) {
     if (access(o.out.c_str(), W_OK | X_OK) != 0) throw mobizo::Error("--out " + o.out + " is not writable");
-    if (!list_dir(o.out).empty()) {
+    auto names = list_dir(o.out);  // only the scratch of a run killed at its start: counts as empty
+    if (std::any_of(names.begin(), names.end(), [](const std::string& n) { return !is_scratch_entry(n); })) {
       if (!o.overwrite)
         throw mobizo::Error("--out " + o.out +
                             " is not empty (use --resume to continue that run or --overwrite to replace it)");
-      if (!looks_like_run(o.out))
-        throw mobizo::Error("--overwrite: " + o.out + " does not look like a mobizo run directory; not deleting it");
+      if (!has_run_marker(o.out))
+        throw mobizo::Error("--overwrite: " + o.out + " is not a mobizo run directory (no " + MARKER +
+                            " marker); not deleting anything");
     }
   } else {
     std::string parent = parent_dir(o.out);
@@ -413,8 +469,8 @@ int train(const Options& o) {
 
   RunState st;
   const std::string ckpt = join(o.out, "checkpoint"), metrics_path = join(o.out, "metrics.jsonl");
+  clean_stale(o.out);  // what a killed atomic write left, in every mode (RunDir.open)
   if (o.resume) {
-    clean_stale(o.out);
     std::string d = resolve_dir(ckpt);
     const std::string hint = " (start again with --overwrite)";
     Json state;
@@ -458,11 +514,13 @@ int train(const Options& o) {
     }
     for (size_t k = 0; k < b.layers.size(); ++k) bs[k] = saved[PEFT_PREFIX + b.layers[k] + ".lora_B.weight"];
     prog.set_adapter(bs);
+    write_marker_if_missing(o.out, b);
     atomic_write_file(metrics_path, kept_metrics(metrics_path, st.step, b.log_header_line));
   } else {
-    if (o.overwrite && is_dir(o.out))  // the checkpoint goes first: a kill midway never leaves one without its log
-      clear_dir(o.out, {"checkpoint", ".checkpoint.old", "adapter", ".adapter.old", "summary.json"});
+    if (o.overwrite && is_dir(o.out))  // only mobizo's entries, the marker kept; the checkpoint goes first
+      clear_entries(o.out, [](const std::string& n) { return n != MARKER && is_mobizo_entry(n); });
     make_dirs(o.out);
+    write_marker_if_missing(o.out, b);
     atomic_write_file(metrics_path, b.log_header_line + "\n");
   }
 
