@@ -192,9 +192,7 @@ class TrainConfig:
             for name in ("optimizer", "train_a"):
                 if flat[name]:
                     raise MobizoError(f"{flag(name)} applies to --estimator fo only, not {o.estimator}")
-            if o.data_mode == "split" and o.batch_size % o.queries:
-                raise MobizoError(f"--data-mode split needs --batch-size divisible by --queries "
-                                  f"({o.batch_size} % {o.queries} != 0)")  # fmt: skip
+            self.zo_config().check_batch(o.batch_size)
         elif e.engine == "executorch":
             raise MobizoError("--engine executorch trains with zeroth-order estimators; use --engine eager for fo")
         if e.engine != "executorch":

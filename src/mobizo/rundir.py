@@ -151,7 +151,7 @@ class RunDir:
                 raise MobizoError(
                     f"--out {self.path} is not empty (use --resume to continue that run or --overwrite to replace it)"
                 )
-            if read_marker(self.path) is None:
+            if (read_marker(self.path) or {}).get("kind") != "run":
                 raise MobizoError(
                     f"--overwrite: {self.path} is not a mobizo run directory (no {MARKER} marker); not deleting anything"
                 )

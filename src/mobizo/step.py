@@ -169,6 +169,8 @@ class ZOStep(nn.Module):
     def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None):
         cfg = self.config
         q, split = cfg.queries, cfg.data_mode == "split"
+        if split:
+            cfg.check_batch(input_ids.shape[0] if gold is None else gold.shape[0])
         layers = self._layers()
         zs = self.noise(step)
         loss_of: dict[tuple[int, float], torch.Tensor] = {}
