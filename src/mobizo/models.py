@@ -83,14 +83,19 @@ def build_tiny(dtype: torch.dtype = torch.float32):
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from ``tiny`` or a local Hugging Face model directory, offline."""
+    """(model, tokenizer) from ``tiny``, a local Hugging Face model directory or a ``.gguf`` file, offline."""
     if path == TINY:
         return build_tiny(dtype)
     p = Path(path)
+    from .convert import is_gguf, load_gguf
+
+    if is_gguf(p) or p.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf(p, dtype, trust_remote_code)
+        return model, _fix_tokenizer(tokenizer)
     if not p.exists():
-        raise MobizoError(f"model directory {path} does not exist (use --model tiny for the built-in model)")
+        raise MobizoError(f"model {path} does not exist (a Hugging Face model directory, a .gguf file, or tiny for the built-in model)")
     if not p.is_dir() or not (p / "config.json").is_file():
-        raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json) or a GGUF file")
     if not any(p.glob("*.safetensors")):
         raise MobizoError(f"{path} has no *.safetensors weights (mobizo loads weights only from safetensors)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,11 +110,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         )
     except Exception as e:  # noqa: BLE001
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    model.config.name_or_path = str(p.resolve())
+    return model.eval(), _fix_tokenizer(tokenizer)
+
+
+def _fix_tokenizer(tokenizer):
+    """mobizo's layout: a pad token (EOS or UNK when the model has none) and left padding."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = "left"
-    model.config.name_or_path = str(p.resolve())
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def weights_hash(model: torch.nn.Module) -> str:
