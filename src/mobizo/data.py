@@ -118,6 +118,23 @@ class Encoder:
         return ids
 
 
+def check_candidates(encoder: Encoder, examples, what: str = "examples") -> None:
+    """Encode every candidate / answer of ``examples`` once; one line naming the first one that
+    tokenizes to no tokens (an empty label word, or text the tokenizer drops) or whose prompt does."""
+    for n, ex in enumerate(examples):
+        for cand in ex.candidates or [ex.answer]:
+            try:
+                encoder(ex.prompt, cand)
+            except MobizoError as e:
+                if "tokenizes to nothing" not in str(e):
+                    raise
+                which = f"candidate {cand!r}" if ex.candidates else f"answer {cand!r}"
+                if "prompt" in str(e):
+                    which = f"prompt {ex.prompt[:40]!r}"
+                raise MobizoError(f"{what} example {n + 1}: {which} tokenizes to no tokens with this tokenizer "
+                                  "(give label words / answers with visible text)") from None  # fmt: skip
+
+
 def collate(
     encs: list[Encoded | None],
     pad_id: int,

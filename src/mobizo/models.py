@@ -122,6 +122,30 @@ def _fix_tokenizer(tokenizer):
     return tokenizer
 
 
+# config attributes that bound the positions a model can embed (learned tables index out of range past them)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+
+
+def max_positions(model) -> int | None:
+    """The number of positions the model's config declares (its position table / trained context), if any."""
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model, max_length: int, flag: str = "--max-length") -> None:
+    """Refuse a sequence length beyond the model's positions with one line (instead of an IndexError in
+    the position embedding, or RoPE positions the model never saw). Call it once the model is loaded."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        raise MobizoError(f"{flag} {max_length} is longer than the {limit} positions of model {name}; "
+                          f"use {flag} {limit} or less")  # fmt: skip
+
+
 def weights_hash(model: torch.nn.Module) -> str:
     """sha256 over the frozen base weights (names, shapes, bytes): identifies a base model."""
     h = hashlib.sha256()
