@@ -37,6 +37,7 @@ _VERSIONS = (2, 3)
 # fixed-size metadata value types: id -> struct format
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_CHUNK = 1 << 22  # elements: tensors larger than this are dequantized in slabs of rows
 
 
 @dataclass
@@ -304,6 +305,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust
             model = _load_packed(p, dtype, trust_remote_code)
         else:
             model = _load_streaming(p, h, dtype, gguf)
+    _trim_heap()  # the dequantizer's temporaries
     model.config.name_or_path = str(p.resolve())
     return model.eval(), tokenizer
 
@@ -349,9 +351,31 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
             target.copy_(t)
         written.add(name)
 
+    plain = type(processor).process is TensorProcessor.process  # a processor that renames/permutes nothing
+    def put_rows(name: str, start: int, rows: np.ndarray) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = torch.from_numpy(np.ascontiguousarray(rows))
+        with torch.no_grad():
+            targets[name][start : start + t.shape[0]].copy_(t)
+
+    n_done = 0
     for info in h.tensors:
+        qtype = gguf.GGMLQuantizationType(info.qtype)
+        target = targets.get(mapping.get(info.name, ""))
+        if (plain and target is not None and len(info.shape) == 2 and tuple(target.shape) == info.shape
+                and target.numel() > _CHUNK):  # fmt: skip
+            # a big tensor (the embedding): dequantize a slab of rows at a time straight into the model,
+            # never the whole float tensor plus the dequantizer's temporaries at once
+            data = _tensor_data(blob, h, info, gguf)
+            step = max(1, _CHUNK // info.shape[1])
+            for i in range(0, info.shape[0], step):
+                put_rows(mapping[info.name], i, gguf.dequantize(data[i : i + step], qtype))
+            written.add(mapping[info.name])
+            _drop_pages(blob, h.data_start + info.offset, _nbytes(info, gguf))
+            continue
         try:
-            weights = gguf.dequantize(_tensor_data(blob, h, info, gguf), gguf.GGMLQuantizationType(info.qtype))
+            weights = gguf.dequantize(_tensor_data(blob, h, info, gguf), qtype)
         except NotImplementedError as e:
             raise MobizoError(f"{p}: cannot dequantize tensor {info.name}: {e}") from e
         result = processor.process(weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
@@ -360,6 +384,10 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
         for name in list(parsed["tensors"]):  # processors that assemble tensors themselves (MoE experts)
             put(name, parsed["tensors"].pop(name))
         del weights, result
+        _drop_pages(blob, h.data_start + info.offset, _nbytes(info, gguf))
+        n_done += 1
+        if n_done % 8 == 0:
+            _trim_heap(collect=False)  # glibc keeps freed dequantizer temporaries: hand them back as we go
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     # every parameter and persistent buffer must have come from the file (tied ones share storage)
@@ -455,12 +483,29 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     return out
 
 
-def _trim_heap() -> None:
-    """glibc keeps freed small allocations (the metadata parser's strings) in its heap; give them back."""
+def _drop_pages(blob: np.memmap, start: int, length: int) -> None:
+    """Let the kernel drop the mapped file pages of a tensor already copied (they count in RSS while mapped)."""
+    import mmap
+
+    m = getattr(blob, "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo = start // page * page
+    try:
+        m.madvise(mmap.MADV_DONTNEED, lo, start + length - lo)
+    except (OSError, ValueError):
+        pass
+
+
+def _trim_heap(collect: bool = True) -> None:
+    """glibc keeps freed allocations (the metadata parser's strings, the dequantizer's temporaries) in
+    its heap instead of returning them to the system; give them back."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
