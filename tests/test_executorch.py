@@ -102,3 +102,50 @@ def test_adapter_read_out_and_load(program):
     wrong[a_key] = wrong[a_key] + 1
     with pytest.raises(MobizoError, match="frozen A"):
         eng.load_adapter_state(wrong)
+
+
+def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(program):
+    """The program scores one prompt row per example (one-token label words); eager ZOStep over one
+    row per (example, candidate) takes the same steps."""
+    from mobizo.data import Encoder, collate_choices, step_indices
+    from mobizo.engines.executorch import ExecuTorchEngine
+    from mobizo.models import build_tiny
+    from mobizo.mplora import inject, lora_layers
+    from mobizo.step import ZOConfig, ZOStep, choice_losses
+    from mobizo.tasks import get_task
+
+    m = json.loads((program / "manifest.json").read_text())
+    assert m["shared_prompt"] is True and m["choices"] == 2 and m["answer_len"] == 1
+    eng = ExecuTorchEngine(program)
+    model, tok = build_tiny()
+    inject(model, None, 8, 16.0, 3)
+    step = ZOStep(model, ZOConfig("prge", 2, seed=3, objective="choice-sum", choices=2))
+    exs, enc = get_task("synthetic").load("train"), Encoder(tok)
+
+    def groups(idx):
+        return [[enc(exs[i].prompt, c) for c in exs[i].candidates] for i in idx], [exs[i].label for i in idx]
+
+    for s in range(1, 11):
+        g, gold = groups(step_indices(len(exs), 4, s, 3))
+        shared = collate_choices(g, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=4)
+        per_candidate = collate_choices(g, gold, 2, tok.pad_token_id, 32, shared=False)
+        assert shared.shared and shared.rows == 4 and per_candidate.rows == 8
+        res = eng.train_step(shared, s, 1.0, 0.05)
+        with torch.no_grad():
+            losses, _ = step(per_candidate.input_ids, per_candidate.attention_mask, per_candidate.labels,
+                             torch.tensor(s), torch.tensor(1.0), torch.tensor(0.05), per_candidate.gold)  # fmt: skip
+        torch.testing.assert_close(torch.tensor(res.losses), losses, rtol=1e-4, atol=1e-5)
+    state = eng.adapter_state()
+    for name, layer in lora_layers(model):
+        assert (state[f"{name}.lora_B"] - layer.lora_B).abs().max() <= 1e-4  # as the 50-step eager parity
+    assert max(v.abs().max() for k, v in state.items() if k.endswith("lora_B")) > 1e-3
+    # score: (eval rows, choices) CE of the candidates after the prompt, as a forward over the rows gives
+    g, gold = groups(range(8))
+    batch = collate_choices(g, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=8)
+    sums, counts = eng.score_choices(batch)
+    with torch.no_grad():
+        want, want_counts = choice_losses(model, batch.input_ids, batch.attention_mask, batch.labels)
+    torch.testing.assert_close(sums, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(counts, want_counts)
+    with pytest.raises(MobizoError, match="one shared prompt row per example"):
+        eng.train_step(collate_choices(g[:4], gold[:4], 2, tok.pad_token_id, 32, shared=False), 11, 1.0, 0.05)

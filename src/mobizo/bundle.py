@@ -102,7 +102,7 @@ def collate_examples(run, length: int, answer_len: int) -> BundleData:
             encs = [run.encoder(ex.prompt, c) for c in ex.candidates]
             b = collate_choices([encs], [ex.label], run.choices, pad, max_length, length=length,
                                 answer_len=answer_len, examples=1)  # fmt: skip
-            real.append(len(encs))
+            real.append(1 if b.shared else len(encs))  # a shared-prompt example is one row (labels: candidates)
             gold.append(int(b.gold[0]))
         else:
             b = collate([run.encoder.example(ex)], pad, max_length, length=length, answer_len=answer_len, rows=1)
@@ -173,10 +173,10 @@ def write_bundle(
     steps, B = batches.shape
     objective = manifest.objective
     choice = objective != "answer"
-    want_r = manifest.choices if choice else 1
-    if (T, K, B, R) != (manifest.max_length, manifest.answer_len, manifest.batch_size, want_r):
+    want_r = manifest.rows // manifest.batch_size
+    if (T, K, B, R) != (manifest.max_length, manifest.label_width, manifest.batch_size, want_r):
         raise MobizoError(f"bundle data of shape T={T} K={K} batch={B} rows/example={R} does not fit the program "
-                          f"(T={manifest.max_length} K={manifest.answer_len} batch={manifest.batch_size} "
+                          f"(T={manifest.max_length} K={manifest.label_width} batch={manifest.batch_size} "
                           f"rows/example={want_r})")  # fmt: skip
     if tuple(data.attention_mask.shape) != (N, R, T) or tuple(data.labels.shape) != (N, R, K) \
             or tuple(data.real_rows.shape) != (N,) or (choice and (data.gold is None or data.gold.shape != (N,))):

@@ -40,6 +40,9 @@ class Batch:
     labels: torch.Tensor  # (rows, K) int64, IGNORE outside answers
     n_real: int  # rows that are real examples; the others are masked filler
     gold: torch.Tensor | None = None  # (examples,) gold candidate index for the choice objective, -100 = filler
+    # Shared prompt (choice objective, one-token candidates): one row per example holding only the
+    # prompt, and ``labels`` (examples, choices) the candidates' token ids, -100 for a missing one.
+    shared: bool = False
 
     @property
     def rows(self) -> int:
@@ -114,6 +117,23 @@ class Encoder:
         return ids
 
 
+def check_candidates(encoder: Encoder, examples, what: str = "examples") -> None:
+    """Encode every candidate / answer of ``examples`` once; one line naming the first one that
+    tokenizes to no tokens (an empty label word, or text the tokenizer drops) or whose prompt does."""
+    for n, ex in enumerate(examples):
+        for cand in ex.candidates or [ex.answer]:
+            try:
+                encoder(ex.prompt, cand)
+            except MobizoError as e:
+                if "tokenizes to nothing" not in str(e):
+                    raise
+                which = f"candidate {cand!r}" if ex.candidates else f"answer {cand!r}"
+                if "prompt" in str(e):
+                    which = f"prompt {ex.prompt[:40]!r}"
+                raise MobizoError(f"{what} example {n + 1}: {which} tokenizes to no tokens with this tokenizer "
+                                  "(give label words / answers with visible text)") from None  # fmt: skip
+
+
 def collate(
     encs: list[Encoded | None],
     pad_id: int,
@@ -180,12 +200,30 @@ def collate_choices(
     length: int | None = None,
     answer_len: int | None = None,
     examples: int | None = None,
+    shared: bool | None = None,
 ) -> Batch:
-    """Rows for every (example, candidate), ``n_choices`` rows per example (missing ones are filler),
-    plus ``gold``: the layout of the choice objective (cross-entropy over the candidates' scores)."""
+    """The layout of the choice objective (cross-entropy over the candidates' scores), with ``gold``.
+
+    * per candidate: one row per (example, candidate), ``n_choices`` rows per example (missing ones
+      are filler);
+    * ``shared``: one row per example holding the prompt, ``labels`` (examples, n_choices) the
+      candidates' token ids, scored at the prompt's last position (:func:`mobizo.step.choice_losses`).
+      Exact, and C times fewer rows, when every candidate is one token.
+
+    ``shared=None`` picks the shared layout when it is exact: for a program with an answer window
+    (``answer_len``) of 1 token, or (no ``answer_len``: an engine with free shapes) when every
+    candidate of this batch is one token.
+    """
     examples = examples or len(groups)
     if len(groups) > examples:
         raise MobizoError(f"batch of {len(groups)} examples does not fit the {examples} examples of the program")
+    single = all(len(e.answer_ids) == 1 for g in groups for e in g)
+    if shared is None:
+        shared = answer_len == 1 if answer_len is not None else single
+    if shared:
+        if not single:
+            raise MobizoError("a shared-prompt batch needs candidates of one token each")
+        return _collate_shared(groups, golds, n_choices, pad_id, max_length, length, examples)
     encs: list[Encoded | None] = []
     for g in groups:
         if len(g) > n_choices:
@@ -217,6 +255,39 @@ def count_truncated(encoder: Encoder, examples: list[Example], max_length: int, 
                     "allows (raise --max-length or use --truncation left)"
                 )
     return long
+
+
+def _collate_shared(groups, golds, n_choices, pad_id, max_length, length, examples) -> Batch:
+    """One left-padded prompt row per example; prompts keep the tokens the per-candidate layout keeps
+    (``limit - 1``: room for the one-token answer), so both layouts score the same context."""
+    limit = min(max_length, length) if length else max_length
+    if limit < 2:
+        raise MobizoError(f"--max-length {limit} leaves no room for a prompt before a one-token answer")
+    prompts, cands = [], []
+    for g in groups:
+        if len(g) > n_choices:
+            raise MobizoError(f"an example has {len(g)} candidates; the program was built for {n_choices}")
+        p = g[0].prompt_ids
+        if any(e.prompt_ids != p for e in g[1:]):
+            raise MobizoError("candidates of one example tokenize with different prompts; cannot share the prompt")
+        if len(p) + 1 > limit:
+            p = p[len(p) + 1 - limit :]
+        prompts.append(p)
+        cands.append([e.answer_ids[0] for e in g] + [IGNORE] * (n_choices - len(g)))
+    if not prompts:
+        raise MobizoError("cannot make a batch of zero examples")
+    T = length or max(len(p) for p in prompts)
+    ids = torch.full((examples, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((examples, T), dtype=torch.long)
+    labels = torch.full((examples, n_choices), IGNORE, dtype=torch.long)
+    for i in range(examples):
+        p = prompts[i % len(prompts)]  # filler rows repeat a real prompt, with no candidate to score
+        ids[i, T - len(p) :] = torch.tensor(p)
+        mask[i, T - len(p) :] = 1
+        if i < len(prompts):
+            labels[i] = torch.tensor(cands[i])
+    gold = torch.tensor(list(golds) + [IGNORE] * (examples - len(groups)), dtype=torch.long)
+    return Batch(ids, mask, labels, len(prompts), gold=gold, shared=True)
 
 
 @lru_cache(maxsize=4)

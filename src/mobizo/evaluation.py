@@ -6,8 +6,15 @@
   SQuAD-style token F1 and exact match against all accepted answers;
 * ``lm``: cross-entropy (and perplexity) of the gold completion.
 
-All kinds also report ``loss`` (the gold answer's CE per token), ``n`` and ``truncated``
-(examples whose prompt lost tokens on the left to ``max_length``).
+All kinds also report ``loss`` (the gold answer's CE per token), ``n``, ``truncated``
+(examples whose prompt lost tokens on the left to ``max_length``), ``seconds`` and
+``examples_per_second``.
+
+Speed: with an engine of free shapes (eager) examples are scored in order of length, so a batch
+pads to its own longest row, not to the longest of the whole set; when every candidate is one
+token (and the engine has ``score_choices``) classification and multiple choice score one prompt
+row per example and read all candidates at its last position (exact, C times fewer rows); greedy
+generation keeps a KV cache (``engine.decoder``) instead of re-running the whole sequence per token.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import collections
 import math
 import re
 import string
+import time
 
 import torch
 
-from .data import Encoder, collate, count_truncated
+from .data import Encoder, collate, collate_choices, count_truncated
 from .errors import MobizoError
 from .tasks.base import Example
 
@@ -81,24 +89,81 @@ def _chunks(seq, n):
         yield seq[i : i + n]
 
 
-def score_pairs(engine, encoder: Encoder, pairs: list[tuple[str, str]], pad_id: int, max_length: int, batch_size: int):
+def _by_length(engine, lengths: list[int]) -> list[int]:
+    """Scoring order: longest first when the engine pads each batch to its own longest row, else as given."""
+    if engine.shapes.length is not None:
+        return list(range(len(lengths)))
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _bar(total: int, progress: bool | None, desc: str):
+    from tqdm import tqdm
+
+    # progress=None: shown on an interactive terminal only
+    return tqdm(total=total, disable=None if progress is None else not progress, desc=desc, unit="ex",
+                leave=False, dynamic_ncols=True)  # fmt: skip
+
+
+def score_pairs(engine, encoder: Encoder, pairs: list[tuple[str, str]], pad_id: int, max_length: int, batch_size: int,
+                progress: bool | None = False, bar=None):  # fmt: skip
     """(sum of answer cross-entropy, answer token count) for each (prompt, answer) pair."""
     shapes = engine.shapes
     rows = shapes.eval_rows or batch_size
-    sums, counts = [], []
-    for chunk in _chunks(pairs, rows):
-        batch = collate(
-            [encoder(p, a) for p, a in chunk],
-            pad_id,
-            max_length,
-            length=shapes.length,
-            answer_len=shapes.answer_len,
-            rows=shapes.eval_rows,
-        )
-        s, c = engine.score(batch)
-        sums.append(s[: batch.n_real].double())
-        counts.append(c[: batch.n_real].double())
-    return torch.cat(sums), torch.cat(counts)
+    encs = [encoder(p, a) for p, a in pairs]
+    order = _by_length(engine, [len(e.prompt_ids) + len(e.answer_ids) for e in encs])
+    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    counts = torch.zeros(len(pairs), dtype=torch.float64)
+    own_bar = bar is None
+    bar = _bar(len(pairs), progress, "eval") if own_bar else bar
+    try:
+        for chunk in _chunks(order, rows):
+            batch = collate(
+                [encs[i] for i in chunk],
+                pad_id,
+                max_length,
+                length=shapes.length,
+                answer_len=shapes.answer_len,
+                rows=shapes.eval_rows,
+            )
+            s, c = engine.score(batch)
+            sums[chunk] = s[: batch.n_real].double()
+            counts[chunk] = c[: batch.n_real].double()
+            if own_bar:
+                bar.update(len(chunk))
+    finally:
+        if own_bar:
+            bar.close()
+    return sums, counts
+
+
+def can_share_prompt(engine, encoder: Encoder, examples: list[Example]) -> bool:
+    """Whether choice scoring can use one prompt row per example: every candidate is one token and the
+    engine scores shared-prompt batches (``score_choices``; a fixed-shape program only if built so)."""
+    if not hasattr(engine, "score_choices") or getattr(engine.shapes, "shared", None) is False:
+        return False
+    return all(len(encoder(ex.prompt, c).answer_ids) == 1 for ex in examples for c in ex.candidates)
+
+
+def score_choices(engine, encoder: Encoder, examples: list[Example], pad_id: int, max_length: int, batch_size: int,
+                  progress: bool | None = False):  # fmt: skip
+    """(examples, max candidates) CE sums and token counts (0 for a missing candidate), one prompt row
+    per example (:func:`can_share_prompt` must hold)."""
+    shapes = engine.shapes
+    rows = shapes.eval_rows or batch_size
+    n_choices = max(max(len(ex.candidates) for ex in examples), getattr(shapes, "choices", None) or 0)
+    groups = [[encoder(ex.prompt, c) for c in ex.candidates] for ex in examples]
+    order = _by_length(engine, [len(g[0].prompt_ids) for g in groups])
+    sums = torch.zeros(len(examples), n_choices, dtype=torch.float64)
+    counts = torch.zeros(len(examples), n_choices, dtype=torch.float64)
+    with _bar(len(examples), progress, "eval") as bar:
+        for chunk in _chunks(order, rows):
+            batch = collate_choices([groups[i] for i in chunk], [examples[i].label for i in chunk], n_choices, pad_id,
+                                    max_length, length=shapes.length, examples=shapes.eval_rows, shared=True)  # fmt: skip
+            s, c = engine.score_choices(batch)
+            sums[chunk] = s[: len(chunk)].double()
+            counts[chunk] = c[: len(chunk)].double()
+            bar.update(len(chunk))
+    return sums, counts
 
 
 @torch.no_grad()
@@ -110,14 +175,19 @@ def generate(
     max_length: int,
     max_new_tokens: int = 32,
     batch_size: int = 32,
+    use_cache: bool = True,
+    progress: bool | None = False,
 ) -> tuple[list[str], int]:
     """Greedy completions of ``prompts`` (cut at the first newline) and how many prompts were truncated.
 
     A prompt keeps its last ``max_length - max_new_tokens`` tokens. Rows stop at EOS, at a
-    newline or after ``max_new_tokens`` tokens; finished rows leave the batch.
+    newline or after ``max_new_tokens`` tokens; finished rows leave the batch. With ``use_cache``
+    and an engine that has ``decoder`` (a KV cache), each step feeds one token per row; otherwise
+    (``next_token_logits``) every step re-runs the whole sequences.
     """
+    make_decoder = getattr(engine, "decoder", None) if use_cache else None
     next_logits = getattr(engine, "next_token_logits", None)
-    if next_logits is None:
+    if make_decoder is None and next_logits is None:
         raise MobizoError(
             f"the {getattr(engine, 'name', '?')} engine cannot generate text; "
             "generation tasks evaluate with --engine eager"
@@ -129,37 +199,58 @@ def generate(
     tok = encoder.tokenizer
     eos = tok.eos_token_id
     budget = max_length - max_new_tokens
-    texts, truncated = [], 0
-    for chunk in _chunks(prompts, batch_size):
-        seqs = []
-        for p in chunk:
-            ids = encoder.prompt_ids(p)
-            if len(ids) > budget:
-                ids, truncated = ids[len(ids) - budget :], truncated + 1
-            seqs.append(list(ids))
-        new: list[list[int]] = [[] for _ in chunk]
-        active = list(range(len(chunk)))
-        for _ in range(max_new_tokens):
-            T = max(len(seqs[i]) for i in active)
-            ids = torch.full((len(active), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(active), T), dtype=torch.long)
-            for r, i in enumerate(active):
-                ids[r, T - len(seqs[i]) :] = torch.tensor(seqs[i])
-                mask[r, T - len(seqs[i]) :] = 1
-            choice = next_logits(ids, mask).argmax(-1).tolist()
-            still = []
-            for r, i in enumerate(active):
-                t = int(choice[r])
-                if eos is not None and t == eos:
-                    continue
-                new[i].append(t)
-                seqs[i].append(t)
-                if "\n" not in tok.decode(new[i], skip_special_tokens=True):
-                    still.append(i)
-            active = still
-            if not active:
-                break
-        texts += [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in new]
+    seqs, truncated = [], 0
+    for p in prompts:
+        ids = encoder.prompt_ids(p)
+        if len(ids) > budget:
+            ids, truncated = ids[len(ids) - budget :], truncated + 1
+        seqs.append(list(ids))
+    order = _by_length(engine, [len(s) for s in seqs])
+    new: list[list[int]] = [[] for _ in prompts]
+
+    def left_pad(rows: list[int]):
+        T = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, T - len(seqs[i]) :] = torch.tensor(seqs[i])
+            mask[r, T - len(seqs[i]) :] = 1
+        return ids, mask
+
+    def advance(active: list[int], logits) -> list[int]:
+        """Append each active row's greedy token; the rows still going."""
+        choice = logits.argmax(-1).tolist()
+        still = []
+        for r, i in enumerate(active):
+            t = int(choice[r])
+            if eos is not None and t == eos:
+                continue
+            new[i].append(t)
+            seqs[i].append(t)
+            if "\n" not in tok.decode(new[i], skip_special_tokens=True):
+                still.append(i)
+        return still
+
+    with _bar(len(prompts), progress, "generate") as bar:
+        for chunk in _chunks(order, batch_size):
+            active = list(chunk)
+            if make_decoder is not None:
+                dec = make_decoder(*left_pad(active))
+                for n in range(max_new_tokens):
+                    still = advance(active, dec.logits)
+                    if not still or n == max_new_tokens - 1:
+                        break
+                    if len(still) < len(active):
+                        dec.keep([active.index(i) for i in still])
+                    active = still
+                    dec.step(torch.tensor([seqs[i][-1] for i in active]))
+            else:
+                for _ in range(max_new_tokens):
+                    active = advance(active, next_logits(*left_pad(active)))
+                    if not active:
+                        break
+            bar.update(len(chunk))
+    texts = [tok.decode(g, skip_special_tokens=True).split("\n")[0].strip() for g in new]
     return texts, truncated
 
 
@@ -173,24 +264,39 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     predictions: list | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Metrics for ``examples`` (see the module docstring). ``predictions``, if given, receives
-    the generated texts of a generation task."""
+    the generated texts of a generation task. ``progress``: a progress bar on stderr (``None``: only
+    on an interactive terminal)."""
     if not examples:
         raise MobizoError("nothing to evaluate: no examples")
+    t0 = time.perf_counter()
+    metrics = _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, max_new_tokens, predictions,
+                        progress)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    metrics["seconds"] = seconds
+    metrics["examples_per_second"] = len(examples) / seconds if seconds > 0 else float("inf")
+    return metrics
+
+
+def _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, max_new_tokens, predictions, progress):
     limit = min(max_length, engine.shapes.length) if engine.shapes.length else max_length
     if kind in ("classification", "multiple_choice"):
-        pairs, owners = [], []
-        for i, ex in enumerate(examples):
-            for cand in ex.candidates:
-                pairs.append((ex.prompt, cand))
-                owners.append(i)
-        sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size)
-        correct, gold_ce, gold_tokens, pos = 0, 0.0, 0.0, 0
-        for ex in examples:
-            n = len(ex.candidates)
-            s, c = sums[pos : pos + n], counts[pos : pos + n]
-            pos += n
+        if can_share_prompt(engine, encoder, examples):
+            table, ctable = score_choices(engine, encoder, examples, pad_id, max_length, batch_size, progress)
+            per_example = [(table[i, : len(ex.candidates)], ctable[i, : len(ex.candidates)])
+                           for i, ex in enumerate(examples)]  # fmt: skip
+        else:
+            pairs = [(ex.prompt, cand) for ex in examples for cand in ex.candidates]
+            sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size, progress)
+            per_example, pos = [], 0
+            for ex in examples:
+                n = len(ex.candidates)
+                per_example.append((sums[pos : pos + n], counts[pos : pos + n]))
+                pos += n
+        correct, gold_ce, gold_tokens = 0, 0.0, 0.0
+        for ex, (s, c) in zip(examples, per_example):
             # classification: total log-prob of the label word; multiple choice: per-token mean
             scores = -s if kind == "classification" else -s / c.clamp(min=1)
             correct += int(int(torch.argmax(scores)) == ex.label)
@@ -203,12 +309,13 @@ def evaluate(
             "truncated": count_truncated(encoder, examples, limit),
         }
     pairs = [(e.prompt, e.answer) for e in examples]
-    sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size)
+    sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size, progress)
     loss = float(sums.sum() / counts.sum().clamp(min=1))
     if kind == "generation":
         texts, truncated = generate(
-            engine, encoder, [e.prompt for e in examples], pad_id, max_length, max_new_tokens, batch_size
-        )
+            engine, encoder, [e.prompt for e in examples], pad_id, max_length, max_new_tokens, batch_size,
+            progress=progress,
+        )  # fmt: skip
         f1 = em = 0.0
         for ex, text in zip(examples, texts):
             f, e = answer_scores(text, ex.answers or [ex.answer.strip()])

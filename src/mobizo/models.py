@@ -84,14 +84,19 @@ def random_model(cls, config, seed: int, name: str):
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from ``tiny`` or a local Hugging Face model directory, offline."""
+    """(model, tokenizer) from ``tiny``, a local Hugging Face model directory or a ``.gguf`` file, offline."""
     if path == TINY:
         return build_tiny(dtype)
     p = Path(path)
+    from .convert import is_gguf, load_gguf
+
+    if is_gguf(p) or p.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf(p, dtype, trust_remote_code)
+        return model, _fix_tokenizer(tokenizer)
     if not p.exists():
-        raise MobizoError(f"model directory {path} does not exist (use --model tiny for the built-in model)")
+        raise MobizoError(f"model {path} does not exist (a Hugging Face model directory, a .gguf file, or tiny for the built-in model)")
     if not p.is_dir() or not (p / "config.json").is_file():
-        raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json) or a GGUF file")
     if not any(p.glob("*.safetensors")):
         raise MobizoError(f"{path} has no *.safetensors weights (mobizo loads weights only from safetensors)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,11 +111,40 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         )
     except Exception as e:  # noqa: BLE001
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    model.config.name_or_path = str(p.resolve())
+    return model.eval(), _fix_tokenizer(tokenizer)
+
+
+def _fix_tokenizer(tokenizer):
+    """mobizo's layout: a pad token (EOS or UNK when the model has none) and left padding."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     tokenizer.padding_side = "left"
-    model.config.name_or_path = str(p.resolve())
-    return model.eval(), tokenizer
+    return tokenizer
+
+
+# config attributes that bound the positions a model can embed (learned tables index out of range past them)
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+
+
+def max_positions(model) -> int | None:
+    """The number of positions the model's config declares (its position table / trained context), if any."""
+    config = getattr(model, "config", None)
+    for name in POSITION_LIMITS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(model, max_length: int, flag: str = "--max-length") -> None:
+    """Refuse a sequence length beyond the model's positions with one line (instead of an IndexError in
+    the position embedding, or RoPE positions the model never saw). Call it once the model is loaded."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        raise MobizoError(f"{flag} {max_length} is longer than the {limit} positions of model {name}; "
+                          f"use {flag} {limit} or less")  # fmt: skip
 
 
 def weights_hash(model: torch.nn.Module) -> str:

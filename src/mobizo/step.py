@@ -110,8 +110,44 @@ def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
     return ce.sum(-1), valid.sum(-1)
 
 
+def choice_losses(model: nn.Module, input_ids, attention_mask, candidates):
+    """Shared-prompt scoring: rows are prompts, ``candidates`` (rows, C) the candidates' single token ids.
+
+    Returns (rows, C) cross-entropies ``-log p(candidate | prompt)``, all read from the logits at the
+    last position (one LM-head row per prompt), and (rows, C) token counts (1, or 0 where a
+    candidate is -100: a missing candidate or a filler row). For one-token candidates this equals
+    :func:`answer_losses` over one row per (prompt, candidate): causal attention means the prompt's
+    last position never sees the candidate token that follows it.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=1,
+        use_cache=False,
+    ).logits[:, -1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = candidates != -100
+    ce = -logp.gather(1, torch.where(valid, candidates, torch.zeros_like(candidates)))
+    return torch.where(valid, ce, torch.zeros_like(ce)), valid.long()
+
+
+def row_losses(model: nn.Module, input_ids, attention_mask, labels, shared: bool = False):
+    """:func:`choice_losses` (shared prompt: ``labels`` holds candidate ids) or :func:`answer_losses`."""
+    if shared:
+        return choice_losses(model, input_ids, attention_mask, labels)
+    return answer_losses(model, input_ids, attention_mask, labels)
+
+
 def objective_loss(sums, counts, gold, objective: str = "answer", choices: int = 0):
-    """Loss of each group (copy) of rows; ``sums``/``counts`` are (groups, rows), ``gold`` (groups, examples)."""
+    """Loss of each group (copy) of rows; ``sums``/``counts`` are (groups, rows), ``gold`` (groups, examples).
+
+    For the choice objectives the rows of a group are example-major, ``choices`` per example: one row
+    per (example, candidate), or with a shared prompt the flattened (examples, choices) scores.
+    """
     if objective == "answer":
         return sums.sum(-1) / counts.sum(-1).clamp(min=1)
     groups = sums.shape[0]
@@ -148,10 +184,12 @@ def _directions(z: torch.Tensor, copies: list[tuple[int, float]], queries: int) 
 class ZOStep(nn.Module):
     """A whole zeroth-order step over a model with MP-LoRA layers (see module docstring)."""
 
-    def __init__(self, model: nn.Module, config: ZOConfig):
+    def __init__(self, model: nn.Module, config: ZOConfig, shared_prompt: bool = False):
         super().__init__()
         self.model = model
         self.config = config
+        # rows are examples and ``labels`` the candidates' token ids (see :func:`choice_losses`)
+        self.shared_prompt = shared_prompt
         self.layer_names = [n for n, _ in lora_layers(model)]
         if not self.layer_names:
             raise MobizoError("the model has no MP-LoRA layers (inject adapters first)")
@@ -166,11 +204,14 @@ class ZOStep(nn.Module):
         shapes = [tuple(layer.lora_B.shape) for layer in layers]
         return layers_noise(self.config.seed, step, shapes, self.config.queries, layers[0].lora_B.dtype)
 
-    def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None):
+    def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None, shared: bool | None = None):
         cfg = self.config
         q, split = cfg.queries, cfg.data_mode == "split"
         if split:
             cfg.check_batch(input_ids.shape[0] if gold is None else gold.shape[0])
+        shared = self.shared_prompt if shared is None else shared
+        if shared and cfg.objective == "answer":
+            raise MobizoError("a shared-prompt batch needs a choice objective")
         layers = self._layers()
         zs = self.noise(step)
         loss_of: dict[tuple[int, float], torch.Tensor] = {}
@@ -180,11 +221,12 @@ class ZOStep(nn.Module):
                 coef = (eps * signs).to(zs[0].dtype).reshape(-1, 1, 1)
                 for layer, z in zip(layers, zs):
                     layer.copies = layer.lora_B.unsqueeze(0) + coef * _directions(z, copies, q)
-                sums, counts = answer_losses(
+                sums, counts = row_losses(
                     self.model,
                     _copy_rows(input_ids, copies, q, split),
                     _copy_rows(attention_mask, copies, q, split),
                     _copy_rows(labels, copies, q, split),
+                    shared,
                 )
                 n = len(copies)
                 gold_rows = None if gold is None else _copy_rows(gold, copies, q, split).reshape(n, -1)
@@ -255,12 +297,14 @@ def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
 class AnswerLoss(nn.Module):
     """The training objective of one batch (no perturbation): the first-order baseline's loss."""
 
-    def __init__(self, model: nn.Module, objective: str = "answer", choices: int = 0):
+    def __init__(self, model: nn.Module, objective: str = "answer", choices: int = 0, shared_prompt: bool = False):
         super().__init__()
         self.model = model
         self.objective, self.choices = objective, choices
+        self.shared_prompt = shared_prompt
 
-    def forward(self, input_ids, attention_mask, labels, gold=None):
-        sums, counts = answer_losses(self.model, input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, gold=None, shared: bool | None = None):
+        shared = self.shared_prompt if shared is None else shared
+        sums, counts = row_losses(self.model, input_ids, attention_mask, labels, shared)
         g = None if gold is None else gold[None]
         return objective_loss(sums[None], counts[None], g, self.objective, self.choices)[0]

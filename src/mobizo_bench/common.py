@@ -35,17 +35,9 @@ LENGTH = 64  # tokens per sequence in the speed and memory benchmarks
 
 def set_threads(n: int) -> None:
     """Intra-op threads of PyTorch and of the ExecuTorch runtime's threadpool (XNNPACK)."""
-    torch.set_num_threads(n)
-    try:
-        from mobizo.util import quiet_stderr
+    from mobizo.threads import apply_threads
 
-        with quiet_stderr():  # the runtime's cpuinfo probes print on first import
-            from executorch.extension.pybindings import portable_lib
-
-            if portable_lib._threadpool_get_thread_count() != n:
-                portable_lib._unsafe_reset_threadpool(n)
-    except Exception:  # noqa: BLE001 - no runtime: eager-only measurements still work
-        pass
+    apply_threads(n)
 
 
 def thread_env(n: int) -> dict:

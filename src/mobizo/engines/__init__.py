@@ -14,6 +14,8 @@ class Shapes:
     answer_len: int | None = None
     rows: int | None = None
     eval_rows: int | None = None
+    shared: bool | None = None  # choice batches: None = either layout, True = shared prompt only, False = per candidate only
+    choices: int | None = None  # candidates per example a fixed-shape shared-prompt program scores
 
 
 @dataclass
@@ -27,8 +29,10 @@ class StepOutput:
 class Engine(Protocol):
     """What the trainer, eval and the benchmarks need from whoever runs the step.
 
-    An engine that can also generate text (generation tasks) has
-    ``next_token_logits(input_ids, attention_mask) -> (rows, vocab)`` for left-padded rows.
+    Optional methods: ``score_choices(batch) -> (sums, counts)`` of shape (examples, choices) for a
+    shared-prompt batch (one-token candidates scored at the prompt's last position; classification and
+    multiple-choice eval use it when every candidate is one token); ``next_token_logits(input_ids,
+    attention_mask) -> (rows, vocab)`` for left-padded rows (generation tasks).
     """
 
     name: str

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import MobizoError
 from ..mplora import adapter_state, load_adapter_state, make_trainable
-from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses
+from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses, choice_losses
 from . import Shapes, StepOutput
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -45,7 +45,7 @@ class EagerEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels, batch.gold)
+            loss = self.loss(batch.input_ids, batch.attention_mask, batch.labels, batch.gold, shared=batch.shared)
             if torch.isfinite(loss):  # the divergence guard: a non-finite loss leaves the adapter untouched
                 loss.backward()
                 self.optimizer.step()
@@ -59,6 +59,7 @@ class EagerEngine:
                 torch.tensor(lr, dtype=torch.float32),
                 torch.tensor(eps, dtype=torch.float32),
                 batch.gold,
+                shared=batch.shared,
             )
         return StepOutput(
             loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist()
@@ -67,6 +68,11 @@ class EagerEngine:
     @torch.no_grad()
     def score(self, batch):
         return answer_losses(self.model, batch.input_ids, batch.attention_mask, batch.labels)
+
+    @torch.no_grad()
+    def score_choices(self, batch):
+        """Shared-prompt batch (:func:`mobizo.data.collate_choices`): (examples, choices) CE and counts."""
+        return choice_losses(self.model, batch.input_ids, batch.attention_mask, batch.labels)
 
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask):
@@ -81,6 +87,10 @@ class EagerEngine:
         ).logits
         return logits[:, -1].float()
 
+    def decoder(self, input_ids, attention_mask) -> "KVDecoder":
+        """Greedy decoding state with a KV cache, started on left-padded prompts (see :class:`KVDecoder`)."""
+        return KVDecoder(self.model, input_ids, attention_mask)
+
     def adapter_state(self):
         return adapter_state(self.model)
 
@@ -93,3 +103,43 @@ class EagerEngine:
     def load_optimizer_state(self, state) -> None:
         if self.optimizer is not None and state is not None:
             self.optimizer.load_state_dict(state)
+
+
+class KVDecoder:
+    """Incremental decoding with a KV cache: the prompts run once, then one token per row per step.
+
+    ``logits`` (rows, vocab) predicts each row's next token; ``step(tokens)`` appends one token per
+    row and returns the new ``logits``; ``keep(rows)`` drops finished rows from the batch (and the
+    cache). Positions continue from each row's own length, so left padding is never attended to and
+    the logits are those of an uncached forward over the whole sequence.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, input_ids, attention_mask):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.mask = attention_mask
+        self.cache = DynamicCache()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = attention_mask.sum(-1, keepdim=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.reshape(-1, 1).to(torch.long)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.next_pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        self.cache = out.past_key_values
+        self.next_pos = self.next_pos + 1
+        self.logits = out.logits[:, -1].float()
+        return self.logits
+
+    def keep(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.cache.reorder_cache(idx)
+        self.mask, self.next_pos, self.logits = self.mask[idx], self.next_pos[idx], self.logits[idx]

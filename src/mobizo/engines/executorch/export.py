@@ -6,6 +6,11 @@ Four methods share the adapter's mutable buffers:
   in-graph noise from (seed, step), batched forward over the 2q copies, per-copy losses,
   projected gradients and the in-place update of every B;
 * ``score(input_ids, attention_mask, labels) -> (ce sums, token counts)``: eval with the current B;
+
+With ``manifest.shared_prompt`` (choice objective, every candidate one token) the rows of both
+``train_step`` and ``score`` are examples holding only the prompt and ``labels`` is (rows, choices):
+the candidates' token ids, all read at the prompt's last position (``score`` then returns
+(rows, choices) CE and counts). Exact, and ``choices`` times fewer rows than one row per candidate.
 * ``get_adapter() -> (A_0, B_0, A_1, B_1, ...)``: read the adapter out;
 * ``set_adapter(B_0, B_1, ...)``: load an adapter (resume, or a fresh start).
 
@@ -29,19 +34,20 @@ from torch import nn
 from ...checkpoint import atomic_write_dir
 from ...errors import MobizoError
 from ...mplora import lora_layers
-from ...step import ZOStep, answer_losses
 from ...progress import Stages
+from ...step import ZOStep, row_losses
 from ...util import dumps
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
 
 class ScoreMethod(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, shared_prompt: bool = False):
         super().__init__()
         self.model = model  # same attribute name as ZOStep.model: buffer names match across methods
+        self.shared_prompt = shared_prompt
 
     def forward(self, input_ids, attention_mask, labels):
-        return answer_losses(self.model, input_ids, attention_mask, labels)
+        return row_losses(self.model, input_ids, attention_mask, labels, self.shared_prompt)
 
 
 class GetAdapter(nn.Module):
@@ -120,7 +126,7 @@ def plain_attention(model: nn.Module):
 def _example_inputs(m: Manifest, rows: int):
     ids = torch.ones((rows, m.max_length), dtype=torch.long)
     mask = torch.ones((rows, m.max_length), dtype=torch.long)
-    labels = torch.ones((rows, m.answer_len), dtype=torch.long)
+    labels = torch.ones((rows, m.label_width), dtype=torch.long)
     return ids, mask, labels
 
 
@@ -137,7 +143,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     if not names:
         raise MobizoError("the model has no MP-LoRA layers to export")
     model.eval()
-    step = ZOStep(model, manifest.zo_config())
+    step = ZOStep(model, manifest.zo_config(), shared_prompt=manifest.shared_prompt)
     ids, mask, labels = _example_inputs(manifest, manifest.rows)
     train_args = (ids, mask, labels, torch.tensor(1, dtype=torch.long), torch.tensor(1e-3), torch.tensor(1e-3))
     if manifest.objective != "answer":
@@ -150,7 +156,8 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
         with torch.no_grad(), plain_attention(model):
             programs = {
                 "train_step": torch.export.export(step, train_args, strict=False),
-                "score": torch.export.export(ScoreMethod(model), _example_inputs(manifest, manifest.eval_rows), strict=False),
+                "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt),
+                                             _example_inputs(manifest, manifest.eval_rows), strict=False),
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }

@@ -60,6 +60,7 @@ class FOManifest:
     choices: int = 0
     train_a: bool = False
     xnnpack: bool = True
+    shared_prompt: bool = False  # rows are examples, labels (rows, choices) candidate ids (see step.choice_losses)
     parameters: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     pte_sha256: str = ""
@@ -104,11 +105,14 @@ def export_fo_program(
     m = manifest
     fo_model = copy.deepcopy(model).eval()
     make_trainable(fo_model, m.train_a)
-    loss = AnswerLoss(fo_model, m.objective, m.choices)
+    if m.shared_prompt and (m.objective == "answer" or m.answer_len != 1):
+        raise MobizoError("a shared-prompt FO program needs the choice objective and one-token candidates")
+    loss = AnswerLoss(fo_model, m.objective, m.choices, shared_prompt=m.shared_prompt)
+    width = m.choices if m.shared_prompt else m.answer_len
     args = (torch.ones((m.rows, m.max_length), dtype=torch.long), torch.ones((m.rows, m.max_length), dtype=torch.long),
-            torch.ones((m.rows, m.answer_len), dtype=torch.long))  # fmt: skip
+            torch.ones((m.rows, width), dtype=torch.long))  # fmt: skip
     if m.objective != "answer":
-        args += (torch.zeros(m.rows // m.choices, dtype=torch.long),)
+        args += (torch.zeros(m.rows if m.shared_prompt else m.rows // m.choices, dtype=torch.long),)
     try:
         with plain_attention(fo_model):
             ep = torch.export.export(loss, args, strict=False)
@@ -187,11 +191,14 @@ class ExecuTorchFOEngine:
 
     def _args(self, batch) -> list:
         m = self.manifest
-        if tuple(batch.input_ids.shape) != (m.rows, m.max_length) or batch.labels.shape[1] != m.answer_len:
+        width = m.choices if m.shared_prompt else m.answer_len
+        if tuple(batch.input_ids.shape) != (m.rows, m.max_length) or batch.labels.shape[1] != width:
             raise MobizoError(
                 f"batch of shape {tuple(batch.input_ids.shape)} (answer window {batch.labels.shape[1]}) does not "
-                f"match the FO program's ({m.rows}, {m.max_length}) (answer window {m.answer_len})"
+                f"match the FO program's ({m.rows}, {m.max_length}) (answer window {width})"
             )
+        if bool(getattr(batch, "shared", False)) != m.shared_prompt:
+            raise MobizoError("batch layout (shared prompt or one row per candidate) does not match the FO program")
         args = [batch.input_ids, batch.attention_mask, batch.labels]
         if m.objective != "answer":
             args.append(batch.gold)

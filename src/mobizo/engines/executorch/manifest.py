@@ -47,14 +47,22 @@ class Manifest:
     target_modules: list[str]
     adapter_shapes: dict[str, list[int]]
     xnnpack: bool = True
+    # choice objective with one-token candidates: rows are examples (prompt only) and the labels input
+    # is (rows, choices) candidate token ids read at the last position (mobizo.step.choice_losses)
+    shared_prompt: bool = False
     versions: dict = field(default_factory=dict)
     pte_sha256: str = ""
     pte_bytes: int = 0
 
     @property
     def rows(self) -> int:
-        """Rows of the train_step inputs (examples x candidates for the choice objective)."""
-        return self.batch_size * (self.choices if self.objective != "answer" else 1)
+        """Rows of the train_step inputs (examples x candidates for the per-candidate choice objective)."""
+        return self.batch_size * (self.choices if self.objective != "answer" and not self.shared_prompt else 1)
+
+    @property
+    def label_width(self) -> int:
+        """Columns of the ``labels`` input: the answer window K, or the candidates with a shared prompt."""
+        return self.choices if self.shared_prompt else self.answer_len
 
     def zo_config(self) -> ZOConfig:
         return ZOConfig(self.estimator, self.queries, self.seed, self.data_mode, self.weight_decay,
@@ -93,8 +101,15 @@ def check_manifest(m: Manifest, expected: dict) -> None:
             raise MobizoError(f"program was built with {key} {m.versions.get(key)}, this is {cur[key]} (re-export it)")
 
 
-def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash):
+def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
+                 shared_prompt: bool | None = None):  # fmt: skip
+    """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
+    candidate one token: ``answer_len == 1``)."""
     layers = lora_layers(model)
+    if shared_prompt is None:
+        shared_prompt = zo.objective != "answer" and answer_len == 1
+    if shared_prompt and (zo.objective == "answer" or answer_len != 1):
+        raise MobizoError("a shared-prompt program needs the choice objective and one-token candidates")
     return Manifest(
         model=model_name,
         base_weights_sha256=base_hash,
@@ -114,6 +129,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         alpha=alpha,
         target_modules=[n for n, _ in layers],
         adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
+        shared_prompt=shared_prompt,
     )
 
 

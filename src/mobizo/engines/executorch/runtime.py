@@ -50,7 +50,8 @@ class ExecuTorchEngine:
         except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
             raise MobizoError(f"ExecuTorch cannot load {pte}: {e}") from e
         self.names = list(m.adapter_shapes)
-        self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows)
+        self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows,
+                             shared=m.shared_prompt, choices=m.choices if m.shared_prompt else None)  # fmt: skip
         self.estimator = m.estimator
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
         self._set_b([torch.zeros(*m.adapter_shapes[n]) for n in self.names])
@@ -73,10 +74,14 @@ class ExecuTorchEngine:
 
     def _check(self, batch, rows: int) -> None:
         m = self.manifest
-        if tuple(batch.input_ids.shape) != (rows, m.max_length) or batch.labels.shape[1] != m.answer_len:
+        if bool(getattr(batch, "shared", False)) != m.shared_prompt:
+            layouts = ("one row per candidate", "one shared prompt row per example")
+            raise MobizoError(f"batch has {layouts[bool(getattr(batch, 'shared', False))]}, the program takes "
+                              f"{layouts[m.shared_prompt]} (re-export it)")  # fmt: skip
+        if tuple(batch.input_ids.shape) != (rows, m.max_length) or batch.labels.shape[1] != m.label_width:
             raise MobizoError(
                 f"batch of shape {tuple(batch.input_ids.shape)} (answer window {batch.labels.shape[1]}) does not match "
-                f"the program's ({rows}, {m.max_length}) (answer window {m.answer_len})"
+                f"the program's ({rows}, {m.max_length}) (answer window {m.label_width})"
             )
 
     def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
@@ -92,6 +97,10 @@ class ExecuTorchEngine:
         self._check(batch, self.manifest.eval_rows)
         sums, counts = self._run("score", [batch.input_ids, batch.attention_mask, batch.labels])
         return sums, counts
+
+    def score_choices(self, batch):
+        """A shared-prompt program's ``score``: (eval_rows, choices) CE and counts."""
+        return self.score(batch)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         out = self._run("get_adapter", [])

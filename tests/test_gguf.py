@@ -1,0 +1,201 @@
+"""GGUF in, Hugging Face out: a tiny Llama written as GGUF (llama.cpp's names and q/k permutation,
+a byte-level BPE vocabulary) loads, trains, converts, and its adapters load with peft."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from mobizo.errors import MobizoError
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute`` (rotary halves -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, tokenizer, path, qtype="F32", arch="llama", drop=(), raw_types=None):
+    """Write ``model`` (a transformers Llama) and its byte-level BPE ``tokenizer`` as llama.cpp does."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("mobizo tiny")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(0)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"] for t in spec["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for key, t in model.state_dict().items():
+        base, suffix = key.rsplit(".", 1)
+        name = names.get_name(base) + "." + suffix
+        if name in drop:
+            continue
+        a = t.detach().float().numpy()
+        if name.endswith("attn_q.weight"):
+            a = _permute(a, c.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            a = _permute(a, c.num_key_value_heads)
+        kind = (raw_types or {}).get(name, qtype if a.ndim == 2 else "F32")
+        if kind == "F32":
+            w.add_tensor(name, np.ascontiguousarray(a))
+        elif kind == "F16":
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            q = gguf.GGMLQuantizationType[kind]
+            if q in gguf.quants._type_traits:
+                data = gguf.quants.quantize(a, q)
+            else:  # a type gguf cannot (de)quantize: right-sized garbage bytes
+                block, size = gguf.GGML_QUANT_SIZES[q]
+                data = np.zeros((*a.shape[:-1], a.shape[-1] // block * size), dtype=np.uint8)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_pair):
+    model, tok = tiny_pair
+    return write_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gguf):
+    from mobizo.models import load_model
+
+    return load_model(str(tiny_gguf))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_round_trip_equals_the_source_model(tiny_pair, loaded):
+    src, tok = tiny_pair
+    model, gtok = loaded
+    assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model.config, "quantization_config")
+    assert gtok.padding_side == "left" and gtok.pad_token_id == tok.pad_token_id
+    text = "the movie was great, I loved it"
+    assert gtok(text)["input_ids"][-8:] == tok(text)["input_ids"][-8:]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    torch.testing.assert_close(_logits(model, ids), _logits(src, ids), rtol=0, atol=1e-5)
+
+
+def test_quantized_gguf_dequantizes_close_to_source(tiny_pair, tmp_path):
+    from mobizo.models import load_model
+
+    src, tok = tiny_pair
+    path = write_gguf(src, tok, tmp_path / "q8.gguf", qtype="Q8_0")
+    model, _ = load_model(str(path))
+    ids = torch.tensor([tok("a tiny quantized model")["input_ids"]])
+    a, b = _logits(model, ids), _logits(src, ids)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert not torch.equal(a, b)  # really went through Q8_0
+
+
+def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path):
+    """GGUF train -> eval -> convert -> peft: the adapter on the converted checkpoint gives mobizo's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mobizo.checkpoint import read_adapter
+    from mobizo.convert import convert_gguf
+    from mobizo.models import load_model
+    from mobizo.mplora import inject, load_adapter_state
+    from mobizo.trainer import TrainConfig, train
+
+    run = tmp_path / "run"
+    summary = train(TrainConfig(model=str(tiny_gguf), task="synthetic", queries=2, batch_size=4, max_length=32,
+                                steps=3, eval_every=0, save_every=0, eval_examples=16, lr=1.0, eps=0.05,
+                                progress=False, out=str(run)))  # fmt: skip
+    assert summary["status"] == "completed" and summary["config"]["model"] == str(tiny_gguf)
+    code, err = run_cli(["eval", "--model", tiny_gguf, "--adapter", run / "adapter", "--eval-examples", 16])
+    assert code == 0, err
+
+    out = convert_gguf(tiny_gguf, tmp_path / "hf")
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    htok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    peft_model = PeftModel.from_pretrained(base, run / "adapter").eval()
+
+    mine, tok = load_model(str(tiny_gguf))
+    state, cfg = read_adapter(run / "adapter")
+    assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("lora_B"))
+    inject(mine, sorted({k.rsplit(".", 1)[0] for k in state}), int(cfg["r"]), float(cfg["lora_alpha"]), 0)
+    load_adapter_state(mine, state)
+    text = "the food was awful"
+    assert htok(text)["input_ids"] == tok(text)["input_ids"]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    torch.testing.assert_close(_logits(peft_model, ids), _logits(mine, ids), rtol=0, atol=1e-5)
+    # the converted directory is an ordinary mobizo model too
+    code, err = run_cli(["eval", "--model", out, "--adapter", run / "adapter", "--eval-examples", 16])
+    assert code == 0, err
+    with pytest.raises(MobizoError, match="not empty"):
+        convert_gguf(tiny_gguf, out)
+
+
+def test_bad_gguf_inputs_are_one_line_errors(tiny_pair, tmp_path):
+    from mobizo.convert import convert_gguf
+    from mobizo.models import load_model
+
+    src, tok = tiny_pair
+    notgguf = tmp_path / "model.gguf"
+    notgguf.write_bytes(b"PK\x03\x04 definitely a zip file, not a gguf" * 4)
+    with pytest.raises(MobizoError, match="not a GGUF file"):
+        load_model(str(notgguf))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(MobizoError, match="not a GGUF file"):
+        load_model(str(tmp_path / "empty.gguf"))
+    bert = write_gguf(src, tok, tmp_path / "bert.gguf", arch="bert")
+    with pytest.raises(MobizoError, match="architecture 'bert' is not one transformers .* can read"):
+        load_model(str(bert))
+    q81 = write_gguf(src, tok, tmp_path / "q81.gguf", raw_types={"blk.0.attn_q.weight": "Q8_1"})
+    with pytest.raises(MobizoError, match="blk.0.attn_q.weight is stored as Q8_1, which the gguf package"):
+        load_model(str(q81))
+    good = write_gguf(src, tok, tmp_path / "good.gguf")
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(MobizoError, match="truncated"):
+        load_model(str(tmp_path / "cut.gguf"))
+    missing = write_gguf(src, tok, tmp_path / "missing.gguf", drop={"blk.1.ffn_up.weight"})
+    with pytest.raises(MobizoError, match="no tensor for model.layers.1.mlp.up_proj.weight"):
+        load_model(str(missing))
+    with pytest.raises(MobizoError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere.gguf"))
+    # through the CLI: one line, exit 2, nothing written
+    code, err = run_cli(["train", "--model", q81, "--steps", 1, "--out", tmp_path / "o"])
+    assert code == 2 and "Q8_1" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(MobizoError, match="Q8_1"):
+        convert_gguf(q81, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert struct.unpack_from("<I", data, 4)[0] == 3  # the writer's GGUF version, which the reader accepts
