@@ -90,7 +90,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from mobizo.bundle import make_bundle
     from mobizo.native import build
-    from mobizo.trainer import TrainConfig
+    from mobizo.config import TrainConfig
 
     bundle = Path(args.bundle) if args.bundle else out / "bundle"
     if not args.bundle:

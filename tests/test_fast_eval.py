@@ -21,7 +21,7 @@ PROMPTS = ["Q: what is the capital of France? A:", "hi", "Review: the movie was 
 
 
 def test_kv_cache_generation_gives_the_uncached_texts(tiny):
-    from mobizo.evaluate import generate
+    from mobizo.evaluation import generate
 
     model, tok = tiny
     engine, enc = _engine(model), Encoder(tok)
@@ -65,7 +65,7 @@ def test_kv_decoder_matches_full_forwards_after_dropping_rows(tiny):
 
 
 def test_length_sorted_scoring_and_speed_metrics(tiny):
-    from mobizo.evaluate import evaluate, score_pairs
+    from mobizo.evaluation import evaluate, score_pairs
     from mobizo.tasks import Example
 
     model, tok = tiny

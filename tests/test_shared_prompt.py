@@ -122,7 +122,7 @@ class _PerCandidate:
 @pytest.mark.parametrize("kind", ["classification", "multiple_choice"])
 def test_eval_metrics_match(tiny, kind):
     from mobizo.engines.eager import EagerEngine
-    from mobizo.evaluate import can_share_prompt, evaluate
+    from mobizo.evaluation import can_share_prompt, evaluate
 
     model, tok = tiny
     model = _adapted(model)

@@ -53,7 +53,7 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
     engine = EagerEngine(run.model, estimator=None)  # scoring only
     d = cfg.data
     metrics = run_eval(engine, run.task.kind, run.validation, run.encoder, run.tokenizer.pad_token_id, d.max_length,
-                       d.eval_batch_size, d.max_new_tokens)  # fmt: skip
+                       d.eval_batch_size, d.max_new_tokens, progress=cfg.run.progress)  # fmt: skip
     return {"task": run.task.name, "kind": run.task.kind, "metric": main_metric(run.task.kind), "model": cfg.model,
             "adapter": None if adapter is None else str(adapter), **metrics}  # fmt: skip
 

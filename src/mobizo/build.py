@@ -106,7 +106,10 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     """
     from .mplora import inject
 
+    from .threads import apply_threads
+
     cfg.validate()
+    apply_threads(cfg.run.threads, runtime=False)
     d = cfg.data
     if train is not None:
         train = as_examples(train, "train_examples")
@@ -131,9 +134,15 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     elif tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
+    from .data import check_candidates
+    from .models import check_max_length
+
+    check_max_length(model, d.max_length)
     a = cfg.adapter
     targets = inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
     encoder = Encoder(tokenizer)
+    for what, exs in (("train", train), ("validation", validation)):
+        check_candidates(encoder, exs, what)
     truncated = {what: warn_truncated(encoder, exs, d.max_length, d.truncation, what)
                  for what, exs in (("train", train), ("validation", validation)) if exs}  # fmt: skip
     objective, choices = resolve_objective(cfg.optim.objective, task.kind, train or validation)
@@ -202,6 +211,9 @@ def build_engine(run: Run, program_dir: Path | None = None):
                 export_program(run, target)
         with status("loading the ExecuTorch program", cfg.run.progress):
             engine = ExecuTorchEngine(target, expected)
+        from .threads import apply_threads
+
+        apply_threads(cfg.run.threads)  # the runtime's thread pool (XNNPACK) exists now
     else:
         from .engines.eager import EagerEngine
 

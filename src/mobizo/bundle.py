@@ -63,6 +63,7 @@ from .checkpoint import atomic_write_dir
 from .data import IGNORE, Batch, collate, collate_choices, step_indices
 from .errors import MobizoError
 from .rundir import MARKER, check_replaceable
+from .schedule import lr_at
 from .util import dumps
 
 FORMAT = 1
@@ -270,7 +271,10 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
         data = collate_examples(run, manifest.max_length, manifest.answer_len)
         batches = batch_indices(len(run.train), o.batch_size, o.steps, cfg.seed)
         config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model)
-        return write_bundle(out, program, data, batches, lr=o.lr, eps=o.eps,
+        # the per-step lr of --lr-schedule / --warmup-steps goes into schedule.bin (a constant lr stays in run.json)
+        lr = o.lr if o.lr_schedule == "constant" and not o.warmup_steps else \
+            [lr_at(s, o.lr, o.steps, o.lr_schedule, o.warmup_steps) for s in range(1, o.steps + 1)]  # fmt: skip
+        return write_bundle(out, program, data, batches, lr=lr, eps=o.eps,
                             log_header=log_header(cfg.trajectory(), run.targets), adapter_config=config,
                             adapter_metadata=meta, save_every=cfg.run.save_every, max_bad_steps=o.max_bad_steps,
                             overwrite=overwrite)  # fmt: skip

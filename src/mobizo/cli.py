@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(p, C.TRAIN_FLAGS)
 
     p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
-    C.add_arguments(p, C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress",),
+    C.add_arguments(p, C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads"),
                     {"seed": {"help": "seed for --eval-examples sampling"}})  # fmt: skip
     p.add_argument("--adapter", help="PEFT adapter directory (omit to score the untouched model)")
     p.add_argument("--json", help="also write the metrics as JSON to this file")
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace the mobizo run in --out")
     q.add_argument("--steps", type=int, help="stop after this step (default: the bundle's)")
     q.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
+
+    p = sub.add_parser("convert", help="write a local Hugging Face checkpoint from a GGUF file")
+    p.add_argument("--gguf", required=True, help="the .gguf file")
+    p.add_argument("--out", required=True, help="directory for config.json, *.safetensors and the tokenizer")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("replay", help="rebuild a ZO run's adapter from its metrics.jsonl (no forward pass)")
     p.add_argument("--log", required=True, help="the run's metrics.jsonl")
@@ -168,6 +173,16 @@ def cmd_native(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_gguf
+    from .progress import status
+
+    with status(f"converting {args.gguf}", not args.no_progress):
+        out = convert_gguf(args.gguf, args.out)
+    print(f"wrote {out} (load it with --model {out}, transformers or peft)")
+    return 0
+
+
 def cmd_replay(args) -> int:
     from .replay import replay
 
@@ -197,7 +212,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export,
-            "bench": cmd_bench, "bundle": cmd_bundle, "native": cmd_native}
+            "bench": cmd_bench, "bundle": cmd_bundle, "native": cmd_native, "convert": cmd_convert}
 
 
 def _error(message: str) -> None:

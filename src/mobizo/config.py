@@ -80,6 +80,9 @@ class OptimArgs:
                          "scores; auto: choice for classification / multiple choice", choices=("auto", "answer", "choice"),
                          trajectory=True)  # fmt: skip
     lr: float = opt(1e-3, "learning rate: B -= lr * mean_i(g_i z_i)", trajectory=True, recovery=True)
+    lr_schedule: str = opt("constant", "learning-rate schedule over --steps (after the warmup)",
+                           choices=("constant", "linear", "cosine"), trajectory=True)  # fmt: skip
+    warmup_steps: int = opt(0, "steps of linear warmup from 0 to --lr", trajectory=True, minimum=0)
     eps: float = opt(1e-3, "perturbation scale: B +- eps z_i", trajectory=True, recovery=True)
     weight_decay: float = opt(0.0, "weight decay on B", trajectory=True, minimum=0)
     max_grad: float | None = opt(None, "skip steps with a |projected gradient| above this (default: no bound)",
@@ -108,6 +111,8 @@ class RunArgs:
     eval_at_start: bool = opt(False, "also evaluate before the first step (summary's eval_start)")
     save_every: int = opt(100, "checkpoint every N steps (0 = only at the end)", setting=True, minimum=0)
     progress: bool = opt(True, "progress bars and status lines on stderr")
+    threads: int | None = opt(None, "intra-op threads of PyTorch and the ExecuTorch runtime (default: the "
+                              "physical cores this process may use, or OMP_NUM_THREADS)", minimum=1)  # fmt: skip
 
 
 PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "engine": EngineArgs, "run": RunArgs}
@@ -184,6 +189,9 @@ class TrainConfig:
         if self.seed >= 2**63:
             raise MobizoError(f"--seed must be in [0, 2**63), got {self.seed}")
         o, e, r = self.optim, self.engine, self.run
+        from .schedule import check_schedule
+
+        check_schedule(o.lr_schedule, o.warmup_steps, o.steps)
         if r.resume and r.overwrite:
             raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
         if r.out is not None and not str(r.out).strip():
@@ -298,4 +306,4 @@ ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
 STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")
 TRAIN_FLAGS = MODEL_FLAGS + ("seed",) + DATA_FLAGS + ADAPTER_FLAGS + tuple(f.name for f in dataclasses.fields(OptimArgs)) \
     + tuple(f.name for f in dataclasses.fields(EngineArgs)) + tuple(f.name for f in dataclasses.fields(RunArgs))
-EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS
+EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads",)

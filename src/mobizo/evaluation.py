@@ -97,11 +97,9 @@ def _by_length(engine, lengths: list[int]) -> list[int]:
 
 
 def _bar(total: int, progress: bool | None, desc: str):
-    from tqdm import tqdm
+    from .progress import bar
 
-    # progress=None: shown on an interactive terminal only
-    return tqdm(total=total, disable=None if progress is None else not progress, desc=desc, unit="ex",
-                leave=False, dynamic_ncols=True)  # fmt: skip
+    return bar(total, desc, progress is None or progress, unit="ex")  # on an interactive terminal only
 
 
 def score_pairs(engine, encoder: Encoder, pairs: list[tuple[str, str]], pad_id: int, max_length: int, batch_size: int,

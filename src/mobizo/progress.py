@@ -1,4 +1,7 @@
-"""Feedback on long work: status lines and progress bars on stderr, all silenced by ``--no-progress``."""
+"""Feedback on long work: status lines and progress bars on stderr.
+
+They appear when stderr is a terminal (as tqdm's and most CLIs' do; a log file or a pipe gets only
+results and one-line errors) and are silenced by ``--no-progress``."""
 
 from __future__ import annotations
 
@@ -7,10 +10,14 @@ import sys
 import time
 
 
+def interactive(enabled: bool = True) -> bool:
+    return bool(enabled) and sys.stderr.isatty()
+
+
 @contextlib.contextmanager
 def status(what: str, enabled: bool = True):
     """``mobizo: <what> ...`` then ``done in 1.2 s`` (or ``failed``) on the same line."""
-    if not enabled:
+    if not interactive(enabled):
         yield
         return
     t0 = time.perf_counter()
@@ -27,7 +34,7 @@ def bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str
     """A tqdm bar on stderr (disabled: a no-op object with the same methods)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, unit=unit,
+    return tqdm(total=total, initial=initial, desc=desc, disable=not interactive(enabled), dynamic_ncols=True, unit=unit,
                 file=sys.stderr)  # fmt: skip
 
 
@@ -36,7 +43,7 @@ class Stages:
     (with its time) and starts the next; ``stages.done()`` ends the last one."""
 
     def __init__(self, what: str, enabled: bool = True):
-        self.what, self.enabled = what, enabled
+        self.what, self.enabled = what, interactive(enabled)
         self.t0 = self.current = None
 
     def __call__(self, stage: str) -> None:

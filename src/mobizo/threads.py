@@ -41,15 +41,18 @@ def default_threads() -> int:
     return max(1, _allowed_cpus() // _smt_per_core())
 
 
-def apply_threads(threads: int | None = None) -> int:
-    """Use ``threads`` (``None``: :func:`default_threads`) intra-op threads in PyTorch and in the
-    ExecuTorch runtime's threadpool (XNNPACK); returns the number used."""
+def apply_threads(threads: int | None = None, runtime: bool = True) -> int:
+    """Use ``threads`` (``None``: :func:`default_threads`) intra-op threads in PyTorch and (``runtime``) in
+    the ExecuTorch runtime's threadpool (XNNPACK); returns the number used. ``runtime=False`` leaves the
+    runtime unloaded (an eager run never pays for it)."""
     n = default_threads() if threads is None else threads
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise MobizoError(f"--threads must be an integer >= 1, got {threads}")
     import torch
 
     torch.set_num_threads(n)
+    if not runtime:
+        return n
     try:
         from .util import quiet_stderr
 

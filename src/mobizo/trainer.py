@@ -20,6 +20,7 @@ from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
+from .schedule import lr_at
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
 from .step import step_is_good
 
@@ -44,10 +45,10 @@ def make_batch(run: Run, step: int):
                    length=shapes.length, answer_len=shapes.answer_len, rows=shapes.rows)  # fmt: skip
 
 
-def run_eval(run: Run) -> dict:
+def run_eval(run: Run, progress: bool = False) -> dict:
     d = run.cfg.data
     return evaluate(run.engine, run.task.kind, run.validation, run.encoder, run.tokenizer.pad_token_id, d.max_length,
-                    d.eval_batch_size, d.max_new_tokens)  # fmt: skip
+                    d.eval_batch_size, d.max_new_tokens, progress=progress)  # fmt: skip
 
 
 def step_good(res, max_grad: float | None) -> bool:
@@ -131,8 +132,6 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
         raise
     out.open(cfg.run.resume, cfg.run.overwrite, keep_program=own_program)
     start = _restore(run, out) if cfg.run.resume else {"step": 0, "skipped_steps": 0, "last_loss": None}
-    if cfg.run.progress and not cfg.run.resume and not existed:
-        print(f"mobizo: run directory {out.path}", file=sys.stderr)
     return Trainer(run, out, start, on_step).fit()
 
 
@@ -170,7 +169,8 @@ class Trainer:
                 rec = self._train_step(step)
                 if step == o.steps or (r.eval_every and step % r.eval_every == 0):
                     self.last_eval, self.last_eval_step = run_eval(self.run), step
-                    rec.update({f"eval_{k}": v for k, v in self.last_eval.items() if k not in ("n", "truncated")})
+                    rec.update({f"eval_{k}": v for k, v in self.last_eval.items()
+                                if k not in ("n", "truncated", "seconds", "examples_per_second")})  # fmt: skip
                     self._consider_best(step, self.last_eval)
                 progress.update(1)
                 progress.set_postfix({"loss": f"{self.last_loss:.4f}",
@@ -200,12 +200,14 @@ class Trainer:
         cfg = self.cfg
         batch = make_batch(self.run, step)
         t0 = time.perf_counter()
-        res = self.run.engine.train_step(batch, step, cfg.optim.lr, cfg.optim.eps)
+        o = cfg.optim
+        lr = lr_at(step, o.lr, o.steps, o.lr_schedule, o.warmup_steps)  # logged: replay applies it as is
+        res = self.run.engine.train_step(batch, step, lr, o.eps)
         dt = time.perf_counter() - t0
         self.total_time += dt
         self.n_timed += 1
-        rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": cfg.optim.lr,
-               "eps": cfg.optim.eps, "seconds": dt}  # fmt: skip
+        rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": lr, "eps": o.eps,
+               "seconds": dt}  # fmt: skip
         if step_good(res, cfg.optim.max_grad):
             self.bad_run = 0
             self.last_loss = res.loss
