@@ -205,7 +205,6 @@ def resolve_dir(target: Path) -> Path | None:
 _UNSUPPORTED = {
     "use_rslora": False,
     "use_dora": False,
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -221,17 +220,27 @@ def _peft_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, base_model: str) -> None:
-    """Write a PEFT LoRA adapter (config + safetensors) into an existing directory."""
+def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, base_model: str,
+                  fan_in_fan_out: bool | None = None) -> None:
+    """Write a PEFT LoRA adapter (config + safetensors) into an existing directory.
+
+    ``fan_in_fan_out``: the adapted layers are ``Conv1D`` (GPT-2); None: read off ``base_model``'s
+    config.json (:func:`mobizo.archs.adapter_fan_in_fan_out`). The tensors are the same either way.
+    """
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    from .archs import adapter_fan_in_fan_out
+
+    if fan_in_fan_out is None:
+        fan_in_fan_out = adapter_fan_in_fan_out(base_model)
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
     LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=modules,
         lora_dropout=0.0,
+        fan_in_fan_out=bool(fan_in_fan_out),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
@@ -242,8 +251,9 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
     save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
 
 
-def save_adapter(directory: Path, state, rank: int, alpha: float, base_model: str) -> None:
-    atomic_write_dir(Path(directory), lambda d: write_adapter(d, state, rank, alpha, base_model))
+def save_adapter(directory: Path, state, rank: int, alpha: float, base_model: str,
+                 fan_in_fan_out: bool | None = None) -> None:
+    atomic_write_dir(Path(directory), lambda d: write_adapter(d, state, rank, alpha, base_model, fan_in_fan_out))
 
 
 def _positive_number(value) -> bool:
@@ -262,6 +272,10 @@ def _check_adapter_config(config, where: Path) -> None:
     for key, default in _UNSUPPORTED.items():
         if key in config and config[key] not in (default, None):
             raise MobizoError(f"{where}: {key}={config[key]!r} is not supported by mobizo (only plain LoRA)")
+    # fan_in_fan_out only says the base layer stores its weight (in, out) (GPT-2's Conv1D): A and B
+    # keep their (r, in) / (out, r) shapes, PEFT sets it per layer type on load, and so does mobizo.
+    if not isinstance(config.get("fan_in_fan_out", False), (bool, type(None))):
+        raise MobizoError(f"{where}: fan_in_fan_out={config['fan_in_fan_out']!r} is not a boolean")
 
 
 def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple[dict[str, torch.Tensor], dict]:

@@ -25,36 +25,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import archs
 from .errors import MobizoError
 
-# Sensible defaults per Hugging Face ``model_type`` (the modules the LoRA/MeZO
-# literature adapts: the attention query and value projections).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-}
+# Per-architecture defaults live in :mod:`mobizo.archs` (re-exported here for existing callers).
+DEFAULT_TARGETS = archs.DEFAULT_TARGETS
 
 
 class MPLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+    """MP-LoRA around a frozen ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's linear layer with a
+    transposed (in, out) weight: ``fan_in_fan_out``). A and B have the same shapes for both, and the
+    base layer runs unchanged, so the step and the adapter format are the same."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         if rank < 1:
             raise MobizoError(f"--rank must be >= 1, got {rank}")
+        features = archs.layer_features(base)
+        if features is None:
+            raise MobizoError(f"MP-LoRA wraps nn.Linear or Conv1D layers, not {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.fan_in_fan_out = features
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
@@ -78,7 +71,8 @@ class MPLoRALinear(nn.Module):
         return y + delta * self.scaling
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        kind = ", fan_in_fan_out" if self.fan_in_fan_out else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}{kind}"
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -95,29 +89,27 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise MobizoError(
-            f"no default --target-modules for model type {model_type!r}; pass --target-modules explicitly"
-        )
-    return list(DEFAULT_TARGETS[model_type])
+    return archs.default_targets(model)
 
 
 def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: float, seed: int) -> list[str]:
-    """Replace every targeted ``nn.Linear`` with an :class:`MPLoRALinear`.
+    """Replace every targeted ``nn.Linear`` (or ``Conv1D``) with an :class:`MPLoRALinear`.
 
-    Freezes all original parameters. Returns the adapted module names in a
+    Refuses a Hugging Face model that is not a causal LM. Freezes all original parameters. Returns the adapted module names in a
     stable (sorted) order; that order defines each layer's noise stream id.
     """
+    archs.check_causal_lm(model)
     targets = list(targets) if targets else default_targets(model)
     for p in model.parameters():
         p.requires_grad_(False)
     names = sorted(n for n, m in model.named_modules() if n and _matches(n, targets))
-    bad = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+    bad = [n for n in names if archs.layer_features(model.get_submodule(n)) is None]
     if bad:
-        raise MobizoError(f"target modules must be nn.Linear layers; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}")
+        raise MobizoError(
+            f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
+        )
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None})
         raise MobizoError(
             f"--target-modules {','.join(targets)} matched no layer of the model (its linear layers: {', '.join(linear)})"
         )
@@ -132,6 +124,11 @@ def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: fl
 def lora_layers(model: nn.Module) -> list[tuple[str, MPLoRALinear]]:
     """(name, layer) of every MP-LoRA layer, in the sorted order used for noise streams."""
     return sorted(((n, m) for n, m in model.named_modules() if isinstance(m, MPLoRALinear)), key=lambda t: t[0])
+
+
+def fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether the adapted layers are ``Conv1D`` (PEFT's ``fan_in_fan_out``, written into the adapter config)."""
+    return any(layer.fan_in_fan_out for _, layer in lora_layers(model))
 
 
 def make_trainable(model: nn.Module, train_a: bool = False) -> list[nn.Parameter]:

@@ -23,6 +23,8 @@ captures the step (including the buffer update) as a single graph.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -91,15 +93,7 @@ def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
     vocabulary (``logits_to_keep``), never the whole sequence.
     """
     T, K = input_ids.shape[1], labels.shape[1]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    keep = torch.arange(T - K - 1, T - 1)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits
+    logits = lm_logits(model, input_ids, attention_mask, torch.arange(T - K - 1, T - 1))
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     ce = F.cross_entropy(
@@ -108,6 +102,36 @@ def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
     valid = labels != -100
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     return ce.sum(-1), valid.sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls: type) -> frozenset[str] | None:
+    """Keyword arguments ``cls.forward`` names, or None when it takes ``**kwargs`` (then: anything)."""
+    try:
+        params = inspect.signature(cls.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def lm_logits(model: nn.Module, input_ids, attention_mask, keep: torch.Tensor):
+    """Logits (rows, len(keep), vocab) at sequence positions ``keep`` of left-padded rows.
+
+    Passes ``position_ids`` counted from the mask (left padding must not shift RoPE or learned
+    positions), ``logits_to_keep`` (the LM head runs on ``keep`` only) and ``use_cache=False``
+    to models whose forward takes them; a model that does not gets its logits sliced afterwards.
+    """
+    takes = _forward_takes(type(model))
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    extra = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "logits_to_keep": keep, "use_cache": False}
+    kwargs.update({k: v for k, v in extra.items() if takes is None or k in takes})
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.shape[1] != keep.shape[0]:  # the model ignored logits_to_keep
+        logits = logits[:, keep]
+    return logits
 
 
 def choice_losses(model: nn.Module, input_ids, attention_mask, candidates):
@@ -119,14 +143,8 @@ def choice_losses(model: nn.Module, input_ids, attention_mask, candidates):
     :func:`answer_losses` over one row per (prompt, candidate): causal attention means the prompt's
     last position never sees the candidate token that follows it.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=1,
-        use_cache=False,
-    ).logits[:, -1]
+    T = input_ids.shape[1]
+    logits = lm_logits(model, input_ids, attention_mask, torch.arange(T - 1, T))[:, -1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)

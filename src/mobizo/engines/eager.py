@@ -6,7 +6,7 @@ import torch
 
 from ..errors import MobizoError
 from ..mplora import adapter_state, load_adapter_state, make_trainable
-from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses, choice_losses
+from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses, choice_losses, lm_logits
 from . import Shapes, StepOutput
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -77,15 +77,8 @@ class EagerEngine:
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask):
         """Logits (rows, vocab) for the token after each left-padded row (greedy generation)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=1,
-            use_cache=False,
-        ).logits
-        return logits[:, -1].float()
+        last = torch.tensor([input_ids.shape[1] - 1])
+        return lm_logits(self.model, input_ids, attention_mask, last)[:, -1].float()
 
     def decoder(self, input_ids, attention_mask) -> "KVDecoder":
         """Greedy decoding state with a KV cache, started on left-padded prompts (see :class:`KVDecoder`)."""

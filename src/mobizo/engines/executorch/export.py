@@ -25,6 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
+import re
+import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,6 +128,45 @@ def plain_attention(model: nn.Module):
         model.set_attn_implementation(before)
 
 
+# An operator as errors name it: ``aten::nonzero``, ``my_lib::op``, ``aten.nonzero.default``, ``torch.ops.aten.x``.
+_OPERATOR = re.compile(r"\b(?:torch\.ops\.)?((?:aten|prims|quantized_decomposed|[a-z_][a-z0-9_]*)::[A-Za-z_]\w*"
+                       r"(?:\.\w+)?|(?:aten|prims|quantized_decomposed)\.[A-Za-z_]\w*(?:\.\w+)?)")
+
+
+def failure_site(e: BaseException, model: nn.Module) -> str:
+    """`` in <module> (<class>) at operator <op>`` for an export/lowering error, as far as it can be told.
+
+    The module is the innermost module of ``model`` whose ``forward`` was running when the
+    error was raised (non-strict export runs the model's Python code); the operator is the
+    first one the error text names.
+    """
+    modules = {id(m): n for n, m in model.named_modules()}
+    where = None
+    err: BaseException | None = e
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for frame, _ in traceback.walk_tb(err.__traceback__):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in modules and modules[id(owner)]:
+                where = (modules[id(owner)], type(owner).__name__)
+        err = err.__cause__ or err.__context__
+    parts = []
+    if where is not None:
+        parts.append(f" in {where[0]} ({where[1]})")
+    op = _OPERATOR.search(str(e))
+    if op:
+        parts.append(f" at operator {op.group(1)}")
+    return "".join(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _example_inputs(m: Manifest, rows: int):
     ids = torch.ones((rows, m.max_length), dtype=torch.long)
     mask = torch.ones((rows, m.max_length), dtype=torch.long)
@@ -153,7 +197,8 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
     saved = [b.clone() for b in bs]
     try:
-        with torch.no_grad(), plain_attention(model):
+        # torch.export prints a partial graph on stderr when it fails: the error below says what failed
+        with torch.no_grad(), plain_attention(model), contextlib.redirect_stderr(io.StringIO()) as chatter:
             programs = {
                 "train_step": torch.export.export(step, train_args, strict=False),
                 "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt),
@@ -161,9 +206,10 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }
+        sys.stderr.write(chatter.getvalue())
     except Exception as e:  # noqa: BLE001 - surface export failures as one line
         stage.done(failed=True)
-        raise MobizoError(f"torch.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise MobizoError(f"torch.export failed{failure_site(e, model)}: {_first_line(e)}") from e
     finally:
         # tracing ran the step's in-place update once: restore the adapter exactly
         with torch.no_grad():
@@ -174,17 +220,21 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
     partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
-    edge = to_edge_transform_and_lower(
-        programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
-    )
-    stage("serializing the program")
-    et = edge.to_executorch(
-        ExecutorchBackendConfig(
-            passes=[InitializedMutableBufferPass(["lora_B"])],
-            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-            emit_mutable_buffer_names=True,
+    try:
+        edge = to_edge_transform_and_lower(
+            programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )
-    )
+        stage("serializing the program")
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                passes=[InitializedMutableBufferPass(["lora_B"])],
+                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                emit_mutable_buffer_names=True,
+            )
+        )
+    except Exception as e:  # noqa: BLE001
+        stage.done(failed=True)
+        raise MobizoError(f"lowering to ExecuTorch failed{failure_site(e, model)}: {_first_line(e)}") from e
     data = et.buffer
     manifest.xnnpack = xnnpack
     manifest.versions = versions()
