@@ -1,6 +1,6 @@
 """MP-LoRA: multi-perturbed LoRA on LoRA-FA, and its injection into a model.
 
-A :class:`MPLoRALinear` wraps a frozen ``nn.Linear`` with a frozen, seeded
+A :class:`MPLoRALinear` wraps a frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) with a frozen, seeded
 down-projection ``A`` (r x in) and a trained up-projection ``B`` (out x r,
 zero init), scaled by ``alpha / r`` exactly like LoRA / PEFT.
 
@@ -94,7 +94,8 @@ def default_targets(model: nn.Module) -> list[str]:
 def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: float, seed: int) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or ``Conv1D``) with an :class:`MPLoRALinear`.
 
-    Refuses a Hugging Face model that is not a causal LM. Freezes all original parameters. Returns the adapted module names in a
+    Refuses a Hugging Face model that is not a causal LM; ``targets=None``: the family's defaults
+    (:mod:`mobizo.archs`). Freezes all original parameters. Returns the adapted module names in a
     stable (sorted) order; that order defines each layer's noise stream id.
     """
     archs.check_causal_lm(model)
