@@ -105,11 +105,12 @@ def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: fl
     names = sorted(n for n, m in model.named_modules() if n and _matches(n, targets))
     bad = [n for n in names if archs.layer_features(model.get_submodule(n)) is None]
     if bad:
-        raise MobizoError(
-            f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
-        )
+        kind = type(model.get_submodule(bad[0])).__name__
+        raise MobizoError(f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {kind}")
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None}
+        )
         raise MobizoError(
             f"--target-modules {','.join(targets)} matched no layer of the model (its linear layers: {', '.join(linear)})"
         )
