@@ -1,6 +1,6 @@
 """MP-LoRA: multi-perturbed LoRA on LoRA-FA, and its injection into a model.
 
-A :class:`MPLoRALinear` wraps a frozen ``nn.Linear`` with a frozen, seeded
+A :class:`MPLoRALinear` wraps a frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) with a frozen, seeded
 down-projection ``A`` (r x in) and a trained up-projection ``B`` (out x r,
 zero init), scaled by ``alpha / r`` exactly like LoRA / PEFT.
 
@@ -95,7 +95,8 @@ def default_targets(model: nn.Module) -> list[str]:
 def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: float, seed: int) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or ``Conv1D``) with an :class:`MPLoRALinear`.
 
-    Refuses a Hugging Face model that is not a causal LM. Freezes all original parameters. Returns the adapted module names in a
+    Refuses a Hugging Face model that is not a causal LM; ``targets=None``: the family's defaults
+    (:mod:`mobizo.archs`). Freezes all original parameters. Returns the adapted module names in a
     stable (sorted) order; that order defines each layer's noise stream id.
     """
     archs.check_causal_lm(model)
@@ -105,11 +106,12 @@ def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: fl
     names = sorted(n for n, m in model.named_modules() if n and _matches(n, targets))
     bad = [n for n in names if archs.layer_features(model.get_submodule(n)) is None]
     if bad:
-        raise MobizoError(
-            f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
-        )
+        kind = type(model.get_submodule(bad[0])).__name__
+        raise MobizoError(f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {kind}")
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None}
+        )
         raise MobizoError(
             f"--target-modules {','.join(targets)} matched no layer of the model (its linear layers: {', '.join(linear)})"
         )
