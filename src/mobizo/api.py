@@ -61,7 +61,7 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
 def save_adapter(model, path: str | Path) -> None:
     """Write the MP-LoRA adapter of ``model`` to ``path`` in PEFT format (atomically)."""
     from .checkpoint import save_adapter as save
-    from .mplora import adapter_state, lora_layers
+    from .mplora import adapter_state, fan_in_fan_out, lora_layers
 
     layers = lora_layers(model)
     if not layers:
@@ -71,7 +71,7 @@ def save_adapter(model, path: str | Path) -> None:
         raise MobizoError("the model's MP-LoRA layers differ in rank or alpha; PEFT's format needs one")
     (rank, alpha), = ranks
     name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
-    save(Path(path), adapter_state(model), rank, alpha, name)
+    save(Path(path), adapter_state(model), rank, alpha, name, fan_in_fan_out(model))
 
 
 def load_adapter(model, path: str | Path):

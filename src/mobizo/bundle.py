@@ -123,16 +123,15 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tenso
     return torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
 
 
-def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str) -> tuple[str, dict]:
+def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str,
+                  fan_in_fan_out: bool = False) -> tuple[str, dict]:  # fmt: skip
     """(adapter_config.json text, safetensors metadata without sha256) as ``checkpoint.write_adapter`` writes them."""
-    from peft import LoraConfig
+    from .checkpoint import adapter_metadata, lora_config
 
     with tempfile.TemporaryDirectory() as d:
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(set(modules)), lora_dropout=0.0, bias="none",
-                   task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(d)  # fmt: skip
+        lora_config(modules, rank, alpha, base_model, fan_in_fan_out).save_pretrained(d)
         config = (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
-    meta = {"format": "pt", "r": str(rank), "lora_alpha": repr(float(alpha)), "writer": "mobizo"}
-    return config, meta
+    return config, adapter_metadata(rank, alpha)
 
 
 def _array_bytes(t: torch.Tensor, dtype: str) -> bytes:
@@ -270,7 +269,9 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
         o, a = cfg.optim, cfg.adapter
         data = collate_examples(run, manifest.max_length, manifest.answer_len)
         batches = batch_indices(len(run.train), o.batch_size, o.steps, cfg.seed)
-        config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model)
+        from .mplora import fan_in_fan_out
+
+        config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model, fan_in_fan_out(run.model))
         # the per-step lr of --lr-schedule / --warmup-steps goes into schedule.bin (a constant lr stays in run.json)
         lr = o.lr if o.lr_schedule == "constant" and not o.warmup_steps else \
             [lr_at(s, o.lr, o.steps, o.lr_schedule, o.warmup_steps) for s in range(1, o.steps + 1)]  # fmt: skip

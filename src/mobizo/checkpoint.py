@@ -220,6 +220,20 @@ def _peft_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def lora_config(modules, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False):
+    """The ``peft.LoraConfig`` of a mobizo adapter (LoRA on ``modules``, no dropout or bias)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(set(modules)), lora_dropout=0.0,
+                      fan_in_fan_out=bool(fan_in_fan_out), bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path=base_model)  # fmt: skip
+
+
+def adapter_metadata(rank: int, alpha: float) -> dict:
+    """The safetensors metadata mobizo writes (plus ``sha256`` of the tensors, added by the writer)."""
+    return {"format": "pt", "r": str(rank), "lora_alpha": repr(float(alpha)), "writer": "mobizo"}
+
+
 def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, base_model: str,
                   fan_in_fan_out: bool | None = None) -> None:
     """Write a PEFT LoRA adapter (config + safetensors) into an existing directory.
@@ -227,7 +241,6 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
     ``fan_in_fan_out``: the adapted layers are ``Conv1D`` (GPT-2); None: read off ``base_model``'s
     config.json (:func:`mobizo.archs.adapter_fan_in_fan_out`). The tensors are the same either way.
     """
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
     from .archs import adapter_fan_in_fan_out
@@ -235,19 +248,9 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
     if fan_in_fan_out is None:
         fan_in_fan_out = adapter_fan_in_fan_out(base_model)
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
-    LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=modules,
-        lora_dropout=0.0,
-        fan_in_fan_out=bool(fan_in_fan_out),
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    ).save_pretrained(str(directory))
+    lora_config(modules, rank, alpha, base_model, fan_in_fan_out).save_pretrained(str(directory))
     tensors = _peft_tensors(state)
-    meta = {"format": "pt", "sha256": tensors_sha256(tensors), "r": str(rank), "lora_alpha": repr(float(alpha)),
-            "writer": "mobizo"}  # fmt: skip
+    meta = {"format": "pt", "sha256": tensors_sha256(tensors), **adapter_metadata(rank, alpha)}
     save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
 
 
@@ -359,11 +362,12 @@ def _one_line(e: BaseException) -> str:
 OPTIMIZER = "optimizer.pt"
 
 
-def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, state: dict, optimizer=None) -> None:
+def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, state: dict, optimizer=None,
+                    fan_in_fan_out: bool | None = None) -> None:
     """Adapter + ``state.json`` (+ ``optimizer.pt``, its sha256 recorded in the state), swapped in atomically."""
 
     def write(d: Path) -> None:
-        write_adapter(d, adapter_state, rank, alpha, base_model)
+        write_adapter(d, adapter_state, rank, alpha, base_model, fan_in_fan_out)
         st = {k: v for k, v in state.items() if k != "sha256"}
         if optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)

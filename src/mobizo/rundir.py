@@ -181,11 +181,11 @@ class RunDir:
     def load_checkpoint(self):
         return load_checkpoint(self / CHECKPOINT)
 
-    def save_checkpoint(self, adapter, rank, alpha, model, state: dict, optimizer=None) -> None:
-        save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer)
+    def save_checkpoint(self, adapter, rank, alpha, model, state: dict, optimizer=None, fan_in_fan_out=None) -> None:
+        save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer, fan_in_fan_out)
 
-    def save_adapter(self, name: str, adapter, rank, alpha, model) -> None:
-        save_adapter(self / name, adapter, rank, alpha, model)
+    def save_adapter(self, name: str, adapter, rank, alpha, model, fan_in_fan_out=None) -> None:
+        save_adapter(self / name, adapter, rank, alpha, model, fan_in_fan_out)
 
     def has(self, name: str) -> bool:
         return resolve_dir(self / name) is not None

@@ -19,6 +19,7 @@ from .config import FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
+from .mplora import fan_in_fan_out
 from .progress import bar
 from .schedule import lr_at
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
@@ -141,6 +142,7 @@ class Trainer:
     def __init__(self, run: Run, out: RunDir, start: dict, on_step=None):
         self.run, self.cfg, self.out, self.on_step = run, run.cfg, out, on_step
         self.kind = run.task.kind
+        self.fan_in_fan_out = fan_in_fan_out(run.model)  # Conv1D layers (GPT-2): PEFT must know
         self.metric = main_metric(self.kind)
         self.start_step = self.step = start["step"]
         self.skipped = start["skipped_steps"]
@@ -192,7 +194,8 @@ class Trainer:
                 self._consider_best(self.step, self.last_eval)
         result = self._summary("completed")
         self._checkpoint(self.step)
-        self.out.save_adapter(ADAPTER, self.run.engine.adapter_state(), cfg.adapter.rank, cfg.adapter.alpha, cfg.model)
+        self.out.save_adapter(ADAPTER, self.run.engine.adapter_state(), cfg.adapter.rank, cfg.adapter.alpha, cfg.model,
+                              self.fan_in_fan_out)  # fmt: skip
         self.out.write_summary(result)
         return result
 
@@ -225,7 +228,7 @@ class Trainer:
         state = {"step": step, "config": cfg.trajectory(), "mobizo_version": __version__, "skipped_steps": self.skipped,
                  "last_loss": self.last_loss, "settings": cfg.settings()}  # fmt: skip
         self.out.save_checkpoint(self.run.engine.adapter_state(), cfg.adapter.rank, cfg.adapter.alpha, cfg.model, state,
-                                 self.run.engine.optimizer_state())  # fmt: skip
+                                 self.run.engine.optimizer_state(), self.fan_in_fan_out)  # fmt: skip
         self.last_good_ckpt = step
 
     def _consider_best(self, step: int, metrics: dict) -> None:
@@ -235,7 +238,7 @@ class Trainer:
             return
         self.best = {"step": step, "metric": self.metric, "value": metrics[self.metric], "score": score}
         a = self.cfg.adapter
-        self.out.save_adapter(BEST, self.run.engine.adapter_state(), a.rank, a.alpha, self.cfg.model)
+        self.out.save_adapter(BEST, self.run.engine.adapter_state(), a.rank, a.alpha, self.cfg.model, self.fan_in_fan_out)
 
     def _best_so_far(self, records: list[dict]) -> dict | None:
         """The best periodic eval among the kept records (resume), if its ``best/`` adapter exists."""
