@@ -23,7 +23,8 @@ collective has completed and the update is applied, so a checkpoint never holds 
 collective that fails (a process died, hung past ``MOBIZO_DIST_TIMEOUT`` seconds or is unreachable)
 stops every surviving process with a one-line :class:`DistError`; rank 0 then writes
 ``summary.json`` (status ``failed``) and ``--resume`` continues from the last checkpoint.
-Every step's record has ``dist_bytes``: the bytes this rank contributes to the step's collectives.
+Every step's record has ``dist_bytes`` (the bytes this rank contributes to the step's collective) and
+``dist_seconds`` (the time it spent in it: the transfer plus the wait for the slowest rank).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from datetime import timedelta
 
 import torch
@@ -129,6 +131,7 @@ class Group:
         self.dist, self.created = dist, created
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.timeout = timeout_seconds()
+        self.sent, self.waited = 0, 0.0  # bytes and seconds of this rank's last step collective
 
     @classmethod
     def join(cls) -> "Group":
@@ -171,24 +174,29 @@ class Group:
     def _payload(self, step: int, values: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.tensor([float(step)], dtype=WIRE), values.detach().to(WIRE).reshape(-1)])
 
-    def gather(self, step: int, values: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(every rank's ``values`` as a (world, n) float64 tensor, bytes this rank contributed).
-        The step number travels along: ranks out of step are an error, never a silent mix."""
+    def _timed(self, what: str, payload: torch.Tensor, fn) -> None:
+        t0 = time.perf_counter()
+        self._call(what, fn)
+        self.sent, self.waited = payload.numel() * payload.element_size(), time.perf_counter() - t0
+
+    def gather(self, step: int, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` as a (world, n) float64 tensor. The step number travels along: ranks out of
+        step are an error, never a silent mix. ``sent``/``waited``: this rank's bytes and seconds in it."""
         payload = self._payload(step, values)
         out = [torch.empty_like(payload) for _ in range(self.world)]
-        self._call(f"the all-gather of step {step}", lambda: self.dist.all_gather(out, payload))
+        self._timed(f"the all-gather of step {step}", payload, lambda: self.dist.all_gather(out, payload))
         got = torch.stack(out)
         if not bool((got[:, 0] == step).all()):
             raise DistError(f"rank {self.rank}: processes out of step (steps {got[:, 0].long().tolist()})")
-        return got[:, 1:], payload.numel() * payload.element_size()
+        return got[:, 1:]
 
-    def reduce(self, step: int, values: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(the sum of ``values`` over ranks, in float64; bytes this rank contributed)."""
+    def reduce(self, step: int, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` over ranks, in float64 (the step number checked as in :meth:`gather`)."""
         payload = self._payload(step, values)
-        self._call(f"the all-reduce of step {step}", lambda: self.dist.all_reduce(payload))
+        self._timed(f"the all-reduce of step {step}", payload, lambda: self.dist.all_reduce(payload))
         if float(payload[0]) != float(step) * self.world:
             raise DistError(f"rank {self.rank}: processes out of step at step {step}")
-        return payload[1:], payload.numel() * payload.element_size()
+        return payload[1:]
 
     # ------------------------------------------------------------ start-up (objects, once)
 
@@ -291,24 +299,24 @@ class DistEngine:
                 k = q // g.world
                 plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold,
                                         directions=range(g.rank * k, (g.rank + 1) * k))  # fmt: skip
-                got, sent = g.gather(step, torch.cat([plus, minus]))
+                got = g.gather(step, torch.cat([plus, minus]))
                 plus, minus = got[:, :k].reshape(-1).float(), got[:, k:].reshape(-1).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             elif self.mode == "data":
                 mine = shard_rows(batch, g.rank, g.world, q, self.split)
                 plus, minus = zo.losses(zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold)
                 count = direction_counts(mine, q, self.split, self.objective)
-                tot, sent = g.reduce(step, torch.cat([plus.double() * count, minus.double() * count, count]))
+                tot = g.reduce(step, torch.cat([plus.double() * count, minus.double() * count, count]))
                 denom = tot[2 * q :].clamp(min=1)
                 plus, minus = (tot[:q] / denom).float(), (tot[q : 2 * q] / denom).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             else:  # federated: own data, same directions; the update uses the mean g over ranks
                 plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold)
-                got, sent = g.gather(step, (plus - minus) / (2 * eps_t))
+                got = g.gather(step, (plus - minus) / (2 * eps_t))
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t, grads=got.mean(0).float())
                 extra["rank_grads"] = got.float().tolist()
         self.completed = step  # the update of ``step`` is applied (what a failure summary reports)
-        extra["dist_bytes"] = sent
+        extra["dist_bytes"], extra["dist_seconds"] = g.sent, g.waited
         return StepOutput(float(losses.mean()), grads.tolist(), losses.tolist(), extra)
 
 
