@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the program in --out")
 
     p = sub.add_parser("bundle", help="export the step and write a bundle for the native trainer (mobizo-train)")
-    C.add_arguments(p, tuple(n for n in C.TRAIN_FLAGS if n not in ("engine", "program", "reexport", "out", "resume",
-                                                                   "overwrite", "eval_every", "eval_at_start")))
+    not_bundle = ("engine", "program", "reexport", "dist_mode", "out", "resume", "overwrite", "eval_every",
+                  "eval_at_start")
+    C.add_arguments(p, tuple(n for n in C.TRAIN_FLAGS if n not in not_bundle))
     p.add_argument("--program", help="reuse this 'mobizo export' directory instead of exporting (checked to fit)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace the bundle in --out")
@@ -106,6 +107,8 @@ def cmd_train(args) -> int:
 
     cfg, given = config_from(args)
     summary = train(cfg, given=given)
+    if (summary.get("dist") or {}).get("rank", 0) != 0:
+        return 0  # a distributed run's result line comes from rank 0
     metric = summary["metric"]
     value = summary[f"eval_{metric}"]
     line = f"step {summary['final_step']}: loss {summary['final_loss']:.4f}, eval {metric} "

@@ -26,6 +26,7 @@ from .errors import MobizoError
 
 ESTIMATORS = ("prge", "prge-outer", "mezo", "fo")
 ENGINES = ("eager", "executorch")
+DIST_MODES = ("queries", "data", "federated")
 
 
 def opt(default: Any, help: str, *, choices=None, short: str | None = None, meta: str | None = None,
@@ -100,6 +101,11 @@ class EngineArgs:
     program: str | None = opt(None, "--engine executorch: a program directory from 'mobizo export' (default: "
                               "export into OUT/program, or reuse the one there when it matches)", setting=True)  # fmt: skip
     reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
+    dist_mode: str = opt("queries", "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
+                         "directions on the same batch; data: each process runs all q directions on its shard of "
+                         "the batch; federated: each process trains on its own --data (a {rank} in the path is "
+                         "replaced by the process's rank) and only the g values are exchanged (docs/distributed.md)",
+                         choices=DIST_MODES, setting=True)  # fmt: skip
 
 
 @dataclass

@@ -73,16 +73,17 @@ class ZOConfig:
             )
 
 
-def forward_plan(estimator: str, q: int) -> list[list[tuple[int, float]]]:
-    """Forward passes, each a list of (direction, sign) copies in batch order."""
-    plus = [(i, 1.0) for i in range(q)]
-    minus = [(i, -1.0) for i in range(q)]
+def forward_plan(estimator: str, q: int, directions=None) -> list[list[tuple[int, float]]]:
+    """Forward passes, each a list of (direction, sign) copies in batch order (of ``directions``, default all q)."""
+    dirs = range(q) if directions is None else directions
+    plus = [(i, 1.0) for i in dirs]
+    minus = [(i, -1.0) for i in dirs]
     if estimator == "prge":
         return [plus + minus]
     if estimator == "prge-outer":
         return [plus, minus]
     if estimator == "mezo":
-        return [[c] for i in range(q) for c in ((i, 1.0), (i, -1.0))]
+        return [[c] for i in dirs for c in ((i, 1.0), (i, -1.0))]
     raise MobizoError(f"unknown ZO estimator {estimator!r}")
 
 
@@ -196,6 +197,12 @@ def _directions(z: torch.Tensor, copies: list[tuple[int, float]], queries: int) 
         return torch.cat([z, z])
     if len(dirs) == 1:
         return z[dirs[0] : dirs[0] + 1]
+    # a contiguous subset of the directions (one rank's share, see mobizo.distributed): once, or + then -
+    a, n = dirs[0], len(dirs) // 2
+    if dirs == list(range(a, a + len(dirs))):
+        return z[a : a + len(dirs)]
+    if dirs == list(range(a, a + n)) * 2:
+        return torch.cat([z[a : a + n], z[a : a + n]])
     return torch.stack([z[d] for d in dirs])
 
 
@@ -223,6 +230,14 @@ class ZOStep(nn.Module):
         return layers_noise(self.config.seed, step, shapes, self.config.queries, layers[0].lora_B.dtype)
 
     def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None, shared: bool | None = None):
+        zs = self.noise(step)
+        plus, minus = self.losses(zs, input_ids, attention_mask, labels, eps, gold, shared=shared)
+        return self.update(zs, plus, minus, lr, eps)
+
+    def losses(self, zs, input_ids, attention_mask, labels, eps, gold=None, directions=None, shared: bool | None = None):
+        """(L+, L-): the per-copy losses of ``directions`` (a range of direction indices; default all q),
+        each (len(directions),), without touching B. ``zs``: :meth:`noise` of the step (all q directions).
+        A subset runs only its own copies (:mod:`mobizo.distributed` splits the q directions over ranks)."""
         cfg = self.config
         q, split = cfg.queries, cfg.data_mode == "split"
         if split:
@@ -231,10 +246,11 @@ class ZOStep(nn.Module):
         if shared and cfg.objective == "answer":
             raise MobizoError("a shared-prompt batch needs a choice objective")
         layers = self._layers()
-        zs = self.noise(step)
+        dirs = list(range(q)) if directions is None else list(directions)
+        plan = self.plan if directions is None else forward_plan(cfg.estimator, q, dirs)
         loss_of: dict[tuple[int, float], torch.Tensor] = {}
         try:
-            for copies in self.plan:
+            for copies in plan:
                 signs = torch.tensor([s for _, s in copies], dtype=torch.float32)
                 coef = (eps * signs).to(zs[0].dtype).reshape(-1, 1, 1)
                 for layer, z in zip(layers, zs):
@@ -256,9 +272,17 @@ class ZOStep(nn.Module):
         finally:
             for layer in layers:
                 layer.copies = None
-        plus = torch.stack([loss_of[(i, 1.0)] for i in range(q)])
-        minus = torch.stack([loss_of[(i, -1.0)] for i in range(q)])
-        grads = (plus - minus) / (2 * eps)
+        plus = torch.stack([loss_of[(i, 1.0)] for i in dirs])
+        minus = torch.stack([loss_of[(i, -1.0)] for i in dirs])
+        return plus, minus
+
+    def update(self, zs, plus, minus, lr, eps, grads=None):
+        """g = (L+ - L-) / 2eps over all q directions (or the given ``grads``), the divergence guard and
+        the in-place update of B: what :meth:`forward` does after :meth:`losses`. Returns (losses, g)."""
+        cfg = self.config
+        layers = self._layers()
+        if grads is None:
+            grads = (plus - minus) / (2 * eps)
         # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
         ok = guard_ok(plus, minus, grads, cfg.max_grad)
         applied = apply_update(

@@ -112,6 +112,10 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
     instead of loading them (see :func:`mobizo.build.assemble`). ``on_step(step, record)`` is called
     after every step with its metrics record.
     """
+    from . import distributed
+
+    if distributed.world_size() > 1:  # launched by torchrun with several processes (docs/distributed.md)
+        return distributed.train(cfg, given, on_step, **objects)
     cfg.validate()
     out = RunDir(cfg.run.out or default_out(cfg.data.task, cfg.optim.estimator))
     out.check(cfg.run.resume, cfg.run.overwrite)
@@ -151,9 +155,11 @@ class Trainer:
         self.bad_run, self.total_time, self.n_timed = 0, 0.0, 0
         self.last_eval, self.last_eval_step, self.start_eval = {}, None, None
         resume = self.cfg.run.resume
-        self.log = MetricsLog(out / METRICS, log_header(self.cfg.trajectory(), run.targets),
-                              resume_step=self.start_step if resume else None)  # fmt: skip
+        self.log = self._open_log(log_header(self.cfg.trajectory(), run.targets), self.start_step if resume else None)
         self.best = self._best_so_far(self.log.kept) if resume else None  # {"step","metric","value","score"}
+
+    def _open_log(self, header: dict, resume_step: int | None):
+        return MetricsLog(self.out / METRICS, header, resume_step=resume_step)
 
     # ------------------------------------------------------------ loop
 
@@ -210,7 +216,7 @@ class Trainer:
         self.total_time += dt
         self.n_timed += 1
         rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": lr, "eps": o.eps,
-               "seconds": dt}  # fmt: skip
+               "seconds": dt, **res.extra}  # fmt: skip
         if step_good(res, cfg.optim.max_grad):
             self.bad_run = 0
             self.last_loss = res.loss

@@ -23,6 +23,7 @@ class StepOutput:
     loss: float
     projected_grads: list[float] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)  # [plus per direction, minus per direction]
+    extra: dict = field(default_factory=dict)  # more fields for the step's metrics record (distributed: dist_bytes)
 
 
 @runtime_checkable
