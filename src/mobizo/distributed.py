@@ -258,7 +258,7 @@ def shard_rows(batch, rank: int, world: int, queries: int, split: bool):
     rows = torch.tensor([e * per + k for e in mine for k in range(per)], dtype=torch.long)
     gold = None if batch.gold is None else batch.gold[torch.tensor(mine, dtype=torch.long)]
     n_real = int((rows < batch.n_real).sum())
-    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], n_real, gold)
+    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], n_real, gold, batch.shared)
 
 
 def direction_counts(batch, queries: int, split: bool, objective: str) -> torch.Tensor:
@@ -298,20 +298,22 @@ class DistEngine:
             if self.mode == "queries":
                 k = q // g.world
                 plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold,
-                                        directions=range(g.rank * k, (g.rank + 1) * k))  # fmt: skip
+                                        directions=range(g.rank * k, (g.rank + 1) * k), shared=batch.shared)  # fmt: skip
                 got = g.gather(step, torch.cat([plus, minus]))
                 plus, minus = got[:, :k].reshape(-1).float(), got[:, k:].reshape(-1).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             elif self.mode == "data":
                 mine = shard_rows(batch, g.rank, g.world, q, self.split)
-                plus, minus = zo.losses(zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold)
+                plus, minus = zo.losses(zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold,
+                                        shared=mine.shared)  # fmt: skip
                 count = direction_counts(mine, q, self.split, self.objective)
                 tot = g.reduce(step, torch.cat([plus.double() * count, minus.double() * count, count]))
                 denom = tot[2 * q :].clamp(min=1)
                 plus, minus = (tot[:q] / denom).float(), (tot[q : 2 * q] / denom).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             else:  # federated: own data, same directions; the update uses the mean g over ranks
-                plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold)
+                plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold,
+                                        shared=batch.shared)  # fmt: skip
                 got = g.gather(step, (plus - minus) / (2 * eps_t))
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t, grads=got.mean(0).float())
                 extra["rank_grads"] = got.float().tolist()
