@@ -143,13 +143,13 @@ def test_shards_weighted_by_their_counts_give_the_whole_batch_loss(tiny, synthet
             with torch.no_grad():
                 zs = zo.noise(torch.tensor(1))
                 full = torch.cat(zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(0.02),
-                                           batch.gold))  # fmt: skip
+                                           batch.gold, shared=batch.shared))  # fmt: skip
                 num, den = 0, 0
                 for r in range(2):
                     s = shard_rows(batch, r, 2, 2, mode == "split")
                     c = direction_counts(s, 2, mode == "split", objective).repeat(2)
                     num = num + torch.cat(zo.losses(zs, s.input_ids, s.attention_mask, s.labels, torch.tensor(0.02),
-                                                    s.gold)).double() * c  # fmt: skip
+                                                    s.gold, shared=s.shared)).double() * c  # fmt: skip
                     den = den + c
             torch.testing.assert_close((num / den).float(), full, rtol=1e-6, atol=1e-6)
 
