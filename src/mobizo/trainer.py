@@ -211,7 +211,7 @@ class Trainer:
         self.total_time += dt
         self.n_timed += 1
         rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": cfg.optim.lr,
-               "eps": cfg.optim.eps, "seconds": dt, **res.extra}  # fmt: skip
+               "eps": cfg.optim.eps, "seconds": dt, **getattr(res, "extra", {})}  # fmt: skip
         if step_good(res, cfg.optim.max_grad):
             self.bad_run = 0
             self.last_loss = res.loss
