@@ -120,10 +120,15 @@ Bundle Bundle::load(const std::string& dir) {
     if (b.examples < 1 || b.steps < 0 || b.batch_size < 1 || b.save_every < 0 || b.max_bad_steps < 1)
       throw Error("run.json: invalid sizes or settings");
     // run.json and the manifest must describe the same shapes
+    // A shared-prompt program (one-token candidates) takes one prompt row per example and a labels
+    // input of the candidates' token ids: R = 1, K = choices (mobizo.engines.executorch.manifest).
     int64_t choices = m.at("choices").as_int("choices");
-    int64_t want_rows = b.choice ? choices : 1;
+    bool shared = m.find("shared_prompt") && m.at("shared_prompt").type == Json::Type::Bool &&
+                  m.at("shared_prompt").as_bool();
+    int64_t want_rows = (b.choice && !shared) ? choices : 1;
+    int64_t want_k = shared ? choices : m.at("answer_len").as_int();
     if (objective != m.at("objective").as_string() || b.length != m.at("max_length").as_int() ||
-        b.answer_len != m.at("answer_len").as_int() || b.batch_size != m.at("batch_size").as_int() ||
+        b.answer_len != want_k || b.batch_size != m.at("batch_size").as_int() ||
         b.rows_per_example != want_rows)
       throw Error("run.json does not match manifest.json (objective, T, K or batch size differ; rebuild the bundle)");
     for (const auto& kv : m.at("adapter_shapes").o) {

@@ -211,9 +211,10 @@ def build_engine(run: Run, program_dir: Path | None = None):
                 export_program(run, target)
         with status("loading the ExecuTorch program", cfg.run.progress):
             engine = ExecuTorchEngine(target, expected)
-        from .threads import apply_threads
+        if cfg.run.threads is not None:  # resize the runtime's thread pool (XNNPACK) only when asked:
+            from .threads import apply_threads  # resetting it is unsafe in a process forked after it started
 
-        apply_threads(cfg.run.threads)  # the runtime's thread pool (XNNPACK) exists now
+            apply_threads(cfg.run.threads)
     else:
         from .engines.eager import EagerEngine
 
