@@ -340,7 +340,8 @@ def gather(bundle: Bundle, step: int) -> Batch:
             ids[b, r], mask[b, r] = ids[nxt, 0], mask[nxt, 0]
             labels[b, r] = IGNORE
     gold = a["gold"][idx].clone() if "gold" in a else None
-    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), gold=gold)
+    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), gold=gold,
+                 shared=gold is not None and R == 1)  # one prompt row per example: the shared-prompt layout
 
 
 def train_python(bundle_dir: str | Path, steps: int | None = None):
