@@ -167,7 +167,7 @@ def test_config_checks_give_one_line_errors():
     with pytest.raises(MobizoError, match="runs --engine eager"):
         check_config(cfg.replace(queries=4, engine="executorch"), 2)
     with pytest.raises(MobizoError, match="rank 1 was started with --lr 3.0"):
-        _check_flags(cfg, [{"lr": 1e-3}, {"lr": 3.0, "out": "elsewhere"}], federated=False)
+        _check_flags(cfg, [{"lr": cfg.optim.lr}, {"lr": 3.0, "out": "elsewhere"}], federated=False)
     _check_flags(cfg, [{}, {"data": "mine", "out": "elsewhere"}], federated=True)  # a client's own data and --out
 
 
