@@ -50,3 +50,18 @@ def test_threads(monkeypatch):
             apply_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_with_a_decaying_schedule_keeps_steps(tmp_path):
+    """--steps shapes every lr of a linear/cosine schedule: a resumed run may not change it."""
+    from conftest import run_cli
+
+    flags = ["--queries", 2, "--batch-size", 4, "--max-length", 32, "--eval-examples", 8, "--eval-every", 0,
+             "--lr", 2.0, "--eps", 0.02, "--lr-schedule", "cosine", "--warmup-steps", 1, "--no-progress"]  # fmt: skip
+    assert run_cli(["train", *flags, "--steps", 3, "--out", tmp_path / "r"])[0] == 0
+    code, err = run_cli(["train", "--resume", "--out", tmp_path / "r", "--steps", 5, "--no-progress"])
+    assert code == 2 and "--lr-schedule cosine --steps shapes every step's lr" in err
+    import json
+
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([2.0, 2.0, 1.0])  # warmup to 2.0, then cosine over the remaining 2 steps

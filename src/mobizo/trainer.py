@@ -79,7 +79,12 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
             print(f"mobizo: warning: resuming with {flag(k)} {mine} (the run used {v})", file=sys.stderr)
             continue
         updates[k] = v
-    return cfg.replace(**updates)
+    cfg = cfg.replace(**updates)
+    saved_steps = settings.get("steps")
+    if cfg.optim.lr_schedule != "constant" and saved_steps is not None and cfg.optim.steps != saved_steps:
+        raise MobizoError(f"--resume: with --lr-schedule {cfg.optim.lr_schedule} --steps shapes every step's lr; the run "
+                          f"in {out.path} used --steps {saved_steps}")  # fmt: skip
+    return cfg
 
 
 def _fixed(trajectory: dict) -> dict:
