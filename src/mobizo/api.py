@@ -40,16 +40,11 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
     from .engines.eager import EagerEngine
     from .evaluation import evaluate as run_eval
     from .evaluation import main_metric
-    from .mplora import inject, load_adapter_state
-
     cfg = (config or TrainConfig()).replace(**fields)
     state = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the model loads
     run = assemble(cfg, model=model, tokenizer=tokenizer, validation=examples, need_train=False, inject_adapter=False)
     if state is not None:
-        tensors, config_ = state
-        modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
-        inject(run.model, modules, int(config_["r"]), float(config_["lora_alpha"]), 0)
-        load_adapter_state(run.model, tensors)
+        _apply_adapter(run.model, *state)
     engine = EagerEngine(run.model, estimator=None)  # scoring only
     d = cfg.data
     metrics = run_eval(engine, run.task.kind, run.validation, run.encoder, run.tokenizer.pad_token_id, d.max_length,
@@ -78,9 +73,14 @@ def load_adapter(model, path: str | Path):
     """Load a PEFT LoRA adapter directory into ``model`` (injecting MP-LoRA layers first if it has none).
     Returns the model."""
     from .checkpoint import read_adapter
+
+    return _apply_adapter(model, *read_adapter(path))
+
+
+def _apply_adapter(model, tensors: dict, config: dict):
+    """Inject MP-LoRA layers shaped like the adapter (unless the model has them) and load its tensors."""
     from .mplora import inject, load_adapter_state, lora_layers
 
-    tensors, config = read_adapter(path)
     if not lora_layers(model):
         modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
         model.mplora_layers = inject(model, modules, int(config["r"]), float(config["lora_alpha"]), 0)

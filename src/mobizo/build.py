@@ -131,8 +131,10 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     if model is None:
         model, tokenizer = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
-    elif tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    else:
+        from .models import prepare_tokenizer
+
+        prepare_tokenizer(tokenizer)  # the same pad token and left padding load_model gives
     train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
     from .data import check_candidates
     from .models import check_max_length

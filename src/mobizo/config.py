@@ -254,10 +254,6 @@ def _csv_list(text: str) -> list[str]:
     return items
 
 
-def _optional_float(text: str) -> float:
-    return float(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None = None) -> None:
     """Add ``--flag``s for the config fields ``names`` (flat names) to ``parser``.
 
@@ -286,7 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None
         elif kind.startswith("int"):
             typ = int
         elif kind.startswith("float"):
-            typ = _optional_float
+            typ = float
         else:
             typ = str
         parser.add_argument(*flags, dest=name, type=typ, default=None, choices=md.get("choices"),

@@ -92,7 +92,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 
     if is_gguf(p) or p.suffix.lower() == ".gguf":
         model, tokenizer = load_gguf(p, dtype, trust_remote_code)
-        return model, _fix_tokenizer(tokenizer)
+        return model, prepare_tokenizer(tokenizer)
     if not p.exists():
         raise MobizoError(f"model {path} does not exist (a Hugging Face model directory, a .gguf file, or tiny for the built-in model)")
     if not p.is_dir() or not (p / "config.json").is_file():
@@ -112,10 +112,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     except Exception as e:  # noqa: BLE001
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
-    return model.eval(), _fix_tokenizer(tokenizer)
+    return model.eval(), prepare_tokenizer(tokenizer)
 
 
-def _fix_tokenizer(tokenizer):
+def prepare_tokenizer(tokenizer):
     """mobizo's layout: a pad token (EOS or UNK when the model has none) and left padding."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
