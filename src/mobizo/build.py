@@ -37,17 +37,37 @@ class Run:
     truncated: dict = field(default_factory=dict)  # split -> examples whose prompts are cut to fit
     answer_len: int = 0  # longest answer (any candidate) in tokens: the exported answer window K
     engine: object = None
+    given_model: bool = False  # the caller passed the model object (no files name it)
+    _base_hash: str | None = None
 
     def zo_config(self):
         return self.cfg.zo_config(self.objective, self.choices)
 
+    def base_hash(self) -> str:
+        """The base model's identity (:func:`mobizo.models.base_hash`), computed once."""
+        if self._base_hash is None:
+            from .models import base_hash
 
-def load_base(name: str, trust_remote_code: bool = False, progress: bool = True):
-    """(model, tokenizer) of ``name`` (``tiny`` or a local directory), with a status line."""
-    from .models import load_model
+            self._base_hash = base_hash(self.cfg.model, self.model, self.given_model)
+        return self._base_hash
 
+
+def load_base(name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True):
+    """(model, tokenizer) of ``name`` (``tiny``, a local directory or a GGUF file), with a status line.
+    ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`)."""
+    from .models import load_model, load_skeleton
+
+    if not weights:
+        with status(f"loading the config and tokenizer of {name}", progress):
+            return load_skeleton(name, trust_remote_code=trust_remote_code)
     with status(f"loading model {name}", progress):
         return load_model(name, trust_remote_code=trust_remote_code)
+
+
+def needs_weights(cfg: TrainConfig) -> bool:
+    """Whether a run must hold the base weights in this process: not when an ExecuTorch program runs
+    the step (the program holds them; they are loaded only if the program must be exported)."""
+    return cfg.engine.engine != "executorch"
 
 
 def load_task(cfg: TrainConfig):
@@ -97,12 +117,13 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
 
 
 def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validation=None, need_train: bool = True,
-             inject_adapter: bool = True) -> Run:
+             inject_adapter: bool = True, weights: bool = True) -> Run:
     """Validate ``cfg``, load (or take) the task's examples and the model, inject the adapter.
 
     ``model``/``tokenizer`` (a Hugging Face model object and its tokenizer) replace loading
     ``cfg.model``; ``train``/``validation`` (Examples or dicts) replace the task's files.
     ``inject_adapter=False``: leave the model as it is (eval of a saved adapter injects its own).
+    ``weights=False``: load ``cfg.model``'s architecture without its weights (see :func:`needs_weights`).
     """
     from .mplora import inject
 
@@ -129,8 +150,9 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         validation = task.load("validation", d.eval_examples, cfg.seed)
     if (model is None) != (tokenizer is None):
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
+    given = model is not None
     if model is None:
-        model, tokenizer = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
+        model, tokenizer = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress, weights)
     else:
         from .models import prepare_tokenizer
 
@@ -152,28 +174,36 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
     )
     return Run(cfg, model, tokenizer, task, train, validation, encoder, targets, objective, choices, truncated,
-               answer_len)  # fmt: skip
+               answer_len, given_model=given)  # fmt: skip
 
 
 def manifest_for_run(run: Run):
     """The manifest a program for ``run`` must have (what the program is checked against)."""
     from .engines.executorch import manifest_for
-    from .models import weights_hash
 
     cfg = run.cfg
     return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
                         run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        weights_hash(run.model))  # fmt: skip
+                        run.base_hash())  # fmt: skip
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
-    """Export ``run``'s step into ``out_dir`` (atomically), with a status line per stage."""
+    """Export ``run``'s step into ``out_dir`` (atomically), with a status line per stage. A run built
+    without the weights (:func:`needs_weights`) loads them for the export and lets them go after."""
     from .engines.executorch import export_program as export
+    from .models import is_skeleton
+    from .mplora import inject
 
     from .rundir import write_marker
 
     manifest = manifest_for_run(run)
-    export(run.model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress)
+    model = run.model
+    if is_skeleton(model):
+        cfg, a = run.cfg, run.cfg.adapter
+        model, _ = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
+        inject(model, a.target_modules, a.rank, a.alpha, cfg.seed)
+    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress)
+    del model  # the skeleton's run never keeps the weights
     write_marker(out_dir, "program")
     return manifest
 

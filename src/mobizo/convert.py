@@ -310,6 +310,29 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust
     return model.eval(), tokenizer
 
 
+def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False):
+    """(model on the meta device, tokenizer) of a GGUF file: config and tokenizer only, no tensor read
+    (see :func:`mobizo.models.load_skeleton`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    h = inspect_gguf(p)
+    with _metadata_parsed_once():
+        tokenizer = _load_tokenizer(p, trust_remote_code)
+        try:
+            if h.architecture in _legacy_archs():
+                config = _load_config(p)[0]
+            else:
+                config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True,
+                                                    trust_remote_code=trust_remote_code)  # fmt: skip
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001
+            raise MobizoError(f"cannot build the model of {p}: {type(e).__name__}: {_first_line(e)}") from e
+    model.config.name_or_path = str(p.resolve())
+    return model.eval(), tokenizer
+
+
 def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights

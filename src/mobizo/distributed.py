@@ -392,10 +392,9 @@ def _trainer_class():
 def _fingerprint(run) -> tuple:
     """What every rank must share: the adapted layers, the base weights and the frozen A's."""
     from .checkpoint import tensors_sha256
-    from .models import weights_hash
 
     a = {k: v for k, v in run.engine.adapter_state().items() if k.endswith("lora_A")}
-    return list(run.targets), weights_hash(run.model), tensors_sha256(a)
+    return list(run.targets), run.base_hash(), tensors_sha256(a)
 
 
 def _check_flags(cfg, given_per_rank: list[dict], federated: bool) -> None:
@@ -440,7 +439,7 @@ def _on_sigterm(group: Group):
 
 
 def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
-    from .build import assemble, build_engine
+    from .build import assemble, build_engine, needs_weights
     from .config import TrainConfig
     from .rundir import RunDir, default_out
     from .trainer import _restore, resolve_resume
@@ -467,7 +466,7 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
         local = run_cfg.replace(data=local_data(cfg.data.data if "data" in given else run_cfg.data.data, rank))
 
     def build():
-        run = assemble(local, **objects)
+        run = assemble(local, weights=needs_weights(local), **objects)
         build_engine(run)
         run.cfg = run_cfg  # logged and checkpointed as rank 0's config (federated: the --data template)
         return run, _fingerprint(run)

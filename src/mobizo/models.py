@@ -99,12 +99,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json) or a GGUF file")
     if not any(p.glob("*.safetensors")):
         raise MobizoError(f"{path} has no *.safetensors weights (mobizo loads weights only from safetensors)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model dir
-        raise MobizoError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    tokenizer = _tokenizer(p, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, local_files_only=True, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -113,6 +110,70 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
     return model.eval(), prepare_tokenizer(tokenizer)
+
+
+def _tokenizer(p: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model dir
+        raise MobizoError(f"cannot load the tokenizer from {p}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def load_skeleton(path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) of ``path`` without its weights: the architecture built from the config on the
+    ``meta`` device (shapes, module names, no storage), for a run whose step runs in an ExecuTorch
+    program that already holds the weights. ``tiny`` is built for real (it is ~1 MB)."""
+    if path == TINY:
+        return build_tiny()
+    p = Path(path)
+    from .convert import is_gguf, load_gguf_skeleton
+
+    if is_gguf(p) or p.suffix.lower() == ".gguf":
+        model, tokenizer = load_gguf_skeleton(p, trust_remote_code)
+        return model, prepare_tokenizer(tokenizer)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        return load_model(path, trust_remote_code=trust_remote_code)  # its one-line error
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = _tokenizer(p, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise MobizoError(f"cannot build the model of {path}: {type(e).__name__}: {_first_line(e)}") from e
+    model.config.name_or_path = str(p.resolve())
+    return model.eval(), prepare_tokenizer(tokenizer)
+
+
+def is_skeleton(model: torch.nn.Module) -> bool:
+    """Whether ``model`` came from :func:`load_skeleton` (its weights are on the meta device)."""
+    return any(t.is_meta for t in model.parameters())
+
+
+def weight_files(path: str) -> list[Path]:
+    """The files holding the weights of model ``path`` (a GGUF file, or a directory's ``*.safetensors``)."""
+    p = Path(path)
+    return [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+
+
+def base_hash(path: str, model: torch.nn.Module, given: bool = False) -> str:
+    """Identity of a base model: sha256 over its weight files' names and sha256s (so a run that
+    trains an exported program checks it without loading the weights; the files' digests are
+    cached by path, size and mtime). ``tiny``, or a model ``given`` as an object: :func:`weights_hash`."""
+    from .util import cached_file_sha256
+
+    files = [] if given or path == TINY else weight_files(path)
+    if files:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}:{cached_file_sha256(f)}\n".encode())
+        return h.hexdigest()
+    if is_skeleton(model):
+        raise MobizoError(f"cannot identify the weights of model {path} (no weight files)")
+    return weights_hash(model)
 
 
 def prepare_tokenizer(tokenizer):

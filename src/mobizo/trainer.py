@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .build import Run, assemble, build_engine
+from .build import Run, assemble, build_engine, needs_weights
 from .config import FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
         not e.program or Path(e.program).resolve() == (out / PROGRAM_DIR).resolve()
     )
     try:
-        run = assemble(cfg, **objects)
+        run = assemble(cfg, weights=needs_weights(cfg), **objects)
         build_engine(run, out / PROGRAM_DIR)
     except BaseException:
         if not existed and out.path.is_dir() and not any(out.path.iterdir()):

@@ -21,6 +21,36 @@ def file_sha256(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """mobizo's cache (``$MOBIZO_CACHE``, default ``~/.cache/mobizo``)."""
+    return Path(os.environ.get("MOBIZO_CACHE") or Path.home() / ".cache" / "mobizo")
+
+
+def cached_file_sha256(path: Path) -> str:
+    """sha256 of a (large, unchanging) file, remembered in the cache by resolved path, size and mtime:
+    a 4 GB checkpoint is read once, not at every run."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}:{st.st_size}:{st.st_mtime_ns}"
+    store = cache_dir() / "file-sha256.json"
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key not in known:
+        known[key] = file_sha256(p)[1]
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known), encoding="utf-8")
+            os.replace(tmp, store)
+        except OSError:
+            pass  # a read-only home: hash again next time
+    return known[key]
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence the runtime's C++ start-up chatter (cpuinfo probes) on fd 2; Python errors still propagate."""

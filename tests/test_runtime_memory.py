@@ -1,0 +1,137 @@
+"""What the ExecuTorch path holds in memory: no base weights in the Python process, one packed copy
+of the frozen weights whichever methods are loaded (issue: training inside the runtime must be the
+lightest way to train). Asserts on what is loaded, not on timings."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mobizo.build import assemble, build_engine
+from mobizo.config import TrainConfig
+
+# one wide layer: its packed weights (~13 MB) stand well above the allocator's noise
+WIDE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+COMMON = dict(task="synthetic", queries=2, batch_size=4, max_length=24, eval_examples=8, eval_batch_size=8,
+              lr=0.5, eps=0.05, seed=1, progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_pair):
+    """(model dir, program dir): a one-layer 512-wide Llama saved as a checkpoint, and its program."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mobizo.build import export
+
+    _, tok = tiny_pair
+    d = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **WIDE)).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    export(TrainConfig.from_flat(model=str(d / "model"), **COMMON), str(d / "program"))
+    return d / "model", d / "program"
+
+
+def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
+    import safetensors.torch
+    import transformers
+
+    from mobizo import models
+
+    model_dir, program = wide
+
+    def refuse(*a, **k):
+        raise AssertionError("the base weights were loaded")
+
+    # every way the weights could be read: mobizo's loader, transformers', safetensors'
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    cfg = TrainConfig.from_flat(model=str(model_dir), **COMMON, engine="executorch", program=str(program))
+    from mobizo.build import needs_weights
+
+    assert not needs_weights(cfg)
+    run = assemble(cfg, weights=False)
+    assert all(p.is_meta for p in run.model.parameters())  # the architecture only
+    build_engine(run)  # identity checked from the manifest and the weight files' sha256
+    from mobizo.trainer import make_batch
+
+    out = run.engine.train_step(make_batch(run, 1), 1, 0.5, 0.05)
+    assert len(out.projected_grads) == 2
+    # and through the trainer, eval included
+    from mobizo.trainer import train
+
+    summary = train(cfg.replace(steps=3, out=str(tmp_path / "run")))
+    assert summary["eval"]["loss"] > 0 and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_changed_weight_files_are_refused_without_loading_them(wide, tmp_path):
+    import shutil
+
+    from mobizo.errors import MobizoError
+
+    model_dir, program = wide
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    f = next(other.glob("*.safetensors"))
+    state = load_file(str(f))
+    k = next(iter(state))
+    state[k] = state[k] + 1
+    save_file(state, str(f), metadata={"format": "pt"})
+    cfg = TrainConfig.from_flat(model=str(other), **COMMON, engine="executorch", program=str(program))
+    with pytest.raises(MobizoError, match="base_weights_sha256"):
+        build_engine(assemble(cfg, weights=False))
+
+
+# Loads train_step, then score, in a fresh process; prints the anonymous memory each load added.
+PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) * 1024
+
+    program, shared = Path(sys.argv[1]), sys.argv[2] == "engine"
+    if shared:
+        from mobizo.engines.executorch import ExecuTorchEngine
+        eng = ExecuTorchEngine(program)
+        before = anon()
+        eng._method("score")
+        print(json.dumps({"score": anon() - before, "shared": eng.shared_weights}))
+    else:  # the stock runtime as it comes: every method packs its own copy
+        from executorch.runtime import Runtime
+        p = Runtime.get().load_program(program / "train.pte")
+        p.load_method("train_step")
+        before = anon()
+        p.load_method("score")
+        print(json.dumps({"score": anon() - before, "shared": False}))
+""")
+
+
+def test_the_frozen_weights_are_packed_once_across_methods(wide):
+    model_dir, program = wide
+    from safetensors import safe_open
+
+    f = next(model_dir.glob("*.safetensors"))
+    with safe_open(str(f), "pt") as st:  # the XNNPACK-run linears: every projection and the LM head
+        linear = sum(st.get_tensor(k).numel() * 4 for k in st.keys() if k.endswith("proj.weight") or "lm_head" in k)
+
+    def probe(mode):
+        r = subprocess.run([sys.executable, "-c", PROBE, str(program), mode], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    stock, ours = probe("stock"), probe("engine")
+    # the measurement sees a second copy when there is one...
+    assert stock["score"] > 0.8 * linear, (stock, linear)
+    # ...and the engine's score method adds none
+    assert ours["shared"] and ours["score"] < 0.1 * linear, (ours, linear)
