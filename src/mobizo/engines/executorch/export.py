@@ -24,10 +24,12 @@ model's plain ("eager") attention: the SDPA decomposition adds masked-row fix-up
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import gc
 import io
 import re
+import shutil
 import sys
+import tempfile
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +42,7 @@ from ...errors import MobizoError
 from ...mplora import lora_layers
 from ...progress import Stages
 from ...step import ZOStep, row_losses
-from ...util import dumps
+from ...util import dumps, file_sha256
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
 
@@ -166,6 +168,70 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+SPILL_BYTES = 1 << 16  # named data blobs at least this large wait on disk, not in memory
+
+
+@contextlib.contextmanager
+def spilled_named_data(directory: Path):
+    """While lowering, every large blob a backend hands ExecuTorch's ``NamedDataStore`` (XNNPACK: each
+    frozen weight, as a ``bytes`` copy) is written to ``directory`` and kept as a ``FileBackedData``
+    that the serializer streams into the ``.pte``. Without this the export holds a bytes copy of the
+    weights per method (``train_step`` and ``score``) until serialization, then the ``.pte``'s bytes
+    on top: over 5x the weights. Blobs are files named by their key (XNNPACK: the sha256 of the
+    bytes), so a weight both methods read is written once."""
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    original = NamedDataStore.add_named_data
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, FileBackedData] = {}
+
+    def add_named_data(self, key, data, *args, **kwargs):
+        if isinstance(data, bytes) and len(data) >= SPILL_BYTES and re.fullmatch(r"[0-9A-Za-z_.-]{1,128}", key):
+            if key not in files:
+                path = directory / key
+                path.write_bytes(data)
+                files[key] = FileBackedData(str(path))
+            data = files[key]
+        return original(self, key, data, *args, **kwargs)
+
+    NamedDataStore.add_named_data = add_named_data
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = original
+
+
+# XNNPACK's preprocessing runs ~17 graph passes over every partition, each a full re-trace; these
+# only rewrite ops a decoder-only transformer step does not contain (convolution, batch norm,
+# upsampling, PReLU, padding, SDPA: the step is traced with plain attention). They are skipped for
+# partitions without any of those ops; the lowered program is byte-identical (tested).
+_IDLE_PASSES = ("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
+                "InsertPadQDQPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass")  # fmt: skip
+_THEIR_OPS = ("convolution", "batch_norm", "upsample", "prelu", "scaled_dot_product", "pad", "pool", "conv")
+
+
+@contextlib.contextmanager
+def lean_xnnpack_passes():
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    original = XNNPACKPassManager.__init__
+
+    def __init__(self, exported_program, passes=None):
+        original(self, exported_program, passes)
+        if passes:
+            return
+        ops = {str(n.target) for n in exported_program.graph.nodes if n.op == "call_function"}
+        if not any(word in op for op in ops for word in _THEIR_OPS):
+            self.passes = [p for p in self.passes if p.__name__ not in _IDLE_PASSES]
+
+    XNNPACKPassManager.__init__ = __init__
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.__init__ = original
+
+
 def _example_inputs(m: Manifest, rows: int):
     ids = torch.ones((rows, m.max_length), dtype=torch.long)
     mask = torch.ones((rows, m.max_length), dtype=torch.long)
@@ -219,32 +285,42 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
     partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
+    spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
     try:
-        edge = to_edge_transform_and_lower(
-            programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
-        )
-        stage("serializing the program")
-        et = edge.to_executorch(
-            ExecutorchBackendConfig(
-                passes=[InitializedMutableBufferPass(["lora_B"])],
-                memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
-                emit_mutable_buffer_names=True,
-            )
-        )
-    except Exception as e:  # noqa: BLE001
-        stage.done(failed=True)
-        raise MobizoError(f"lowering to ExecuTorch failed{failure_site(e, model)}: {_first_line(e)}") from e
-    data = et.buffer
-    manifest.xnnpack = xnnpack
-    manifest.versions = versions()
-    manifest.pte_sha256 = hashlib.sha256(data).hexdigest()
-    manifest.pte_bytes = len(data)
+        with spilled_named_data(spill), lean_xnnpack_passes():
+            try:
+                edge = to_edge_transform_and_lower(
+                    programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+                )
+                del programs
+                gc.collect()
+                stage("serializing the program")
+                et = edge.to_executorch(
+                    ExecutorchBackendConfig(
+                        passes=[InitializedMutableBufferPass(["lora_B"])],
+                        memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+                        emit_mutable_buffer_names=True,
+                    )
+                )
+                del edge
+                gc.collect()
+            except Exception as e:  # noqa: BLE001
+                stage.done(failed=True)
+                raise MobizoError(f"lowering to ExecuTorch failed{failure_site(e, model)}: {_first_line(e)}") from e
+            manifest.xnnpack = xnnpack
+            manifest.versions = versions()
 
-    def write(d: Path) -> None:
-        (d / PROGRAM).write_bytes(data)
-        (d / MANIFEST).write_text(dumps(asdict(manifest), indent=1), encoding="utf-8")
+            def write(d: Path) -> None:
+                with open(d / PROGRAM, "wb") as f:  # streamed: the spilled weights never come back into memory
+                    et.write_to_file(f)
+                manifest.pte_bytes, manifest.pte_sha256 = file_sha256(d / PROGRAM)
+                (d / MANIFEST).write_text(dumps(asdict(manifest), indent=1), encoding="utf-8")
 
-    stage(f"writing {manifest.pte_bytes / 1e6:.1f} MB")
-    atomic_write_dir(Path(out_dir), write)
+            stage("writing the program")
+            atomic_write_dir(out_dir, write)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     stage.done()
     return manifest

@@ -1,0 +1,128 @@
+"""Peak RSS of every way mobizo trains one model, side by side in one run (README "Memory").
+
+    python benchmarks/memory_table.py --model DIR [--model DIR2 ...] --work /tmp/memtable [--length 256]
+
+Each row is one whole ``mobizo`` process (its peak RSS, ``ru_maxrss`` of that child alone: the
+interpreter, libraries, model or program, and the work), run on the same data: a custom
+classification task whose prompts all fill ``--length`` tokens (long texts cut from the left), so
+the eager engine pads to the same length as the program. Settings: prge, batch 4, q 2, three steps,
+eval on 8 examples at the end.
+
+* export: ``mobizo export`` (the program alone), with its wall time;
+* ET ZO (Python): ``mobizo train --engine executorch --program P``;
+* ET ZO (native): ``mobizo-train`` (C++, no Python) on a bundle of the same program;
+* eager ZO / eager FO: ``mobizo train`` / ``--estimator fo``;
+* weights: the base model's parameter bytes (fp32), the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORDS = ("the movie was long and the acting felt quiet while the story moved through small rooms of memory and "
+         "light with a score that rose and fell like weather over an old town where nothing much happened").split()  # fmt: skip
+
+
+def make_data(d: Path, n: int = 64) -> Path:
+    rng = random.Random(0)
+    d.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n), ("validation", 16)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(count):
+                text = " ".join(rng.choice(WORDS) for _ in range(600))
+                f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    return d
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """(peak RSS MiB of that child alone, wall seconds)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed; see {log}")
+    return usage.ru_maxrss / 1024, wall
+
+
+def weights_mib(model: str) -> float:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                total += n * 4  # fp32, as mobizo runs it
+    return total / 2**20
+
+
+def measure(model: str, work: Path, length: int, native: bool) -> dict:
+    name = Path(model).name
+    w = work / name
+    w.mkdir(parents=True, exist_ok=True)
+    data = make_data(work / "data")
+    flags = ["--model", model, "--task", "custom-cls", "--data", str(data), "--template", "Review: {text} Sentiment:",
+             "--label-words", "bad,good", "--max-length", str(length), "--batch-size", "4", "--queries", "2",
+             "--eval-examples", "8", "--eval-batch-size", "4", "--seed", "0", "--no-progress"]  # fmt: skip
+    mobizo = [sys.executable, "-m", "mobizo"]
+    rows = {"weights": (weights_mib(model), None)}
+    program = w / "program"
+    rows["export"] = run(mobizo + ["export", *flags, "--out", str(program), "--overwrite"], w / "export.log")
+    train = ["train", *flags, "--steps", "3", "--eval-every", "0", "--save-every", "0", "--overwrite"]
+    rows["ET ZO (Python)"] = run(mobizo + train + ["--engine", "executorch", "--program", str(program),
+                                                  "--out", str(w / "et")], w / "et.log")  # fmt: skip
+    if native:
+        from mobizo.native import build
+
+        exe = build()
+        bundle = w / "bundle"
+        subprocess.run(mobizo + ["bundle", *flags, "--steps", "3", "--program", str(program), "--out", str(bundle),
+                                 "--overwrite"], check=True, capture_output=True)  # fmt: skip
+        rows["ET ZO (native)"] = run([str(exe), str(bundle), "--out", str(w / "native"), "--overwrite"], w / "native.log")
+    rows["eager ZO"] = run(mobizo + train + ["--out", str(w / "eager")], w / "eager.log")
+    rows["eager FO"] = run(mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], w / "fo.log")
+    return {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--no-native", action="store_true")
+    a = ap.parse_args()
+    results = {}
+    for m in a.model:
+        results[Path(m).name] = measure(m, a.work, a.length, not a.no_native)
+        print(json.dumps({Path(m).name: results[Path(m).name]}), flush=True)
+    (a.work / "memory_table.json").write_text(json.dumps(results, indent=1))
+    names = list(results)
+    kinds = list(next(iter(results.values())))
+    print(f"\n| peak RSS (MiB) | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
+    for k in kinds:
+        cells = []
+        for n in names:
+            r = results[n].get(k)
+            if r is None:
+                cells.append("-")
+            else:
+                ratio = f" ({r['peak_mib'] / results[n]['eager ZO']['peak_mib']:.2f}x eager ZO)" if k.startswith("ET") else ""
+                secs = f", {r['seconds']:.0f} s" if k == "export" else ""
+                cells.append(f"{r['peak_mib']:.0f}{ratio}{secs}")
+        print(f"| {k} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
