@@ -12,6 +12,9 @@ eval on 8 examples at the end.
 * ET ZO (Python): ``mobizo train --engine executorch --program P``;
 * ET ZO (native): ``mobizo-train`` (C++, no Python) on a bundle of the same program;
 * eager ZO / eager FO: ``mobizo train`` / ``--estimator fo``;
+* ET FO: the first-order baseline program (``engines/executorch/fo.py``: forward + backward of the
+  same LoRA-FA adapter in the runtime), three steps on a batch of the same shape, run by the
+  benchmarks' memory worker (the program only, no eval);
 * weights: the base model's parameter bytes (fp32), the floor.
 """
 
@@ -68,7 +71,29 @@ def weights_mib(model: str) -> float:
     return total / 2**20
 
 
-def measure(model: str, work: Path, length: int, native: bool) -> dict:
+def measure_et_fo(model: str, w: Path, length: int) -> tuple[float, None]:
+    """Peak RSS of the ExecuTorch FO program's steps (batch 4, ``length`` tokens), in its own process."""
+    import torch
+
+    from mobizo.engines.executorch.fo import FOManifest, export_fo_program
+    from mobizo.models import load_model
+    from mobizo.mplora import inject
+
+    fo_dir = w / "program-fo"
+    if not fo_dir.is_dir():
+        net, _ = load_model(model)
+        inject(net, None, 8, 16.0, 0)
+        export_fo_program(net, FOManifest(Path(model).name, 4, length, 1), fo_dir)
+        del net
+    batch = w / "batch.pt"
+    ids = torch.randint(3, 500, (4, length))
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, -1:].clone()}, batch)
+    spec = {"mode": "et-fo", "steps": 3, "threads": 2, "batch_file": str(batch), "program": str(fo_dir)}
+    r = run([sys.executable, "-m", "mobizo_bench.memory_worker", json.dumps(spec)], w / "et-fo.log")
+    return r[0], None
+
+
+def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = True) -> dict:
     name = Path(model).name
     w = work / name
     w.mkdir(parents=True, exist_ok=True)
@@ -93,6 +118,8 @@ def measure(model: str, work: Path, length: int, native: bool) -> dict:
         rows["ET ZO (native)"] = run([str(exe), str(bundle), "--out", str(w / "native"), "--overwrite"], w / "native.log")
     rows["eager ZO"] = run(mobizo + train + ["--out", str(w / "eager")], w / "eager.log")
     rows["eager FO"] = run(mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], w / "fo.log")
+    if et_fo:
+        rows["ET FO"] = measure_et_fo(model, w, length)
     return {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
 
 
@@ -102,10 +129,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--no-native", action="store_true")
+    ap.add_argument("--no-et-fo", action="store_true")
     a = ap.parse_args()
     results = {}
     for m in a.model:
-        results[Path(m).name] = measure(m, a.work, a.length, not a.no_native)
+        results[Path(m).name] = measure(m, a.work, a.length, not a.no_native, not a.no_et_fo)
         print(json.dumps({Path(m).name: results[Path(m).name]}), flush=True)
     (a.work / "memory_table.json").write_text(json.dumps(results, indent=1))
     names = list(results)

@@ -149,3 +149,17 @@ def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(progra
     assert torch.equal(counts, want_counts)
     with pytest.raises(MobizoError, match="one shared prompt row per example"):
         eng.train_step(collate_choices(g[:4], gold[:4], 2, tok.pad_token_id, 32, shared=False), 11, 1.0, 0.05)
+
+
+def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_path, monkeypatch):
+    """The export's memory and time savings (weights spilled to disk while lowering, XNNPACK passes
+    that cannot apply skipped) change nothing in the program: byte-identical to the plain lowering."""
+    import contextlib
+
+    import mobizo.engines.executorch.export as E
+
+    monkeypatch.setattr(E, "lean_xnnpack_passes", contextlib.nullcontext)
+    monkeypatch.setattr(E, "spilled_named_data", lambda d: contextlib.nullcontext())
+    plain = export(TrainConfig.from_flat(**COMMON), str(tmp_path / "plain"))
+    ours = json.loads((program / "manifest.json").read_text())
+    assert plain.pte_sha256 == ours["pte_sha256"] and plain.pte_bytes == ours["pte_bytes"]

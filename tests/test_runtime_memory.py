@@ -135,3 +135,28 @@ def test_the_frozen_weights_are_packed_once_across_methods(wide):
     assert stock["score"] > 0.8 * linear, (stock, linear)
     # ...and the engine's score method adds none
     assert ours["shared"] and ours["score"] < 0.1 * linear, (ours, linear)
+
+
+def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path, monkeypatch):
+    """lr, eps, steps and --out are inputs of the program, not part of it: the second run gets the
+    program the first exported from the cache (hard links), without exporting."""
+    import os
+
+    import mobizo.build as build
+    from mobizo.trainer import train
+
+    cfg = TrainConfig.from_flat(model="tiny", **{**COMMON, "max_length": 20}, engine="executorch", steps=2)
+    train(cfg.replace(out=str(tmp_path / "a")))
+
+    def refuse(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(build, "export_program", refuse)
+    summary = train(cfg.replace(lr=0.1, eps=0.01, steps=3, out=str(tmp_path / "b")))
+    assert summary["eval"]["loss"] > 0
+    a, b = tmp_path / "a" / "program" / "train.pte", tmp_path / "b" / "program" / "train.pte"
+    assert a.read_bytes() == b.read_bytes()
+    assert os.stat(b).st_nlink >= 2  # a link to the kept copy, not a second copy on disk
+    # a change the program is built from (q) is not served from the cache
+    with pytest.raises(AssertionError, match="exported again"):
+        train(cfg.replace(queries=4, out=str(tmp_path / "c")))

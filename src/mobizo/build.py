@@ -202,7 +202,10 @@ def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
         cfg, a = run.cfg, run.cfg.adapter
         model, _ = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
         inject(model, a.target_modules, a.rank, a.alpha, cfg.seed)
-    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress)
+    from .threads import default_threads
+
+    workers = run.cfg.run.threads or default_threads()  # the export's parallel lowering uses the cores too
+    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress, workers=workers)
     del model  # the skeleton's run never keeps the weights
     write_marker(out_dir, "program")
     return manifest
@@ -222,6 +225,64 @@ def program_matches(program_dir: Path, expected: dict) -> bool:
     return size == m.pte_bytes and digest == m.pte_sha256
 
 
+# Exported programs are kept in the cache (``$MOBIZO_CACHE/programs``, hard links where the file system
+# allows, so a kept program costs no space while its run directory exists), keyed by everything the
+# program is built from: a run that changes only what the program takes as input (lr, eps, steps,
+# schedule, eval cadence) or only its --out reuses the export instead of repeating it.
+PROGRAMS_KEPT = 4
+
+
+def _program_cache(expected: dict) -> Path:
+    import hashlib
+
+    from .util import cache_dir, dumps
+
+    return cache_dir() / "programs" / hashlib.sha256(dumps(expected, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def restore_program(target: Path, expected: dict) -> bool:
+    """Put the kept program built for ``expected`` into ``target``; False when none is kept."""
+    from .checkpoint import atomic_write_dir
+    from .rundir import write_marker
+
+    src = _program_cache(expected)
+    if not program_matches(src, expected):
+        return False
+    atomic_write_dir(Path(target), lambda d: _link_tree(src, d))
+    write_marker(target, "program")
+    src.touch()  # most recently used
+    return True
+
+
+def keep_program(program_dir: Path, expected: dict) -> None:
+    """Keep a just-exported program in the cache (the :data:`PROGRAMS_KEPT` most recently used)."""
+    import shutil
+
+    from .checkpoint import atomic_write_dir
+
+    dst = _program_cache(expected)
+    try:
+        atomic_write_dir(dst, lambda d: _link_tree(Path(program_dir), d))
+        kept = sorted((p for p in dst.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+        for old in kept[PROGRAMS_KEPT:]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next export
+
+
 def build_engine(run: Run, program_dir: Path | None = None):
     """The engine that runs ``run``'s step.
 
@@ -235,14 +296,18 @@ def build_engine(run: Run, program_dir: Path | None = None):
 
         manifest = manifest_for_run(run)
         expected = identity(manifest)
+        verified = False
         if cfg.engine.program:
             target = Path(cfg.engine.program)
         else:
             target = program_dir or Path(tempfile.mkdtemp(prefix="mobizo-program-"))
-            if cfg.engine.reexport or not program_matches(target, expected):
+            verified = not cfg.engine.reexport and program_matches(target, expected)
+            if not verified and (cfg.engine.reexport or not restore_program(target, expected)):
                 export_program(run, target)
+                keep_program(target, expected)
+            verified = True  # checked (or written) just now: the engine need not hash the .pte again
         with status("loading the ExecuTorch program", cfg.run.progress):
-            engine = ExecuTorchEngine(target, expected)
+            engine = ExecuTorchEngine(target, expected, verified=verified)
         if cfg.run.threads is not None:  # resize the runtime's thread pool (XNNPACK) only when asked:
             from .threads import apply_threads  # resetting it is unsafe in a process forked after it started
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
 import re
 import shutil
 import sys
@@ -190,7 +191,10 @@ def spilled_named_data(directory: Path):
         if isinstance(data, bytes) and len(data) >= SPILL_BYTES and re.fullmatch(r"[0-9A-Za-z_.-]{1,128}", key):
             if key not in files:
                 path = directory / key
-                path.write_bytes(data)
+                if not path.is_file():  # (a parallel preprocessing worker may have written it)
+                    tmp = directory / f".{key}.{os.getpid()}"
+                    tmp.write_bytes(data)
+                    os.replace(tmp, path)
                 files[key] = FileBackedData(str(path))
             data = files[key]
         return original(self, key, data, *args, **kwargs)
@@ -232,6 +236,66 @@ def lean_xnnpack_passes():
         XNNPACKPassManager.__init__ = original
 
 
+_JOBS = None  # (backend class, programs, compile specs) for the forked preprocessing workers
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # OpenMP's pool does not survive fork(): one thread never enters it
+
+
+def _preprocess_job(job):
+    cls, programs, specs = _JOBS
+    name, i = job
+    return cls.preprocess(programs[name][i], specs[name][i])
+
+
+@contextlib.contextmanager
+def parallel_preprocess(workers: int):
+    """XNNPACK preprocesses every partition of every method on its own (re-tracing passes and
+    serialization of the partition's graph): most of the export's time, and single-threaded Python.
+    With ``workers`` > 1 the partitions are shared out to forked worker processes (they inherit the
+    partitioned programs; a result is the partition's small flatbuffer plus its weights' spill-file
+    names, see :func:`spilled_named_data`). The program is byte-identical (tested)."""
+    if workers < 2 or not hasattr(os, "fork"):
+        yield
+        return
+    import multiprocessing
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    own = "preprocess_multimethod" in XnnpackBackend.__dict__
+    original = XnnpackBackend.__dict__.get("preprocess_multimethod")
+
+    def preprocess_multimethod(cls, edge_programs, compile_specs):
+        global _JOBS
+        jobs = [(name, i) for name, progs in edge_programs.items() for i in range(len(progs))]
+        if len(jobs) < 2:
+            return {name: [cls.preprocess(p, s) for p, s in zip(progs, compile_specs[name])]
+                    for name, progs in edge_programs.items()}  # fmt: skip
+        _JOBS = (cls, edge_programs, compile_specs)
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(workers, len(jobs)), initializer=_worker_init) as pool:
+                results = pool.map(_preprocess_job, jobs, chunksize=1)
+        finally:
+            _JOBS = None
+        out = {name: [] for name in edge_programs}
+        for (name, _), r in zip(jobs, results):
+            out[name].append(r)
+        return out
+
+    XnnpackBackend.preprocess_multimethod = classmethod(preprocess_multimethod)
+    try:
+        yield
+    finally:
+        if own:
+            XnnpackBackend.preprocess_multimethod = original
+        else:
+            del XnnpackBackend.preprocess_multimethod
+
+
 def _example_inputs(m: Manifest, rows: int):
     ids = torch.ones((rows, m.max_length), dtype=torch.long)
     mask = torch.ones((rows, m.max_length), dtype=torch.long)
@@ -240,10 +304,11 @@ def _example_inputs(m: Manifest, rows: int):
 
 
 def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True,
-                   progress: bool = False) -> Manifest:
+                   progress: bool = False, workers: int = 1) -> Manifest:
     """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
 
-    ``progress``: a status line per stage (trace, lower, serialize, write) on stderr."""
+    ``progress``: a status line per stage (trace, lower, serialize, write) on stderr; ``workers``:
+    processes that lower XNNPACK partitions in parallel (:func:`parallel_preprocess`)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -289,7 +354,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
     try:
-        with spilled_named_data(spill), lean_xnnpack_passes():
+        with spilled_named_data(spill), lean_xnnpack_passes(), parallel_preprocess(workers):
             try:
                 edge = to_edge_transform_and_lower(
                     programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)

@@ -71,15 +71,16 @@ class ExecuTorchEngine:
 
     name = "executorch"
 
-    def __init__(self, program_dir: Path, expected: dict | None = None):
+    def __init__(self, program_dir: Path, expected: dict | None = None, verified: bool = False):
         """Load ``program_dir`` (``train.pte`` + ``manifest.json``). ``expected``: manifest fields
-        (see :func:`.manifest.identity`) the program must have been built with; checked before loading."""
+        (see :func:`.manifest.identity`) the program must have been built with; checked before loading.
+        ``verified``: the caller has just checked the ``.pte``'s sha256 (skip reading it again)."""
         self.dir = Path(program_dir)
         self.manifest = m = read_manifest(self.dir)
         pte = self.dir / PROGRAM
         if not pte.is_file():
             raise MobizoError(f"{self.dir} has no {PROGRAM}")
-        size, digest = file_sha256(pte)
+        size, digest = (m.pte_bytes, m.pte_sha256) if verified else file_sha256(pte)
         if size != m.pte_bytes or digest != m.pte_sha256:
             raise MobizoError(f"{pte} is truncated or corrupted (its sha256 does not match {MANIFEST}); re-export it")
         if expected is not None:
