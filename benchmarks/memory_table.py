@@ -120,7 +120,12 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
     rows["eager FO"] = run(mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], w / "fo.log")
     if et_fo:
         rows["ET FO"] = measure_et_fo(model, w, length)
-    return {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
+    out = {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
+    for k, d in (("ET ZO (Python)", "et"), ("ET ZO (native)", "native"), ("eager ZO", "eager"), ("eager FO", "fo")):
+        summary = w / d / "summary.json"
+        if k in out and summary.is_file():  # the training step's own time, same T for every engine
+            out[k]["seconds_per_step"] = json.loads(summary.read_text()).get("seconds_per_step")
+    return out
 
 
 def main() -> None:
@@ -148,6 +153,8 @@ def main() -> None:
             else:
                 ratio = f" ({r['peak_mib'] / results[n]['eager ZO']['peak_mib']:.2f}x eager ZO)" if k.startswith("ET") else ""
                 secs = f", {r['seconds']:.0f} s" if k == "export" else ""
+                if r.get("seconds_per_step"):
+                    secs = f", {r['seconds_per_step']:.2f} s/step"
                 cells.append(f"{r['peak_mib']:.0f}{ratio}{secs}")
         print(f"| {k} | {' | '.join(cells)} |")
 

@@ -306,8 +306,11 @@ def build_engine(run: Run, program_dir: Path | None = None):
                 export_program(run, target)
                 keep_program(target, expected)
             verified = True  # checked (or written) just now: the engine need not hash the .pte again
+        from .rundir import read_marker
+
+        bundle = (read_marker(target) or {}).get("kind") == "bundle"  # rows padded as the native trainer pads them
         with status("loading the ExecuTorch program", cfg.run.progress):
-            engine = ExecuTorchEngine(target, expected, verified=verified)
+            engine = ExecuTorchEngine(target, expected, verified=verified, fixed_length=bundle)
         if cfg.run.threads is not None:  # resize the runtime's thread pool (XNNPACK) only when asked:
             from .threads import apply_threads  # resetting it is unsafe in a process forked after it started
 

@@ -353,7 +353,7 @@ def train_python(bundle_dir: str | Path, steps: int | None = None):
     from .trainer import step_good
 
     bundle = read_bundle(bundle_dir)
-    engine = ExecuTorchEngine(bundle.dir)
+    engine = ExecuTorchEngine(bundle.dir, fixed_length=True)  # the rows as the native trainer runs them
     max_grad = engine.manifest.max_grad
     records, raw = [], []
     for step in range(1, (bundle.steps if steps is None else steps) + 1):

@@ -65,9 +65,18 @@ class MPLoRALinear(nn.Module):
         # Without copies the layer is plain LoRA: the same path with one copy. (B is never the weight
         # operand of a linear op: a backend such as XNNPACK would pack it as a constant at load time.)
         copies = self.lora_B.unsqueeze(0) if self.copies is None else self.copies
-        lead = xa.shape[:-1]
-        xa = xa.reshape(copies.shape[0], -1, self.rank)  # copy-major batch
-        delta = torch.bmm(xa, copies.transpose(1, 2)).reshape(*lead, self.out_features)
+        c = copies.shape[0]
+        if xa.dim() == 3:  # (rows, T, r), rows copy-major: copy i owns rows [i*rows/c, (i+1)*rows/c)
+            # Split and merge axes explicitly (not reshape(c, -1, r)): the exported program keeps T
+            # symbolic (one program for every sequence length), and a flat reshape over a symbolic
+            # T adds a stride guard torch.export cannot prove. Same memory layout, same bmm.
+            rows, t = xa.shape[0], xa.shape[1]
+            xa = xa.reshape(c, rows // c, t, self.rank).flatten(1, 2)
+            delta = torch.bmm(xa, copies.transpose(1, 2)).unflatten(1, (rows // c, t)).flatten(0, 1)
+        else:
+            lead = xa.shape[:-1]
+            xa = xa.reshape(c, -1, self.rank)  # copy-major batch
+            delta = torch.bmm(xa, copies.transpose(1, 2)).reshape(*lead, self.out_features)
         return y + delta * self.scaling
 
     def extra_repr(self) -> str:

@@ -57,7 +57,7 @@ def apply_threads(threads: int | None = None, runtime: bool = True) -> int:
         from .util import quiet_stderr
 
         with quiet_stderr():  # the runtime's cpuinfo probes print on first import
-            from executorch.extension.pybindings import portable_lib
+            from executorch.extension.pybindings import _C as portable_lib  # (not portable_lib: it imports all of exir)
 
             if portable_lib._threadpool_get_thread_count() != n:
                 portable_lib._unsafe_reset_threadpool(n)

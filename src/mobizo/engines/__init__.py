@@ -8,7 +8,8 @@ from typing import Protocol, runtime_checkable
 
 @dataclass
 class Shapes:
-    """Fixed batch shapes of an engine (an exported program has static shapes); ``None`` where free."""
+    """Fixed batch shapes of an engine (an exported program fixes rows and the answer window; its
+    sequence length is free up to the manifest's max_length); ``None`` where free."""
 
     length: int | None = None
     answer_len: int | None = None

@@ -2,7 +2,7 @@
 
 * :mod:`.manifest`: what a program was built for (``manifest.json``) and the identity checks;
 * :mod:`.export`: the ZO step exported into ``train.pte`` (:func:`export_program`);
-* :mod:`.runtime`: :class:`ExecuTorchEngine`, which drives the program through ``executorch.runtime``;
+* :mod:`.runtime`: :class:`ExecuTorchEngine`, which drives the program through the ExecuTorch runtime;
 * :mod:`.fo`: the first-order baseline in the runtime (benchmarks).
 """
 

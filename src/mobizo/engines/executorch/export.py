@@ -303,6 +303,14 @@ def _example_inputs(m: Manifest, rows: int):
     return ids, mask, labels
 
 
+def _length_dims(m: Manifest, n_inputs: int):
+    """``dynamic_shapes`` making T (dim 1 of input_ids and attention_mask) symbolic in [2, max_length]."""
+    if not m.dynamic_length:
+        return None
+    t = torch.export.Dim("T", min=2, max=m.max_length)
+    return ({1: t}, {1: t}) + (None,) * (n_inputs - 2)
+
+
 def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True,
                    progress: bool = False, workers: int = 1) -> Manifest:
     """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
@@ -330,9 +338,11 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
         # torch.export prints a partial graph on stderr when it fails: the error below says what failed
         with torch.no_grad(), plain_attention(model), contextlib.redirect_stderr(io.StringIO()) as chatter:
             programs = {
-                "train_step": torch.export.export(step, train_args, strict=False),
+                "train_step": torch.export.export(step, train_args, dynamic_shapes=_length_dims(manifest, len(train_args)),
+                                                  strict=False),
                 "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt),
-                                             _example_inputs(manifest, manifest.eval_rows), strict=False),
+                                             _example_inputs(manifest, manifest.eval_rows),
+                                             dynamic_shapes=_length_dims(manifest, 3), strict=False),
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }

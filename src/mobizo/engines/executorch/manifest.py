@@ -50,6 +50,9 @@ class Manifest:
     # choice objective with one-token candidates: rows are examples (prompt only) and the labels input
     # is (rows, choices) candidate token ids read at the last position (mobizo.step.choice_losses)
     shared_prompt: bool = False
+    # the sequence length is symbolic in train_step and score: any T <= max_length runs (batches are
+    # padded to their own longest row, as in the eager engine); max_length sizes the memory plan
+    dynamic_length: bool = True
     versions: dict = field(default_factory=dict)
     pte_sha256: str = ""
     pte_bytes: int = 0
@@ -130,6 +133,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         target_modules=[n for n, _ in layers],
         adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
         shared_prompt=shared_prompt,
+        dynamic_length=max_length > 2,
     )
 
 

@@ -1,4 +1,4 @@
-"""Drive ``train.pte`` through the stock ``executorch.runtime``: no PyTorch model at run time.
+"""Drive ``train.pte`` through the stock ExecuTorch runtime (pip ``executorch``): no PyTorch model at run time.
 
 One copy of the frozen weights: every method of ``train.pte`` (``train_step``, ``score``) has its
 own XNNPACK delegates, and each delegate packs the weights it reads into its own buffers at load
@@ -55,26 +55,34 @@ def share_packed_weights() -> bool:
             fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
             calls[name] = fn
         assert ctypes.sizeof(_BackendOption) == 324
-        on = _BackendOption(key=b"weight_cache_enabled", index=0)
-        on.value[0] = 1
-        if calls["set"](b"XnnpackBackend", ctypes.byref(on), 1) != 0:
-            return False
-        back = _BackendOption(key=b"weight_cache_enabled", index=0)
-        _SHARED = calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.value[0] == 1
+
+        def option(key: bytes, index: int, value: int) -> bool:  # index 0: bool, 1: int (little-endian)
+            want = _BackendOption(key=key, index=index)
+            want.value[:4] = list(int(value).to_bytes(4, "little"))
+            if calls["set"](b"XnnpackBackend", ctypes.byref(want), 1) != 0:
+                return False
+            back = _BackendOption(key=key, index=index)
+            ok = calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == index
+            return ok and bytes(back.value[: 1 if index == 0 else 4]) == bytes(want.value[: 1 if index == 0 else 4])
+
+        _SHARED = option(b"weight_cache_enabled", 0, 1)
     except (OSError, AttributeError, AssertionError, ImportError):
         pass
     return _SHARED
 
 
 class ExecuTorchEngine:
-    """Drives ``train.pte`` through ``executorch.runtime``; no PyTorch model is needed at run time."""
+    """Drives ``train.pte`` through the ExecuTorch runtime; no PyTorch model is needed at run time."""
 
     name = "executorch"
 
-    def __init__(self, program_dir: Path, expected: dict | None = None, verified: bool = False):
+    def __init__(self, program_dir: Path, expected: dict | None = None, verified: bool = False,
+                 fixed_length: bool = False):  # fmt: skip
         """Load ``program_dir`` (``train.pte`` + ``manifest.json``). ``expected``: manifest fields
         (see :func:`.manifest.identity`) the program must have been built with; checked before loading.
-        ``verified``: the caller has just checked the ``.pte``'s sha256 (skip reading it again)."""
+        ``verified``: the caller has just checked the ``.pte``'s sha256 (skip reading it again).
+        ``fixed_length``: pad every batch to the program's max_length even if it takes any length
+        (a bundle: the native trainer runs its rows at that length, and the two must agree bitwise)."""
         self.dir = Path(program_dir)
         self.manifest = m = read_manifest(self.dir)
         pte = self.dir / PROGRAM
@@ -85,15 +93,18 @@ class ExecuTorchEngine:
             raise MobizoError(f"{pte} is truncated or corrupted (its sha256 does not match {MANIFEST}); re-export it")
         if expected is not None:
             check_manifest(m, expected)
-        from executorch.runtime import Runtime
+        # The runtime's bindings module, which ``executorch.runtime`` wraps: importing that one
+        # imports the whole exporter (``executorch.exir``, 134 MB resident) before it runs a thing.
+        from executorch.extension.pybindings import _C
 
         self.shared_weights = share_packed_weights()
         try:
             with quiet_stderr():
                 # From the path, not from bytes: the runtime maps the file instead of keeping a
                 # second copy of the whole program (weights included) in memory.
-                self.program = Runtime.get().load_program(pte)
-            missing = set(METHODS) - set(self.program.method_names)
+                self.program = _C._load_program(str(pte), program_verification=_C.Verification.InternalConsistency)
+            names = {self.program.get_method_name(i) for i in range(self.program.num_methods())}
+            missing = set(METHODS) - names
             if missing:
                 raise MobizoError(f"{pte} lacks the methods {sorted(missing)}")
             self.methods = {}
@@ -104,7 +115,8 @@ class ExecuTorchEngine:
         except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
             raise MobizoError(f"ExecuTorch cannot load {pte}: {e}") from e
         self.names = list(m.adapter_shapes)
-        self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows,
+        # a dynamic-length program takes each batch padded to its own longest row (up to max_length)
+        self.shapes = Shapes(length=None if m.dynamic_length and not fixed_length else m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows,
                              shared=m.shared_prompt, choices=m.choices if m.shared_prompt else None)  # fmt: skip
         self.estimator = m.estimator
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
@@ -122,7 +134,7 @@ class ExecuTorchEngine:
 
     def _run(self, method: str, args):
         try:
-            return self._method(method).execute(list(args))
+            return self._method(method)(list(args))
         except Exception as e:  # noqa: BLE001
             raise MobizoError(f"ExecuTorch {method} failed: {e}") from e
 
@@ -132,15 +144,27 @@ class ExecuTorchEngine:
             layouts = ("one row per candidate", "one shared prompt row per example")
             raise MobizoError(f"batch has {layouts[bool(getattr(batch, 'shared', False))]}, the program takes "
                               f"{layouts[m.shared_prompt]} (re-export it)")  # fmt: skip
-        if tuple(batch.input_ids.shape) != (rows, m.max_length) or batch.labels.shape[1] != m.label_width:
+        rows_in, t = batch.input_ids.shape
+        fits = t <= m.max_length if m.dynamic_length else t == m.max_length
+        if rows_in != rows or not fits or batch.labels.shape[1] != m.label_width:
             raise MobizoError(
                 f"batch of shape {tuple(batch.input_ids.shape)} (answer window {batch.labels.shape[1]}) does not match "
-                f"the program's ({rows}, {m.max_length}) (answer window {m.label_width})"
+                f"the program's ({rows}, {'2..' if m.dynamic_length else ''}{m.max_length}) (answer window {m.label_width})"
             )
+
+    @staticmethod
+    def _inputs(batch):
+        """input_ids, attention_mask; a one-token batch is left-padded to the program's shortest T (2)."""
+        ids, mask = batch.input_ids, batch.attention_mask
+        if ids.shape[1] < 2:
+            pad = 2 - ids.shape[1]
+            ids = torch.cat([torch.zeros(ids.shape[0], pad, dtype=ids.dtype), ids], dim=1)
+            mask = torch.cat([torch.zeros(mask.shape[0], pad, dtype=mask.dtype), mask], dim=1)
+        return ids.contiguous(), mask.contiguous()
 
     def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
         self._check(batch, self.manifest.rows)
-        args = [batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(step, dtype=torch.long),
+        args = [*self._inputs(batch), batch.labels, torch.tensor(step, dtype=torch.long),
                 torch.tensor(lr, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32)]  # fmt: skip
         if self.manifest.objective != "answer":
             args.append(batch.gold)
@@ -149,7 +173,7 @@ class ExecuTorchEngine:
 
     def score(self, batch):
         self._check(batch, self.manifest.eval_rows)
-        sums, counts = self._run("score", [batch.input_ids, batch.attention_mask, batch.labels])
+        sums, counts = self._run("score", [*self._inputs(batch), batch.labels])
         return sums, counts
 
     def score_choices(self, batch):
