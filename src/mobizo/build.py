@@ -140,6 +140,12 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     from .models import check_max_length
 
     check_max_length(model, d.max_length)
+    q = cfg.quant
+    if q.quantize != "none":  # the frozen base, quantized before the adapter wraps it (its A/B stay float)
+        from .quantize import quantize_base
+
+        with status(f"quantizing the base ({q.quantize})", cfg.run.progress):
+            quantize_base(model, q.quantize, q.group_size, q.quantize_embeddings)
     a = cfg.adapter
     targets = inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
     encoder = Encoder(tokenizer)
@@ -161,17 +167,22 @@ def manifest_for_run(run: Run):
     from .models import weights_hash
 
     cfg = run.cfg
+    from .quantize import quantization_of
+
     return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
                         run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        weights_hash(run.model))  # fmt: skip
+                        weights_hash(run.model), quantization=quantization_of(run.model))  # fmt: skip
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
     """Export ``run``'s step into ``out_dir`` (atomically), with a status line per stage."""
     from .engines.executorch import export_program as export
 
+    from .quantize import check_scheme
     from .rundir import write_marker
 
+    q = run.cfg.quant
+    check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=True)  # before tracing
     manifest = manifest_for_run(run)
     export(run.model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress)
     write_marker(out_dir, "program")
@@ -242,4 +253,8 @@ def export(cfg: TrainConfig, out_dir: str | Path, xnnpack: bool = True):
     """``mobizo export``: the program for ``cfg``'s model, task shapes and step (no engine is built)."""
     if cfg.optim.estimator == "fo":
         raise MobizoError("mobizo export builds the zeroth-order step; the fo baseline is exported by the benchmarks")
+    from .quantize import check_scheme
+
+    q = cfg.quant
+    check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=True)  # before loading anything
     return export_program(assemble(cfg), Path(out_dir), xnnpack=xnnpack)

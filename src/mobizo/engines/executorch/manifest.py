@@ -50,6 +50,10 @@ class Manifest:
     # choice objective with one-token candidates: rows are examples (prompt only) and the labels input
     # is (rows, choices) candidate token ids read at the last position (mobizo.step.choice_losses)
     shared_prompt: bool = False
+    # the frozen base's quantization (mobizo.quantize): scheme, resolved group size, embeddings too
+    quantize: str = "none"
+    group_size: int | None = None
+    quantize_embeddings: bool = False
     versions: dict = field(default_factory=dict)
     pte_sha256: str = ""
     pte_bytes: int = 0
@@ -102,7 +106,7 @@ def check_manifest(m: Manifest, expected: dict) -> None:
 
 
 def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
-                 shared_prompt: bool | None = None):  # fmt: skip
+                 shared_prompt: bool | None = None, quantization: dict | None = None):  # fmt: skip
     """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
     candidate one token: ``answer_len == 1``)."""
     layers = lora_layers(model)
@@ -130,6 +134,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         target_modules=[n for n, _ in layers],
         adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
         shared_prompt=shared_prompt,
+        **(quantization or {}),
     )
 
 
