@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one intra-op thread in every child (PyTorch and ExecuTorch)
 HERE = Path(__file__).resolve()
 TEMPLATE = "Word: {text}\nSentiment:"
 # ~0.52B parameters with SmolLM2's 49152-token vocabulary (tied embeddings): 26 layers of width 1280
@@ -41,12 +42,18 @@ LARGE = dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=26, num
 
 
 def task_flags(args) -> list[str]:
+    """The flags that shape the program (export and train)."""
     if args.quick:
         return ["--task", "synthetic", "--queries", "2", "--batch-size", "4", "--max-length", "32",
-                "--eval-examples", "16", "--eval-batch-size", "8", "--lr", "1.0", "--eps", "0.05"]  # fmt: skip
+                "--eval-examples", "16", "--eval-batch-size", "8"]  # fmt: skip
     return ["--task", "custom", "--data", args.data, "--template", TEMPLATE, "--label-words", "negative,positive",
             "--queries", "4", "--batch-size", "8", "--max-length", str(args.max_length), "--eval-examples",
-            str(args.eval_examples), "--eval-batch-size", "32", "--lr", str(args.lr), "--eps", str(args.eps)]  # fmt: skip
+            str(args.eval_examples), "--eval-batch-size", "32"]  # fmt: skip
+
+
+def step_flags(args) -> list[str]:
+    """The train-only flags (the step's lr and eps are inputs of the program)."""
+    return ["--lr", "1.0", "--eps", "0.05"] if args.quick else ["--lr", str(args.lr), "--eps", str(args.eps)]
 
 
 def quant_flags(scheme: str, args) -> list[str]:
@@ -160,16 +167,19 @@ def measure(model: str, label: str, scheme: str, args, out: Path, accuracy: bool
     man = json.loads((prog / "manifest.json").read_text())
     row.update(pte_mb=man["pte_bytes"] / 1e6, group_size=man.get("group_size"),
                quantize_embeddings=man.get("quantize_embeddings", False))  # fmt: skip
-    r = subprocess.run([sys.executable, str(HERE), "--et-child", str(prog), model, str(args.time_steps), "--", *flags],
+    r = subprocess.run([sys.executable, str(HERE), "--et-child", str(prog), model, str(args.time_steps), "--", *flags,
+                        *step_flags(args)],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode:
         sys.exit(f"ExecuTorch child failed for {label}/{scheme}: {r.stderr.strip().splitlines()[-1:]}")
     row.update(json.loads(r.stdout.strip().splitlines()[-1]))
     if accuracy:
         run = d / "run"
-        row["train_wall_s"] = mobizo("train", "--model", model, *flags, "--engine", "executorch", "--program", prog,
+        row["train_wall_s"] = mobizo("train", "--model", model, *flags, *step_flags(args), "--engine", "executorch",
+                                     "--program", prog,
                                      "--steps", args.steps, "--eval-at-start", "--eval-every", 0, "--save-every", 0,
-                                     "--threads", 1, "--out", run, "--overwrite", "--no-progress", log=d / "train.log")
+                                     "--out", run, "--overwrite", "--no-progress", log=d / "train.log")
+        # (one thread through OMP_NUM_THREADS: `train --engine executorch --threads 1` segfaults in this tree)
         s = json.loads((run / "summary.json").read_text())
         metric = s["metric"]
         row.update(zero_shot=(s.get("eval_start") or {}).get(metric), finetuned=s.get(f"eval_{metric}"),
