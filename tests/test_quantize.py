@@ -270,3 +270,14 @@ def test_eval_with_a_quantized_base(tmp_path):
                          "--json", tmp_path / "m.json"])  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 16
+
+
+def test_resume_keeps_the_scheme(tmp_path):
+    out = tmp_path / "r"
+    base = ["train", "--model", "tiny", "--eval-every", 0, "--eval-examples", 8, "--out", out, "--no-progress"]
+    assert run_cli(base + ["--quantize", "8da4w", "--steps", 2])[0] == 0
+    code, err = run_cli(base + ["--quantize", "8da8w", "--steps", 3, "--resume"])
+    assert code == 2 and "used --quantize 8da4w, not 8da8w" in err
+    assert run_cli(base + ["--steps", 3, "--resume"])[0] == 0  # not given: the run's scheme
+    header = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert header["config"]["quantize"] == "8da4w" and header["config"]["group_size"] is None

@@ -1,7 +1,7 @@
 """Quantized frozen base (issue 12): every scheme side by side, in one run.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/real/quantize_table.py /tmp/smol-hf /tmp/wordsent OUT \\
-        --schemes none,8da8w,8da4w --embeddings --large --steps 300
+        --schemes none,8da8w,8da8w+emb,8da4w,8da4w+emb --large --steps 300
 
     PYTHONPATH=src python benchmarks/real/quantize_table.py tiny - OUT --quick    # a 2-minute smoke test
 
@@ -57,12 +57,14 @@ def step_flags(args) -> list[str]:
 
 
 def quant_flags(scheme: str, args) -> list[str]:
-    if scheme == "none":
+    """``8da4w`` or ``8da4w+emb`` (with --quantize-embeddings; ``--embeddings`` adds it to every scheme)."""
+    name, _, emb = scheme.partition("+")
+    if name == "none":
         return []
-    out = ["--quantize", scheme]
-    if args.group_size is not None and scheme in ("8da4w", "4w"):
+    out = ["--quantize", name]
+    if args.group_size is not None and name in ("8da4w", "4w"):
         out += ["--group-size", str(args.group_size)]
-    return out + (["--quantize-embeddings"] if args.embeddings else [])
+    return out + (["--quantize-embeddings"] if args.embeddings or emb == "emb" else [])
 
 
 def mobizo(*argv, log: Path) -> float:
@@ -201,7 +203,7 @@ def table(rows: list[dict]) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     for r in rows:
-        name = r["scheme"] + (f" g{r['group_size']}" if r.get("group_size") else "") + \
+        name = r["scheme"].partition("+")[0] + (f" g{r['group_size']}" if r.get("group_size") else "") + \
             (" +emb" if r.get("quantize_embeddings") else "")  # fmt: skip
         lines.append(f"| {r['model']} | {name} | {r['pte_mb']:.1f} | {r['et_rss_mib']:.0f}{ratio(r, 'et_rss_mib')} | "
                      f"{r['peak_rss_mib']:.0f} | {r['step_s']:.3f}{ratio(r, 'step_s')} | {acc(r.get('zero_shot'))} | "
@@ -242,7 +244,8 @@ def main() -> None:
     ap.add_argument("model", help="Hugging Face model directory (or tiny with --quick)")
     ap.add_argument("data", help="word-sentiment data directory (make_word_sentiment.py); ignored with --quick")
     ap.add_argument("out")
-    ap.add_argument("--schemes", default="none,8da8w,8da4w")
+    ap.add_argument("--schemes", default="none,8da8w,8da8w+emb,8da4w,8da4w+emb",
+                    help="--quantize schemes; +emb: with --quantize-embeddings")
     ap.add_argument("--group-size", type=int, default=None, help="4-bit schemes (default: mobizo's, 32)")
     ap.add_argument("--embeddings", action="store_true", help="--quantize-embeddings for every scheme but none")
     ap.add_argument("--large", action="store_true", help="also the ~0.5B random-weight model")
