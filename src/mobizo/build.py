@@ -125,8 +125,6 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     ``inject_adapter=False``: leave the model as it is (eval of a saved adapter injects its own).
     ``weights=False``: load ``cfg.model``'s architecture without its weights (see :func:`needs_weights`).
     """
-    from .mplora import inject
-
     from .threads import apply_threads
 
     cfg.validate()
@@ -162,8 +160,11 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     from .models import check_max_length
 
     check_max_length(model, d.max_length)
-    a = cfg.adapter
-    targets = inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
+    from .models import TINY, base_hash
+
+    # a base identified by its tensors (tiny, a model object) is hashed before quantizing: the hash names the float model
+    hashed = base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
+    targets = prepare_base(model, cfg, inject_adapter)
     encoder = Encoder(tokenizer)
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
@@ -174,17 +175,41 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
     )
     return Run(cfg, model, tokenizer, task, train, validation, encoder, targets, objective, choices, truncated,
-               answer_len, given_model=given)  # fmt: skip
+               answer_len, given_model=given, _base_hash=hashed)  # fmt: skip
+
+
+def prepare_base(model, cfg: TrainConfig, inject_adapter: bool = True) -> list[str]:
+    """Quantize the frozen base (``--quantize``; a weightless architecture is only checked) and inject the
+    adapter around it, whose A/B stay float. Returns the adapted module names."""
+    from .models import is_skeleton
+    from .mplora import inject
+
+    q = cfg.quant
+    if q.quantize != "none":
+        from .quantize import check_quantize, quantize_base
+
+        if is_skeleton(model):
+            check_quantize(model, q.quantize, q.group_size, q.quantize_embeddings)
+        else:
+            with status(f"quantizing the base ({q.quantize})", cfg.run.progress):
+                quantize_base(model, q.quantize, q.group_size, q.quantize_embeddings)
+    a = cfg.adapter
+    return inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
 
 
 def manifest_for_run(run: Run):
     """The manifest a program for ``run`` must have (what the program is checked against)."""
     from .engines.executorch import manifest_for
 
-    cfg = run.cfg
+    from .quantize import quantization_for, quantization_of
+
+    cfg, q = run.cfg, run.cfg.quant
+    # what the model got (a model object may come quantized), else what the flags give (a weightless run)
+    quant = quantization_of(run.model) if getattr(run.model, "mobizo_quantization", None) else \
+        quantization_for(q.quantize, q.group_size, q.quantize_embeddings)  # fmt: skip
     return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
                         run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        run.base_hash())  # fmt: skip
+                        run.base_hash(), quantization=quant)  # fmt: skip
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
@@ -192,16 +217,16 @@ def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
     without the weights (:func:`needs_weights`) loads them for the export and lets them go after."""
     from .engines.executorch import export_program as export
     from .models import is_skeleton
-    from .mplora import inject
-
+    from .quantize import check_scheme
     from .rundir import write_marker
 
+    q = run.cfg.quant
+    check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=True)  # before tracing
     manifest = manifest_for_run(run)
     model = run.model
     if is_skeleton(model):
-        cfg, a = run.cfg, run.cfg.adapter
-        model, _ = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress)
-        inject(model, a.target_modules, a.rank, a.alpha, cfg.seed)
+        model, _ = load_base(run.cfg.model, run.cfg.trust_remote_code, run.cfg.run.progress)
+        prepare_base(model, run.cfg)
     from .threads import default_threads
 
     workers = run.cfg.run.threads or default_threads()  # the export's parallel lowering uses the cores too
@@ -340,4 +365,8 @@ def export(cfg: TrainConfig, out_dir: str | Path, xnnpack: bool = True):
     """``mobizo export``: the program for ``cfg``'s model, task shapes and step (no engine is built)."""
     if cfg.optim.estimator == "fo":
         raise MobizoError("mobizo export builds the zeroth-order step; the fo baseline is exported by the benchmarks")
+    from .quantize import check_scheme
+
+    q = cfg.quant
+    check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=True)  # before loading anything
     return export_program(assemble(cfg), Path(out_dir), xnnpack=xnnpack)

@@ -8,6 +8,7 @@ header and in ``state.json``, and the keyword of :meth:`TrainConfig.from_flat`.
 * :class:`DataArgs`: the task and how its examples become sequences;
 * :class:`AdapterArgs`: the MP-LoRA adapter (rank, alpha, target modules);
 * :class:`OptimArgs`: the estimator and its update (q, lr, eps, guard, steps);
+* :class:`QuantArgs`: the frozen base's quantization (:mod:`mobizo.quantize`);
 * :class:`EngineArgs`: who runs the step (eager PyTorch or an ExecuTorch program);
 * :class:`RunArgs`: the run directory and its cadence (eval, checkpoints, resume).
 
@@ -97,6 +98,18 @@ class OptimArgs:
 
 
 @dataclass
+class QuantArgs:
+    quantize: str = opt("none", "quantize the frozen base's linear layers (the adapter stays float32): 8da8w / 8da4w: "
+                        "int8 / int4 weights with int8 dynamic activations (XNNPACK kernels in ExecuTorch); int8 / "
+                        "4w: weight-only (eager only); README 'Quantized base'",
+                        choices=("none", "int8", "8da8w", "8da4w", "4w"), trajectory=True)  # fmt: skip
+    group_size: int | None = opt(None, "4-bit schemes: input features per quantization scale (0 = one per output "
+                                 "channel; default 32); 8-bit schemes scale per output channel", trajectory=True,
+                                 minimum=0)  # fmt: skip
+    quantize_embeddings: bool = opt(False, "also quantize the input embedding table and the LM head", trajectory=True)
+
+
+@dataclass
 class EngineArgs:
     engine: str = opt("eager", "who runs the step: eager PyTorch, or the ExecuTorch runtime", choices=ENGINES,
                       trajectory=True)  # fmt: skip
@@ -123,7 +136,8 @@ class RunArgs:
                               "physical cores this process may use, or OMP_NUM_THREADS)", minimum=1)  # fmt: skip
 
 
-PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "engine": EngineArgs, "run": RunArgs}
+PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "quant": QuantArgs, "engine": EngineArgs,
+         "run": RunArgs}  # fmt: skip
 TOP = ("model", "seed", "trust_remote_code")
 
 
@@ -135,6 +149,7 @@ class TrainConfig:
     data: DataArgs = field(default_factory=DataArgs)
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
+    quant: QuantArgs = field(default_factory=QuantArgs)
     engine: EngineArgs = field(default_factory=EngineArgs)
     run: RunArgs = field(default_factory=RunArgs)
 
@@ -217,6 +232,10 @@ class TrainConfig:
                     raise MobizoError(f"{flag(name)} applies to --engine executorch only")
         elif e.program and e.reexport:
             raise MobizoError("--reexport exports into OUT/program; it cannot be combined with --program")
+        from .quantize import check_scheme
+
+        q = self.quant
+        check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=e.engine == "executorch")
         return self
 
     def zo_config(self, objective: str = "answer", choices: int = 0):
@@ -304,7 +323,7 @@ def non_default(cfg: TrainConfig) -> set[str]:
 
 
 # Groups of flags per command.
-MODEL_FLAGS = ("model", "trust_remote_code")
+MODEL_FLAGS = ("model", "trust_remote_code") + tuple(f.name for f in dataclasses.fields(QuantArgs))
 DATA_FLAGS = tuple(f.name for f in dataclasses.fields(DataArgs))
 ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
 STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")

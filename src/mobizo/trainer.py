@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .build import Run, assemble, build_engine, needs_weights
-from .config import FIELDS, TrainConfig, flag, non_default
+from .config import DEFAULTS, FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
@@ -96,7 +96,8 @@ def _restore(run: Run, out: RunDir) -> dict:
     cfg = run.cfg
     adapter, _, state, opt_state = out.load_checkpoint()
     saved = state.get("config") or {}
-    if saved and _fixed({k: saved.get(k) for k in cfg.trajectory()}) != _fixed(cfg.trajectory()):
+    # a field the checkpoint predates (e.g. --quantize) had its default in that run
+    if saved and _fixed({k: saved.get(k, DEFAULTS[k]) for k in cfg.trajectory()}) != _fixed(cfg.trajectory()):
         raise MobizoError(f"--resume: the checkpoint in {out.path} belongs to a different run configuration")
     if state["step"] > cfg.optim.steps:
         raise MobizoError(f"--resume: the checkpoint in {out.path} is at step {state['step']}, past --steps "

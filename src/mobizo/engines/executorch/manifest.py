@@ -53,6 +53,10 @@ class Manifest:
     # the sequence length is symbolic in train_step and score: any T <= max_length runs (batches are
     # padded to their own longest row, as in the eager engine); max_length sizes the memory plan
     dynamic_length: bool = True
+    # the frozen base's quantization (mobizo.quantize): scheme, resolved group size, embeddings too
+    quantize: str = "none"
+    group_size: int | None = None
+    quantize_embeddings: bool = False
     versions: dict = field(default_factory=dict)
     pte_sha256: str = ""
     pte_bytes: int = 0
@@ -105,7 +109,7 @@ def check_manifest(m: Manifest, expected: dict) -> None:
 
 
 def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
-                 shared_prompt: bool | None = None):  # fmt: skip
+                 shared_prompt: bool | None = None, quantization: dict | None = None):  # fmt: skip
     """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
     candidate one token: ``answer_len == 1``)."""
     layers = lora_layers(model)
@@ -134,6 +138,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
         shared_prompt=shared_prompt,
         dynamic_length=max_length > 2,
+        **(quantization or {}),
     )
 
 
