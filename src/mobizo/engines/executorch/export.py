@@ -303,6 +303,13 @@ def _example_inputs(m: Manifest, rows: int):
     return ids, mask, labels
 
 
+def _restore(model: nn.Module, saved) -> None:
+    """Put every B back exactly as it was."""
+    with torch.no_grad():
+        for (_, layer), b in zip(lora_layers(model), saved):
+            layer.lora_B.copy_(b)
+
+
 def _length_dims(m: Manifest, n_inputs: int):
     """``dynamic_shapes`` making T (dim 1 of input_ids and attention_mask) symbolic in [2, max_length]."""
     if not m.dynamic_length:
@@ -336,8 +343,8 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     saved = [b.clone() for b in bs]
     try:
         # torch.export prints a partial graph on stderr when it fails: the error below says what failed
-        with torch.no_grad(), plain_attention(model), contextlib.redirect_stderr(io.StringIO()) as chatter:
-            programs = {
+        def trace():
+            return {
                 "train_step": torch.export.export(step, train_args, dynamic_shapes=_length_dims(manifest, len(train_args)),
                                                   strict=False),
                 "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt),
@@ -346,15 +353,22 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }
+
+        with torch.no_grad(), plain_attention(model), contextlib.redirect_stderr(io.StringIO()) as chatter:
+            try:
+                programs = trace()
+            except Exception:  # noqa: BLE001 - a model whose code pins the sequence length: a fixed-length program
+                if not manifest.dynamic_length:
+                    raise
+                manifest.dynamic_length = False
+                _restore(model, saved)
+                programs = trace()
         sys.stderr.write(chatter.getvalue())
     except Exception as e:  # noqa: BLE001 - surface export failures as one line
         stage.done(failed=True)
         raise MobizoError(f"torch.export failed{failure_site(e, model)}: {_first_line(e)}") from e
     finally:
-        # tracing ran the step's in-place update once: restore the adapter exactly
-        with torch.no_grad():
-            for (_, layer), b in zip(lora_layers(model), saved):
-                layer.lora_B.copy_(b)
+        _restore(model, saved)  # tracing ran the step's in-place update once
     # All XNNPACK-supported ops (not just the frozen linears: the portable kernels for
     # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
     # reading B, which XNNPACK would bake in as a constant.

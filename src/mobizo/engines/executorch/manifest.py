@@ -146,6 +146,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
 def identity(m: Manifest) -> dict:
     """The manifest fields a run must agree on."""
     d = asdict(m)
-    for k in ("model", "xnnpack", "versions", "pte_sha256", "pte_bytes"):  # the weights' sha256 names the model
+    # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the run
+    for k in ("model", "xnnpack", "dynamic_length", "versions", "pte_sha256", "pte_bytes"):
         d.pop(k)
     return d
