@@ -132,8 +132,9 @@ class RunArgs:
     eval_at_start: bool = opt(False, "also evaluate before the first step (summary's eval_start)")
     save_every: int = opt(100, "checkpoint every N steps (0 = only at the end)", setting=True, minimum=0)
     progress: bool = opt(True, "progress bars and status lines on stderr")
-    threads: int | None = opt(None, "intra-op threads of PyTorch and the ExecuTorch runtime (default: the "
-                              "physical cores this process may use, or OMP_NUM_THREADS)", minimum=1)  # fmt: skip
+    threads: int | None = opt(None, "intra-op threads of PyTorch and the ExecuTorch runtime, and the export's "
+                              "lowering workers (default: the physical cores this process may use, or "
+                              "OMP_NUM_THREADS)", minimum=1)  # fmt: skip
 
 
 PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "quant": QuantArgs, "engine": EngineArgs,
