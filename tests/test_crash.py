@@ -90,3 +90,13 @@ def test_sigkill_resume_real_cli_subprocess(references, tmp_path):
     stats = kill_resume(SubprocessLauncher(), tmp_path / "run", args, 3, random.Random(7), total_steps=STEPS)
     assert stats.kills == 3
     final_check(tmp_path / "run", references(args), 0.0, STEPS)
+
+
+def test_threads_flag_resizes_the_runtime_pool_before_loading(references, et_program, tmp_path):
+    """`--threads 1` on a given program: the runtime's thread pool is resized before the methods load
+    (resizing it under loaded XNNPACK delegates aborted or hung the step); same adapter as the default."""
+    args = FAST_ARGS + ["--engine", "executorch", "--estimator", "prge", "--program", str(et_program)]
+    out, log = tmp_path / "threads1", tmp_path / "threads1.log"
+    rc = SubprocessLauncher().start(["train", *args, "--threads", "1", "--out", str(out)], {}, log).wait(timeout=300)
+    assert rc == 0, log.read_text()[-2000:]
+    final_check(out, references(args), PLAN["executorch"][1], STEPS)

@@ -321,25 +321,25 @@ def build_engine(run: Run, program_dir: Path | None = None):
 
         manifest = manifest_for_run(run)
         expected = identity(manifest)
-        verified = False
+        # a program found (and hashed) or written just now need not be hashed again by the engine
+        verified = not cfg.engine.program
         if cfg.engine.program:
             target = Path(cfg.engine.program)
         else:
             target = program_dir or Path(tempfile.mkdtemp(prefix="mobizo-program-"))
-            verified = not cfg.engine.reexport and program_matches(target, expected)
-            if not verified and (cfg.engine.reexport or not restore_program(target, expected)):
+            reuse = not cfg.engine.reexport and (program_matches(target, expected) or restore_program(target, expected))
+            if not reuse:
                 export_program(run, target)
                 keep_program(target, expected)
-            verified = True  # checked (or written) just now: the engine need not hash the .pte again
         from .rundir import read_marker
 
         bundle = (read_marker(target) or {}).get("kind") == "bundle"  # rows padded as the native trainer pads them
-        with status("loading the ExecuTorch program", cfg.run.progress):
-            engine = ExecuTorchEngine(target, expected, verified=verified, fixed_length=bundle)
-        if cfg.run.threads is not None:  # resize the runtime's thread pool (XNNPACK) only when asked:
-            from .threads import apply_threads  # resetting it is unsafe in a process forked after it started
+        if cfg.run.threads is not None:  # resize the runtime's thread pool (XNNPACK) only when asked, and
+            from .threads import apply_threads  # before loading: loaded delegates keep the pool they saw
 
             apply_threads(cfg.run.threads)
+        with status("loading the ExecuTorch program", cfg.run.progress):
+            engine = ExecuTorchEngine(target, expected, verified=verified, fixed_length=bundle)
     else:
         from .engines.eager import EagerEngine
 

@@ -209,13 +209,8 @@ def check_max_length(model, max_length: int, flag: str = "--max-length") -> None
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over the frozen base weights (names, shapes, bytes): identifies a base model.
-
-    A base quantized by :func:`mobizo.quantize.quantize_base` keeps the hash of its float weights
-    (taken before quantizing; the scheme is recorded separately)."""
-    cached = getattr(model, "mobizo_base_sha256", None)
-    if cached:
-        return cached
+    """sha256 over the frozen base weights (names, shapes, bytes): identifies a base model. Of float
+    weights: a quantized base is hashed before quantizing (:func:`mobizo.build.assemble`)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if ".lora_" in name:

@@ -56,16 +56,11 @@ def share_packed_weights() -> bool:
             calls[name] = fn
         assert ctypes.sizeof(_BackendOption) == 324
 
-        def option(key: bytes, index: int, value: int) -> bool:  # index 0: bool, 1: int (little-endian)
-            want = _BackendOption(key=key, index=index)
-            want.value[:4] = list(int(value).to_bytes(4, "little"))
-            if calls["set"](b"XnnpackBackend", ctypes.byref(want), 1) != 0:
-                return False
-            back = _BackendOption(key=key, index=index)
-            ok = calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == index
-            return ok and bytes(back.value[: 1 if index == 0 else 4]) == bytes(want.value[: 1 if index == 0 else 4])
-
-        _SHARED = option(b"weight_cache_enabled", 0, 1)
+        on = _BackendOption(key=b"weight_cache_enabled", index=0)  # variant index 0: bool
+        on.value[0] = 1
+        if calls["set"](b"XnnpackBackend", ctypes.byref(on), 1) == 0:
+            back = _BackendOption(key=b"weight_cache_enabled", index=0)
+            _SHARED = calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.value[0] == 1
     except (OSError, AttributeError, AssertionError, ImportError):
         pass
     return _SHARED
