@@ -181,7 +181,7 @@ def measure(model: str, label: str, scheme: str, args, out: Path, accuracy: bool
                                      "--program", prog,
                                      "--steps", args.steps, "--eval-at-start", "--eval-every", 0, "--save-every", 0,
                                      "--out", run, "--overwrite", "--no-progress", log=d / "train.log")
-        # (one thread through OMP_NUM_THREADS: `train --engine executorch --threads 1` segfaults in this tree)
+        # (one intra-op thread through OMP_NUM_THREADS, set above for every child)
         s = json.loads((run / "summary.json").read_text())
         metric = s["metric"]
         row.update(zero_shot=(s.get("eval_start") or {}).get(metric), finetuned=s.get(f"eval_{metric}"),
