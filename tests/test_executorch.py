@@ -40,6 +40,10 @@ def test_manifest_describes_the_program(program):
     assert m["versions"]["torch"] == torch.__version__ and m["versions"]["executorch"] == "1.5.1"
     assert len(m["base_weights_sha256"]) == 64 and len(m["target_modules"]) == 4
     assert (program / "train.pte").stat().st_size == m["pte_bytes"]
+    # how long each stage took, recorded even though a test's stderr is no terminal (no status lines)
+    stages = m["export_seconds"]
+    assert list(stages) == ["tracing the step (torch.export)", "lowering to XNNPACK", "serializing the program"]
+    assert all(s >= 0 for s in stages.values()) and stages["lowering to XNNPACK"] > 1
 
 
 def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):

@@ -150,6 +150,9 @@ def cmd_export(args) -> int:
     m = export(cfg, out, xnnpack=not args.no_xnnpack)
     print(f"wrote {out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
           f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}")
+    took = ", ".join(f"{stage.split(' (')[0]} {s:.0f} s" for stage, s in m.export_seconds.items())
+    if took:  # (status lines show them on a terminal; this line stays in a log)
+        print(f"export stages: {took}")
     return 0
 
 

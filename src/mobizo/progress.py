@@ -45,15 +45,18 @@ class Stages:
     def __init__(self, what: str, enabled: bool = True):
         self.what, self.enabled = what, interactive(enabled)
         self.t0 = self.current = None
+        self.seconds: dict[str, float] = {}  # each ended stage's time, kept whether or not lines are shown
 
     def __call__(self, stage: str) -> None:
         self.done()
+        self.t0, self.current = time.perf_counter(), stage
         if self.enabled:
-            self.t0, self.current = time.perf_counter(), stage
             print(f"mobizo: {self.what}: {stage} ...", end="", file=sys.stderr, flush=True)
 
     def done(self, failed: bool = False) -> None:
         if self.current is not None:
-            end = " failed" if failed else f" done in {time.perf_counter() - self.t0:.1f} s"
-            print(end, file=sys.stderr, flush=True)
+            took = time.perf_counter() - self.t0
+            self.seconds[self.current] = round(took, 1)
+            if self.enabled:
+                print(" failed" if failed else f" done in {took:.1f} s", file=sys.stderr, flush=True)
             self.current = None

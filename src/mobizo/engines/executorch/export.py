@@ -475,6 +475,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 (d / MANIFEST).write_text(dumps(asdict(manifest), indent=1), encoding="utf-8")
 
             stage("writing the program")
+            manifest.export_seconds = dict(stage.seconds)
             atomic_write_dir(out_dir, write)
     finally:
         shutil.rmtree(spill, ignore_errors=True)

@@ -58,6 +58,8 @@ class Manifest:
     group_size: int | None = None
     quantize_embeddings: bool = False
     versions: dict = field(default_factory=dict)
+    # seconds per export stage (tracing, lowering, serializing): a record of how it was made
+    export_seconds: dict = field(default_factory=dict)
     pte_sha256: str = ""
     pte_bytes: int = 0
 
@@ -147,6 +149,6 @@ def identity(m: Manifest) -> dict:
     """The manifest fields a run must agree on."""
     d = asdict(m)
     # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the run
-    for k in ("model", "xnnpack", "dynamic_length", "versions", "pte_sha256", "pte_bytes"):
+    for k in ("model", "xnnpack", "dynamic_length", "versions", "export_seconds", "pte_sha256", "pte_bytes"):
         d.pop(k)
     return d
