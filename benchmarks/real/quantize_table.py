@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--embeddings", action="store_true", help="--quantize-embeddings for every scheme but none")
     ap.add_argument("--large", action="store_true", help="also the ~0.5B random-weight model")
     ap.add_argument("--large-accuracy", action="store_true", help="also train/evaluate the random model")
+    ap.add_argument("--no-accuracy", action="store_true", help="MODEL too: size, memory and step time only")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (accuracy)")
     ap.add_argument("--time-steps", type=int, default=5, help="timed train steps in the ExecuTorch child")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -263,7 +264,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     schemes = args.schemes.split(",")
-    models = [(args.model, "tiny" if args.model == "tiny" else Path(args.model).name, True)]
+    models = [(args.model, "tiny" if args.model == "tiny" else Path(args.model).name, not args.no_accuracy)]
     if args.large:
         models.append((str(make_large(args.model, out)), "random-0.5B", args.large_accuracy))
     rows = [measure(m, label, s, args, out, acc) for m, label, acc in models for s in schemes]
