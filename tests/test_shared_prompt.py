@@ -78,12 +78,15 @@ def test_zo_step_losses_g_and_trajectory_match(tiny, estimator, q, data_mode):
                 out.append((losses, g))
         runs.append((out, [layer.lora_B.clone() for _, layer in lora_layers(m)]))
     (o_steps, o_b), (n_steps, n_b) = runs
+    # The shared step reads only the candidates' logits (the objective's softmax over the candidates
+    # cancels the vocabulary's normalizer): equal to float64 rounding (~1e-16), which Llama's float32
+    # RMSNorm/rotary casts can round up to ~1e-10 in a later step's loss once the Bs differ at 1e-14.
     for (lo, go), (ln, gn) in zip(o_steps, n_steps):
-        torch.testing.assert_close(ln, lo, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(gn, go, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(ln, lo, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gn, go, rtol=1e-7, atol=1e-7)
     assert any(g.abs().max() > 1e-3 for _, g in o_steps)
     for a, b in zip(o_b, n_b):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-8)  # |B| ~ 0.05
 
 
 @pytest.mark.parametrize("objective", ["choice-sum", "choice-mean"])
@@ -139,3 +142,42 @@ def test_eval_metrics_match(tiny, kind):
     a = evaluate(engine, kind, exs, enc, tok.pad_token_id, 6, batch_size=7)
     b = evaluate(_PerCandidate(engine), kind, exs, enc, tok.pad_token_id, 6, batch_size=7)
     assert a["truncated"] == b["truncated"] > 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def _head_users(module, args) -> set:
+    """The ops that read the LM head's weight in ``module``'s exported graph."""
+    ep = torch.export.export(module, args, strict=False)
+    sig = ep.graph_signature
+    users = set()
+    for node in ep.graph.nodes:
+        if (sig.inputs_to_parameters.get(node.name) or "").endswith("lm_head.weight"):
+            users |= {str(u.target) for u in node.users}
+    return users
+
+
+def test_the_training_step_reads_only_the_candidates_rows_of_the_lm_head(tiny):
+    """The shared step needs the candidates' logits only: in the exported train step the LM head is a
+    gather of 2-3 rows (nothing vocabulary-sized for XNNPACK to pack), while eval's score still
+    projects to the whole vocabulary (its loss is -log p over it). A quantized head, whose rows are not
+    plain slices, falls back to the full logits with the same loss."""
+    from mobizo.engines.executorch.export import ScoreMethod
+    from mobizo.quantize import quantize_base
+    from mobizo.step import choice_losses, objective_loss
+
+    model, tok = tiny
+    old, new = _batches(tok, _examples())
+    scalars = (torch.tensor(1), torch.tensor(0.5), torch.tensor(1e-2))
+    step = ZOStep(_adapted(copy.deepcopy(model)), ZOConfig("prge", 2, objective="choice-sum", choices=3), shared_prompt=True)
+    assert _head_users(step, (new.input_ids, new.attention_mask, new.labels, *scalars, new.gold)) == {"aten.embedding.default"}
+    score = ScoreMethod(step.model, shared_prompt=True)
+    assert "aten.linear.default" in _head_users(score, (new.input_ids, new.attention_mask, new.labels))
+
+    def loss(m, normalized):
+        with torch.no_grad():
+            s, c = choice_losses(m, new.input_ids, new.attention_mask, new.labels, normalized)
+        return objective_loss(s[None].reshape(1, -1), c.reshape(1, -1), new.gold[None], "choice-sum", 3)
+
+    quantized = _adapted(quantize_base(copy.deepcopy(model), "8da8w", embeddings=True))
+    for m in (step.model, quantized):
+        torch.testing.assert_close(loss(m, False), loss(m, True), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(loss(quantized, False), loss(step.model, False))  # the quantized head ran

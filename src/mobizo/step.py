@@ -135,7 +135,7 @@ def lm_logits(model: nn.Module, input_ids, attention_mask, keep: torch.Tensor):
     return logits
 
 
-def choice_losses(model: nn.Module, input_ids, attention_mask, candidates):
+def choice_losses(model: nn.Module, input_ids, attention_mask, candidates, normalized: bool = True):
     """Shared-prompt scoring: rows are prompts, ``candidates`` (rows, C) the candidates' single token ids.
 
     Returns (rows, C) cross-entropies ``-log p(candidate | prompt)``, all read from the logits at the
@@ -143,21 +143,83 @@ def choice_losses(model: nn.Module, input_ids, attention_mask, candidates):
     candidate is -100: a missing candidate or a filler row). For one-token candidates this equals
     :func:`answer_losses` over one row per (prompt, candidate): causal attention means the prompt's
     last position never sees the candidate token that follows it.
+
+    ``normalized=False`` (the training step): ``-logit(candidate)`` instead, from the candidates' rows
+    of the LM head only (:func:`candidate_logits`). The choice objectives are a softmax over the
+    candidates, which cancels the log-softmax's normalizer, so the training loss is the same; the
+    full head never runs, and the exported step holds no packed copy of it (the vocabulary-sized
+    matrix is read only at the candidates' rows). Evaluation keeps the normalized log-probabilities.
     """
-    T = input_ids.shape[1]
-    logits = lm_logits(model, input_ids, attention_mask, torch.arange(T - 1, T))[:, -1]
+    valid = candidates != -100
+    ids = torch.where(valid, candidates, torch.zeros_like(candidates))
+    if normalized:
+        T = input_ids.shape[1]
+        logits = lm_logits(model, input_ids, attention_mask, torch.arange(T - 1, T))[:, -1]
+    else:
+        logits = candidate_logits(model, input_ids, attention_mask, ids)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    valid = candidates != -100
-    ce = -logp.gather(1, torch.where(valid, candidates, torch.zeros_like(candidates)))
+    ce = -torch.log_softmax(logits, dim=-1).gather(1, ids) if normalized else -logits
     return torch.where(valid, ce, torch.zeros_like(ce)), valid.long()
 
 
-def row_losses(model: nn.Module, input_ids, attention_mask, labels, shared: bool = False):
+class _CandidateHead(nn.Module):
+    """Stands in for a model's LM head for one call: the logits of each row's candidate tokens only."""
+
+    def __init__(self, head: nn.Linear, candidates: torch.Tensor):
+        super().__init__()
+        self.head, self.candidates, self.called = head, candidates, False
+
+    def forward(self, hidden):  # (rows, k, hidden) -> (rows, k, C)
+        self.called = True
+        w = F.embedding(self.candidates, self.head.weight)  # (rows, C, hidden): a gather, no packed matrix
+        out = torch.matmul(hidden, w.transpose(1, 2))
+        if self.head.bias is not None:
+            out = out + F.embedding(self.candidates, self.head.bias.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
+        return out
+
+
+def _plain_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, attribute, head) when the model's LM head is a plain float ``nn.Linear`` (not quantized,
+    not adapted), so that its candidates' rows can be read directly; else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():
+        return None
+    if any(c.__module__.startswith("torchao") for c in type(head.weight).__mro__):
+        return None  # a quantized weight (--quantize-embeddings): rows are not plain slices of it
+    for name, m in model.named_modules():
+        if m is head:
+            parent, _, attr = name.rpartition(".")
+            return model.get_submodule(parent), attr, head
+    return None
+
+
+def candidate_logits(model: nn.Module, input_ids, attention_mask, candidates):
+    """(rows, C) logits of each row's candidate token ids at the last position of left-padded rows,
+    through the model's own forward (its final norm, logit scaling or soft-capping included) with the
+    LM head swapped for the candidates' rows of it; the full logits' columns when the head is not a
+    plain linear (quantized, adapted) or the model did not call it."""
+    T = input_ids.shape[1]
+    keep = torch.arange(T - 1, T)
+    found = _plain_head(model)
+    if found is not None:
+        parent, attr, head = found
+        sub = _CandidateHead(head, candidates)
+        setattr(parent, attr, sub)
+        try:
+            logits = lm_logits(model, input_ids, attention_mask, keep)
+        finally:
+            setattr(parent, attr, head)
+        if sub.called and logits.shape[-1] == candidates.shape[1]:
+            return logits[:, -1]
+    return lm_logits(model, input_ids, attention_mask, keep)[:, -1].gather(1, candidates)
+
+
+def row_losses(model: nn.Module, input_ids, attention_mask, labels, shared: bool = False, normalized: bool = True):
     """:func:`choice_losses` (shared prompt: ``labels`` holds candidate ids) or :func:`answer_losses`."""
     if shared:
-        return choice_losses(model, input_ids, attention_mask, labels)
+        return choice_losses(model, input_ids, attention_mask, labels, normalized)
     return answer_losses(model, input_ids, attention_mask, labels)
 
 
@@ -261,6 +323,7 @@ class ZOStep(nn.Module):
                     _copy_rows(attention_mask, copies, q, split),
                     _copy_rows(labels, copies, q, split),
                     shared,
+                    normalized=False,  # the choice objectives need only the candidates' logits
                 )
                 n = len(copies)
                 gold_rows = None if gold is None else _copy_rows(gold, copies, q, split).reshape(n, -1)
