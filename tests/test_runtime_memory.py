@@ -37,8 +37,13 @@ def wide(tmp_path_factory, tiny_pair):
 
 
 def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
+    # Modules that bind these loaders by name at import (``from safetensors import safe_open``) are
+    # imported first: one imported while they are patched would keep the refusing stand-in for good
+    # and fail later tests (peft's adapter loading did, when this test ran before test_native).
+    import peft.utils.save_and_load  # noqa: F401
     import safetensors.torch
     import transformers
+    import transformers.modeling_utils  # noqa: F401
 
     from mobizo import models
 
