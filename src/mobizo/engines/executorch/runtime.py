@@ -66,6 +66,36 @@ def share_packed_weights() -> bool:
     return _SHARED
 
 
+def release_program_pages(path: Path) -> int:
+    """Unlock and drop this process's resident pages of the read-only mappings of ``path``; returns
+    the bytes of mappings released (0 where ``/proc/self/maps`` or the calls are missing).
+
+    The Python runtime maps the ``.pte`` and *locks* every segment it loads (its data loader is built
+    with ``UseMlockIgnoreErrors``): the whole constant segment, i.e. the embedding table the portable
+    gather reads, stays resident and unreclaimable although a step reads only the rows of its
+    tokens. The mappings are read-only views of the file (nothing in them is ever written), so the
+    kernel re-reads any page that is touched again: after unlocking and ``MADV_DONTNEED`` only the
+    pages the steps touch come back, and they stay reclaimable. (The native trainer maps without
+    locking.) XNNPACK has copied the weights it packs at load time, so their pages are not needed."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+        munlock, madvise = libc.munlock, libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    target, released = str(Path(path).resolve()), 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5].strip() != target or "w" in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        addr, size = ctypes.c_void_p(start), ctypes.c_size_t(end - start)
+        munlock(addr, size)
+        if madvise(addr, size, 4) == 0:  # MADV_DONTNEED: clean file pages, re-read on the next touch
+            released += end - start
+    return released
+
+
 class ExecuTorchEngine:
     """Drives ``train.pte`` through the ExecuTorch runtime; no PyTorch model is needed at run time."""
 
@@ -125,6 +155,7 @@ class ExecuTorchEngine:
         if name not in self.methods:
             with quiet_stderr():
                 self.methods[name] = self.program.load_method(name)
+            release_program_pages(self.dir / PROGRAM)  # what loading locked (see release_program_pages)
         return self.methods[name]
 
     def _run(self, method: str, args):
