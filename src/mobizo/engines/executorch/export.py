@@ -42,19 +42,54 @@ from ...checkpoint import atomic_write_dir
 from ...errors import MobizoError
 from ...mplora import lora_layers
 from ...progress import Stages
-from ...step import ZOStep, row_losses
+from ...step import ZOStep, _plain_head, row_losses
 from ...util import dumps, file_sha256
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
 
 class ScoreMethod(nn.Module):
-    def __init__(self, model, shared_prompt: bool = False):
+    """``score``: per-row losses over the vocabulary (evaluation). ``unpacked_head``: the LM head runs as
+    :class:`UnpackedHead` (see there)."""
+
+    def __init__(self, model, shared_prompt: bool = False, unpacked_head: bool = False):
         super().__init__()
         self.model = model  # same attribute name as ZOStep.model: buffer names match across methods
         self.shared_prompt = shared_prompt
+        self.unpacked_head = unpacked_head
 
     def forward(self, input_ids, attention_mask, labels):
-        return row_losses(self.model, input_ids, attention_mask, labels, self.shared_prompt)
+        found = _plain_head(self.model) if self.unpacked_head else None
+        if found is None:
+            return row_losses(self.model, input_ids, attention_mask, labels, self.shared_prompt)
+        parent, attr, head = found
+        setattr(parent, attr, UnpackedHead(head))
+        try:
+            return row_losses(self.model, input_ids, attention_mask, labels, self.shared_prompt)
+        finally:
+            setattr(parent, attr, head)
+
+
+class UnpackedHead(nn.Module):
+    """The LM head as ``mm(W, hᵀ)ᵀ``, for a ``score`` whose head stays on portable kernels.
+
+    A shared-prompt ``train_step`` reads the head only at the candidates' rows, so ``score`` would be
+    the only method to pack the vocabulary-sized matrix for XNNPACK (one more copy of it, ~95 MiB on
+    a 32k x 768 head, held from the first evaluation on). Left to portable kernels, ``linear`` would
+    become a transpose of W into the memory plan (the same bytes again) plus ``mm``; W times the
+    transposed hidden states reads W in place from the memory-mapped program, and only the
+    (rows x hidden) and (vocab x rows) operands are transposed. Evaluation runs one position per
+    prompt, so the unblocked portable ``mm`` costs little."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden):  # (rows, k, hidden) -> (rows, k, vocab)
+        w = self.head.weight
+        out = torch.mm(w, hidden.reshape(-1, hidden.shape[-1]).t()).t()
+        if self.head.bias is not None:
+            out = out + self.head.bias
+        return out.reshape(*hidden.shape[:-1], w.shape[0])
 
 
 class GetAdapter(nn.Module):
@@ -404,6 +439,11 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     train_args = (ids, mask, labels, torch.tensor(1, dtype=torch.long), torch.tensor(1e-3), torch.tensor(1e-3))
     if manifest.objective != "answer":
         train_args += (torch.zeros(manifest.batch_size, dtype=torch.long),)
+    # a shared-prompt train_step never packs the LM head (mobizo.step.candidate_logits): score need not either
+    found = _plain_head(model) if manifest.shared_prompt else None
+    unpacked_head = found is not None
+    head_names = {n for n, p in model.named_parameters(prefix="model", remove_duplicate=False)
+                  if found is not None and p is found[2].weight}  # fmt: skip
     stage = Stages("export", progress)
     stage("tracing the step (torch.export)")
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
@@ -414,7 +454,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
             return {
                 "train_step": torch.export.export(step, train_args, dynamic_shapes=_length_dims(manifest, len(train_args)),
                                                   strict=False),
-                "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt),
+                "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt, unpacked_head),
                                              _example_inputs(manifest, manifest.eval_rows),
                                              dynamic_shapes=_length_dims(manifest, 3), strict=False),
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
@@ -440,7 +480,12 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
-    partitioner = [xnnpack_partitioner(lambda name: name.endswith(".lora_B"))] if xnnpack else []
+    lora_b = lambda name: name.endswith(".lora_B")  # noqa: E731
+    partitioner = {}
+    if xnnpack:
+        partitioner = {m: [xnnpack_partitioner(lora_b)] for m in programs}
+        if unpacked_head:  # the head's weight, under every name it has (tied: the embedding's too)
+            partitioner["score"] = [xnnpack_partitioner(lambda name: lora_b(name) or name in head_names)]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
