@@ -62,7 +62,10 @@ def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
 
     assert not needs_weights(cfg)
     run = assemble(cfg, weights=False)
-    assert all(p.is_meta for p in run.model.parameters())  # the architecture only
+    from mobizo.engines.executorch import ProgramBase
+
+    # not even the architecture: what the run needs of the model comes from the program
+    assert isinstance(run.model, ProgramBase) and list(run.model.adapter_shapes) == run.targets
     build_engine(run)  # identity checked from the manifest and the weight files' sha256
     from mobizo.trainer import make_batch
 
@@ -208,3 +211,62 @@ def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path,
     # a change the program is built from (q) is not served from the cache
     with pytest.raises(AssertionError, match="exported again"):
         train(cfg.replace(queries=4, out=str(tmp_path / "c")))
+
+
+# Trains three steps on the program in a fresh process (eval and adapter saving included); prints
+# which heavy modules the process imported, the logged losses, the eval and the adapter's B.
+LIGHT_PROBE = textwrap.dedent("""
+    import json, sys
+    from mobizo import build
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import train
+
+    if sys.argv[3] == "skeleton":  # the run as it was before ProgramBase: the architecture on meta
+        build.program_base = lambda cfg: None
+    cfg = TrainConfig.from_flat(**json.loads(sys.argv[1]), engine="executorch", program=sys.argv[2])
+    summary = train(cfg)
+    from safetensors.torch import load_file
+    from pathlib import Path
+    out = Path(cfg.run.out)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    b = {k: v.tolist() for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()}
+    heavy = sorted(m for m in sys.modules if m == "torch._dynamo" or m == "peft" or m.startswith(
+        ("transformers.models.", "transformers.modeling_utils", "transformers.configuration_utils")))
+    print(json.dumps({"heavy": heavy, "losses": [r["loss"] for r in records if "loss" in r],
+                      "eval": summary["eval"], "b": b, "config": (out / "adapter" / "adapter_config.json").read_text()}))
+""")
+
+
+def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_path):
+    model_dir, program = wide
+    # the run reads the tokenizer the program carries, not the model's (identical on the run's texts)
+    assert (program / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((program / "manifest.json").read_text())["tokenizer"] == "tokenizer"
+
+    def probe(mode):
+        flat = dict(model=str(model_dir), **COMMON, steps=3, eval_every=0, save_every=0, out=str(tmp_path / mode))
+        r = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(flat), str(program), mode],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    light, skeleton = probe("light"), probe("skeleton")
+    # no transformers config or model code, no torch._dynamo, no PEFT: ~190 MiB resident the run never pays
+    assert light["heavy"] == [], light["heavy"]
+    assert "torch._dynamo" in skeleton["heavy"]  # what the probe sees when they are imported
+    assert len(light["losses"]) == 3
+    assert light["losses"] == skeleton["losses"] and light["b"] == skeleton["b"]
+    timing = ("seconds", "examples_per_second")
+    assert {k: v for k, v in light["eval"].items() if k not in timing} == \
+        {k: v for k, v in skeleton["eval"].items() if k not in timing}  # fmt: skip
+    assert light["config"] == skeleton["config"]
+
+
+def test_a_program_is_checked_against_the_adapter_the_run_asks_for(wide):
+    from mobizo.errors import MobizoError
+
+    model_dir, program = wide
+    cfg = TrainConfig.from_flat(model=str(model_dir), **COMMON, engine="executorch", program=str(program),
+                                target_modules="q_proj")  # fmt: skip
+    with pytest.raises(MobizoError, match="target_spec"):
+        build_engine(assemble(cfg, weights=False))

@@ -77,6 +77,25 @@ def test_adapter_loads_in_peft_and_matches_our_model(tmp_path, tiny_dir):
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == summary["eval_accuracy"]
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_the_adapter_config_is_the_lora_config_peft_would_write(tmp_path, fan_in_fan_out):
+    # mobizo writes adapter_config.json without importing PEFT (a run on a program never imports it):
+    # PEFT must read it back as the very LoraConfig it would have written itself
+    from peft import LoraConfig
+
+    from mobizo.checkpoint import write_adapter
+
+    state = {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 8), "model.layers.0.self_attn.q_proj.lora_B":
+             torch.zeros(8, 4), "model.layers.0.mlp.up_proj.lora_A": torch.zeros(4, 8),
+             "model.layers.0.mlp.up_proj.lora_B": torch.zeros(16, 4)}  # fmt: skip
+    write_adapter(tmp_path, state, 4, 8.0, "/models/base", fan_in_fan_out)
+    want = LoraConfig(r=4, lora_alpha=8.0, target_modules=["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"],
+                      lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path="/models/base")  # fmt: skip
+    got = LoraConfig.from_pretrained(str(tmp_path))
+    assert got.to_dict() == want.to_dict()
+
+
 def test_zero_shot_eval_without_adapter(tmp_path, capsys):
     code, err = run_cli(["eval", "--eval-examples", 20, "--json", tmp_path / "z.json"])
     assert code == 0, err

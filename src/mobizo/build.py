@@ -43,6 +43,12 @@ class Run:
     def zo_config(self):
         return self.cfg.zo_config(self.objective, self.choices)
 
+    def fan_in_fan_out(self) -> bool:
+        """Whether the adapted layers are ``Conv1D`` (GPT-2): PEFT's flag, written into the adapter config."""
+        from .engines.executorch.manifest import adapter_layout
+
+        return adapter_layout(self.model)[1]
+
     def base_hash(self) -> str:
         """The base model's identity (:func:`mobizo.models.base_hash`), computed once."""
         if self._base_hash is None:
@@ -62,6 +68,32 @@ def load_base(name: str, trust_remote_code: bool = False, progress: bool = True,
             return load_skeleton(name, trust_remote_code=trust_remote_code)
     with status(f"loading model {name}", progress):
         return load_model(name, trust_remote_code=trust_remote_code)
+
+
+def program_base(cfg: TrainConfig):
+    """(:class:`~mobizo.engines.executorch.ProgramBase`, tokenizer) of the program a run is given
+    (``--program``) when the program carries its tokenizer, else None (then the model's config and
+    tokenizer are loaded). What the run needs of the model comes from the program's manifest, and
+    the tokenizer is loaded as the fast tokenizer it was saved as: the run imports no model code
+    and no transformers config, so neither ``torch._dynamo`` (see ProgramBase). The program is
+    still checked against the run (base weights' sha256, adapter request, shapes) before it runs."""
+    from .models import TINY
+
+    if not cfg.engine.program or cfg.model == TINY:
+        return None
+    from .engines.executorch.manifest import ProgramBase, read_manifest
+
+    try:
+        m = read_manifest(Path(cfg.engine.program))
+    except MobizoError:
+        return None  # the engine says what is wrong with it
+    tokenizer_dir = Path(cfg.engine.program) / m.tokenizer
+    if not m.tokenizer or not (tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    from .models import load_fast_tokenizer
+
+    with status(f"loading the tokenizer of {cfg.engine.program}", cfg.run.progress):
+        return ProgramBase.of(m), load_fast_tokenizer(tokenizer_dir)
 
 
 def needs_weights(cfg: TrainConfig) -> bool:
@@ -150,7 +182,8 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     given = model is not None
     if model is None:
-        model, tokenizer = load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress, weights)
+        model, tokenizer = (None if weights else program_base(cfg)) or \
+            load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress, weights)  # fmt: skip
     else:
         from .models import prepare_tokenizer
 
@@ -181,9 +214,12 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
 def prepare_base(model, cfg: TrainConfig, inject_adapter: bool = True) -> list[str]:
     """Quantize the frozen base (``--quantize``; a weightless architecture is only checked) and inject the
     adapter around it, whose A/B stay float. Returns the adapted module names."""
+    from .engines.executorch.manifest import ProgramBase
     from .models import is_skeleton
     from .mplora import inject
 
+    if isinstance(model, ProgramBase):  # the program was built with the run's quantization and adapter (checked)
+        return list(model.adapter_shapes)
     q = cfg.quant
     if q.quantize != "none":
         from .quantize import check_quantize, quantize_base
@@ -209,7 +245,7 @@ def manifest_for_run(run: Run):
         quantization_for(q.quantize, q.group_size, q.quantize_embeddings)  # fmt: skip
     return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
                         run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        run.base_hash(), quantization=quant)  # fmt: skip
+                        run.base_hash(), quantization=quant, target_spec=cfg.adapter.target_modules)  # fmt: skip
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
@@ -230,10 +266,24 @@ def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
     from .threads import default_threads
 
     workers = run.cfg.run.threads or default_threads()  # the export's parallel lowering uses the cores too
-    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress, workers=workers)
+    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress, workers=workers,
+           extra=lambda d: carry_tokenizer(run, manifest, d))  # fmt: skip
     del model  # the skeleton's run never keeps the weights
     write_marker(out_dir, "program")
     return manifest
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def carry_tokenizer(run: Run, manifest, directory: Path) -> None:
+    """Save the run's tokenizer beside the program (``manifest.tokenizer``) when it round-trips through
+    the fast tokenizer on the run's own texts (:func:`mobizo.models.save_run_tokenizer`)."""
+    from .models import save_run_tokenizer
+
+    texts = [t for ex in (run.train + run.validation)[:64] for t in (ex.prompt, *(ex.candidates or [ex.answer])) if t]
+    if save_run_tokenizer(run.tokenizer, Path(directory) / TOKENIZER_DIR, texts):
+        manifest.tokenizer = TOKENIZER_DIR
 
 
 def program_matches(program_dir: Path, expected: dict) -> bool:
@@ -270,7 +320,12 @@ def _link_tree(src: Path, dst: Path) -> None:
     import shutil
 
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith("."):
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():  # the carried tokenizer
+            (dst / f.name).mkdir()
+            _link_tree(f, dst / f.name)
+        elif f.is_file():
             try:
                 os.link(f, dst / f.name)
             except OSError:

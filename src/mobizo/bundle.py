@@ -126,12 +126,9 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tenso
 def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str,
                   fan_in_fan_out: bool = False) -> tuple[str, dict]:  # fmt: skip
     """(adapter_config.json text, safetensors metadata without sha256) as ``checkpoint.write_adapter`` writes them."""
-    from .checkpoint import adapter_metadata, lora_config
+    from .checkpoint import adapter_config_text, adapter_metadata
 
-    with tempfile.TemporaryDirectory() as d:
-        lora_config(modules, rank, alpha, base_model, fan_in_fan_out).save_pretrained(d)
-        config = (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
-    return config, adapter_metadata(rank, alpha)
+    return adapter_config_text(modules, rank, alpha, base_model, fan_in_fan_out), adapter_metadata(rank, alpha)
 
 
 def _array_bytes(t: torch.Tensor, dtype: str) -> bytes:
@@ -269,9 +266,7 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
         o, a = cfg.optim, cfg.adapter
         data = collate_examples(run, manifest.max_length, manifest.answer_len)
         batches = batch_indices(len(run.train), o.batch_size, o.steps, cfg.seed)
-        from .mplora import fan_in_fan_out
-
-        config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model, fan_in_fan_out(run.model))
+        config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model, run.fan_in_fan_out())
         # the per-step lr of --lr-schedule / --warmup-steps goes into schedule.bin (a constant lr stays in run.json)
         lr = o.lr if o.lr_schedule == "constant" and not o.warmup_steps else \
             [lr_at(s, o.lr, o.steps, o.lr_schedule, o.warmup_steps) for s in range(1, o.steps + 1)]  # fmt: skip

@@ -1,6 +1,6 @@
 """Adapters in PEFT format and resumable checkpoints, written atomically.
 
-* ``adapter/``: ``adapter_config.json`` (written by ``peft.LoraConfig``) and
+* ``adapter/``: ``adapter_config.json`` (the fields of a ``peft.LoraConfig``) and
   ``adapter_model.safetensors`` with PEFT's key names
   (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``), so
   ``peft.PeftModel.from_pretrained(base, "adapter/")`` loads it. The
@@ -220,13 +220,21 @@ def _peft_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{k}.weight": v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def lora_config(modules, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False):
-    """The ``peft.LoraConfig`` of a mobizo adapter (LoRA on ``modules``, no dropout or bias)."""
-    from peft import LoraConfig
+def adapter_config(modules, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False) -> dict:
+    """``adapter_config.json`` of a mobizo adapter: a ``peft.LoraConfig`` (LoRA on ``modules``, no dropout
+    or bias), its every field that is not PEFT's default spelled out, plus the options mobizo refuses at
+    their defaults. Written without importing PEFT: importing it costs a run ~190 MiB resident
+    (transformers, ``torch._dynamo``), which a run on an ExecuTorch program otherwise never pays;
+    ``PeftModel.from_pretrained`` fills the rest with its defaults (test_checkpoint pins the two equal)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+            "lora_alpha": alpha, "target_modules": sorted(set(modules)), "lora_dropout": 0.0,
+            "fan_in_fan_out": bool(fan_in_fan_out), "init_lora_weights": True, "inference_mode": False,
+            **_UNSUPPORTED}  # fmt: skip
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(set(modules)), lora_dropout=0.0,
-                      fan_in_fan_out=bool(fan_in_fan_out), bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=base_model)  # fmt: skip
+
+def adapter_config_text(modules, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False) -> str:
+    """:func:`adapter_config` as the JSON text written (sorted keys, like PEFT's own files)."""
+    return json.dumps(adapter_config(modules, rank, alpha, base_model, fan_in_fan_out), indent=2, sort_keys=True)
 
 
 def adapter_metadata(rank: int, alpha: float) -> dict:
@@ -248,7 +256,8 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
     if fan_in_fan_out is None:
         fan_in_fan_out = adapter_fan_in_fan_out(base_model)
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
-    lora_config(modules, rank, alpha, base_model, fan_in_fan_out).save_pretrained(str(directory))
+    (Path(directory) / CONFIG).write_text(adapter_config_text(modules, rank, alpha, base_model, fan_in_fan_out),
+                                          encoding="utf-8")
     tensors = _peft_tensors(state)
     meta = {"format": "pt", "sha256": tensors_sha256(tensors), **adapter_metadata(rank, alpha)}
     save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)

@@ -121,6 +121,44 @@ def _tokenizer(p: Path, trust_remote_code: bool):
         raise MobizoError(f"cannot load the tokenizer from {p}: {type(e).__name__}: {_first_line(e)}") from e
 
 
+def load_fast_tokenizer(directory: Path):
+    """A tokenizer saved by :func:`save_run_tokenizer`, loaded as transformers' fast tokenizer (no
+    AutoTokenizer: that reads the model's config, whose import alone pulls in ``torch._dynamo``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True))
+    except Exception as e:  # noqa: BLE001
+        raise MobizoError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+# texts every carried tokenizer must encode as the run's own does (plus the run's examples)
+TOKENIZER_PROBES = ("Review: a truly great movie! Sentiment: good", " hello\n\tworld  ", "Ünïcödé — 数字 123 😀",
+                    "<s> </s> <pad> <|endoftext|>")  # fmt: skip
+
+
+def save_run_tokenizer(tokenizer, directory: Path, texts=()) -> bool:
+    """Save ``tokenizer`` into ``directory`` when :func:`load_fast_tokenizer` gives it back exactly:
+    the same ids for :data:`TOKENIZER_PROBES` and ``texts`` (the run's prompts and answers), the same
+    special tokens, padding side and chat template. False (and nothing saved) for a tokenizer that
+    does not round-trip (a slow or custom-code tokenizer): a run on the program then loads the model's."""
+    import shutil
+
+    directory = Path(directory)
+    try:
+        tokenizer.save_pretrained(str(directory))
+        back = load_fast_tokenizer(directory)
+        same = all(back(t, add_special_tokens=s)["input_ids"] == tokenizer(t, add_special_tokens=s)["input_ids"]
+                   for t in (*TOKENIZER_PROBES, *texts) for s in (True, False))  # fmt: skip
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side", "chat_template"):
+            same = same and getattr(back, attr, None) == getattr(tokenizer, attr, None)
+    except Exception:  # noqa: BLE001 - any failure means: not carried
+        same = False
+    if not same:
+        shutil.rmtree(directory, ignore_errors=True)
+    return same
+
+
 def load_skeleton(path: str, trust_remote_code: bool = False):
     """(model, tokenizer) of ``path`` without its weights: the architecture built from the config on the
     ``meta`` device (shapes, module names, no storage), for a run whose step runs in an ExecuTorch

@@ -19,7 +19,6 @@ from .config import DEFAULTS, FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
-from .mplora import fan_in_fan_out
 from .progress import bar
 from .schedule import lr_at
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
@@ -152,7 +151,7 @@ class Trainer:
     def __init__(self, run: Run, out: RunDir, start: dict, on_step=None):
         self.run, self.cfg, self.out, self.on_step = run, run.cfg, out, on_step
         self.kind = run.task.kind
-        self.fan_in_fan_out = fan_in_fan_out(run.model)  # Conv1D layers (GPT-2): PEFT must know
+        self.fan_in_fan_out = run.fan_in_fan_out()  # Conv1D layers (GPT-2): PEFT must know
         self.metric = main_metric(self.kind)
         self.start_step = self.step = start["step"]
         self.skipped = start["skipped_steps"]

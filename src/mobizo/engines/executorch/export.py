@@ -421,11 +421,12 @@ def _length_dims(m: Manifest, n_inputs: int):
 
 
 def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True,
-                   progress: bool = False, workers: int = 1) -> Manifest:
+                   progress: bool = False, workers: int = 1, extra=None) -> Manifest:
     """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
 
     ``progress``: a status line per stage (trace, lower, serialize, write) on stderr; ``workers``:
-    processes that lower XNNPACK partitions in parallel (:func:`parallel_preprocess`)."""
+    processes that lower XNNPACK partitions in parallel (:func:`parallel_preprocess`); ``extra(d)``:
+    writes more files into the program's directory ``d`` (before the manifest, which it may amend)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -517,6 +518,8 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 with open(d / PROGRAM, "wb") as f:  # streamed: the spilled weights never come back into memory
                     et.write_to_file(f)
                 manifest.pte_bytes, manifest.pte_sha256 = file_sha256(d / PROGRAM)
+                if extra is not None:
+                    extra(d)
                 (d / MANIFEST).write_text(dumps(asdict(manifest), indent=1), encoding="utf-8")
 
             stage("writing the program")

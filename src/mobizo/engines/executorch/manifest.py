@@ -57,6 +57,13 @@ class Manifest:
     quantize: str = "none"
     group_size: int | None = None
     quantize_embeddings: bool = False
+    # --target-modules as asked (None: the architecture's default), which with the base weights and
+    # this mobizo version determines target_modules: a run on the program is checked against it
+    target_spec: list[str] | None = None
+    fan_in_fan_out: bool = False  # the adapted layers are Conv1D (GPT-2): PEFT's flag in the adapter config
+    # the run's tokenizer, saved beside the program (a directory name; "" when not carried): a run on
+    # the program loads it instead of the model's config and tokenizer (see ProgramBase)
+    tokenizer: str = ""
     versions: dict = field(default_factory=dict)
     # seconds per export stage (tracing, lowering, serializing): a record of how it was made
     export_seconds: dict = field(default_factory=dict)
@@ -110,11 +117,40 @@ def check_manifest(m: Manifest, expected: dict) -> None:
             raise MobizoError(f"program was built with {key} {m.versions.get(key)}, this is {cur[key]} (re-export it)")
 
 
-def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
-                 shared_prompt: bool | None = None, quantization: dict | None = None):  # fmt: skip
-    """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
-    candidate one token: ``answer_len == 1``)."""
+@dataclass
+class ProgramBase:
+    """The base model as its exported program describes it: what a run on the program needs of the
+    model (the adapter's layout, PEFT's ``fan_in_fan_out``) without the architecture or the weights.
+
+    It stands in for the model in a run on a given program (:func:`mobizo.build.assemble`), so that
+    the run never imports the model's code: building even a weightless Hugging Face architecture
+    imports transformers' config and modeling modules and, through them, ``torch._dynamo``
+    (~155 MiB resident before anything runs). The identity check still holds: the program's
+    adapter layout follows from what the run is checked on (base weights, ``target_spec``, rank,
+    seed, mobizo version)."""
+
+    adapter_shapes: dict[str, list[int]]
+    fan_in_fan_out: bool = False
+
+    @classmethod
+    def of(cls, m: Manifest) -> "ProgramBase":
+        return cls(dict(m.adapter_shapes), m.fan_in_fan_out)
+
+
+def adapter_layout(model) -> tuple[dict[str, list[int]], bool]:
+    """({adapted module: B's shape}, fan_in_fan_out) of a model with MP-LoRA layers, or of a :class:`ProgramBase`."""
+    if isinstance(model, ProgramBase):
+        return dict(model.adapter_shapes), model.fan_in_fan_out
     layers = lora_layers(model)
+    return {n: list(layer.lora_B.shape) for n, layer in layers}, any(layer.fan_in_fan_out for _, layer in layers)
+
+
+def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
+                 shared_prompt: bool | None = None, quantization: dict | None = None,
+                 target_spec: list[str] | None = None):  # fmt: skip
+    """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
+    candidate one token: ``answer_len == 1``). ``model``: with MP-LoRA layers, or a :class:`ProgramBase`."""
+    shapes, fan = adapter_layout(model)
     if shared_prompt is None:
         shared_prompt = zo.objective != "answer" and answer_len == 1
     if shared_prompt and (zo.objective == "answer" or answer_len != 1):
@@ -136,8 +172,10 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         eval_rows=eval_rows,
         rank=rank,
         alpha=alpha,
-        target_modules=[n for n, _ in layers],
-        adapter_shapes={n: list(layer.lora_B.shape) for n, layer in layers},
+        target_modules=list(shapes),
+        adapter_shapes=shapes,
+        target_spec=None if target_spec is None else list(target_spec),
+        fan_in_fan_out=fan,
         shared_prompt=shared_prompt,
         dynamic_length=max_length > 2,
         **(quantization or {}),
@@ -149,6 +187,7 @@ def identity(m: Manifest) -> dict:
     """The manifest fields a run must agree on."""
     d = asdict(m)
     # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the run
-    for k in ("model", "xnnpack", "dynamic_length", "versions", "export_seconds", "pte_sha256", "pte_bytes"):
+    for k in ("model", "xnnpack", "dynamic_length", "tokenizer", "versions", "export_seconds", "pte_sha256",
+              "pte_bytes"):
         d.pop(k)
     return d
