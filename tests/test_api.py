@@ -105,6 +105,14 @@ def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_
     assert code == 2 and "is not a directory" in err
 
 
+def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path):
+    prog = tmp_path / "prog"
+    for extra in ([], ["--overwrite"]):  # the second export replaces the first, carried tokenizer included
+        code, err = run_cli(["export", "--out", prog, "--no-progress", "--max-length", 24, *extra])
+        assert code == 0, err
+    assert sorted(p.name for p in prog.iterdir()) == [".mobizo", "manifest.json", "tokenizer", "train.pte"]
+
+
 def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp_path):
     code, err = run_cli(["train", *FAST, "--steps", 1, "--out", tmp_path / "x", "--resume", "--overwrite"])
     assert code == 2 and "exclude each other" in err

@@ -273,17 +273,15 @@ def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
     return manifest
 
 
-TOKENIZER_DIR = "tokenizer"
-
-
 def carry_tokenizer(run: Run, manifest, directory: Path) -> None:
     """Save the run's tokenizer beside the program (``manifest.tokenizer``) when it round-trips through
     the fast tokenizer on the run's own texts (:func:`mobizo.models.save_run_tokenizer`)."""
+    from .engines.executorch.manifest import TOKENIZER
     from .models import save_run_tokenizer
 
     texts = [t for ex in (run.train + run.validation)[:64] for t in (ex.prompt, *(ex.candidates or [ex.answer])) if t]
-    if save_run_tokenizer(run.tokenizer, Path(directory) / TOKENIZER_DIR, texts):
-        manifest.tokenizer = TOKENIZER_DIR
+    if save_run_tokenizer(run.tokenizer, Path(directory) / TOKENIZER, texts):
+        manifest.tokenizer = TOKENIZER
 
 
 def program_matches(program_dir: Path, expected: dict) -> bool:

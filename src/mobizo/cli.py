@@ -141,12 +141,12 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from .build import export
-    from .engines.executorch import MANIFEST, PROGRAM
+    from .engines.executorch.manifest import MANIFEST, PROGRAM, TOKENIZER
     from .rundir import check_replaceable
 
     cfg, _ = config_from(args)
     out = Path(args.out)
-    check_replaceable(out, "program", args.overwrite, entries=(PROGRAM, MANIFEST), exclusive=True)
+    check_replaceable(out, "program", args.overwrite, entries=(PROGRAM, MANIFEST, TOKENIZER), exclusive=True)
     m = export(cfg, out, xnnpack=not args.no_xnnpack)
     print(f"wrote {out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
           f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}")

@@ -24,6 +24,7 @@ from ...step import ZOConfig
 PROGRAM = "train.pte"
 MANIFEST = "manifest.json"
 METHODS = ("train_step", "score", "get_adapter", "set_adapter")
+TOKENIZER = "tokenizer"  # the run's tokenizer, carried beside the program (Manifest.tokenizer)
 
 
 @dataclass
