@@ -16,6 +16,10 @@ eval on 8 examples at the end.
   same LoRA-FA adapter in the runtime), three steps on a batch of the same shape, run by the
   benchmarks' memory worker (the program only, no eval);
 * weights: the base model's parameter bytes (fp32), the floor.
+
+``--repeat N`` runs each training row N times, interleaved (ET Python, native, eager ZO, eager FO,
+then again), and reports the median peak with every run's peak beside it: the same eager run's peak
+moves by ~100 MiB from run to run on a shared machine (allocator and page-cache timing).
 """
 
 from __future__ import annotations
@@ -96,7 +100,14 @@ def measure_et_fo(model: str, w: Path, length: int) -> tuple[float, None]:
     return r[0], None
 
 
-def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = True) -> dict:
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float, list[float]]:
+    """(median peak, its run's wall seconds, every peak) of repeated runs."""
+    ranked = sorted(runs)
+    peak, wall = ranked[(len(ranked) - 1) // 2]
+    return peak, wall, [round(r[0], 1) for r in runs]
+
+
+def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = True, repeat: int = 1) -> dict:
     name = Path(model).name
     w = work / name
     w.mkdir(parents=True, exist_ok=True)
@@ -109,8 +120,8 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
     program = w / "program"
     rows["export"] = run(mobizo + ["export", *flags, "--out", str(program), "--overwrite"], w / "export.log")
     train = ["train", *flags, "--steps", "3", "--eval-every", "0", "--save-every", "0", "--overwrite"]
-    rows["ET ZO (Python)"] = run(mobizo + train + ["--engine", "executorch", "--program", str(program),
-                                                  "--out", str(w / "et")], w / "et.log")  # fmt: skip
+    commands = {"ET ZO (Python)": (mobizo + train + ["--engine", "executorch", "--program", str(program),
+                                                     "--out", str(w / "et")], "et")}  # fmt: skip
     if native:
         from mobizo.native import build
 
@@ -118,12 +129,22 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
         bundle = w / "bundle"
         subprocess.run(mobizo + ["bundle", *flags, "--steps", "3", "--program", str(program), "--out", str(bundle),
                                  "--overwrite"], check=True, capture_output=True)  # fmt: skip
-        rows["ET ZO (native)"] = run([str(exe), str(bundle), "--out", str(w / "native"), "--overwrite"], w / "native.log")
-    rows["eager ZO"] = run(mobizo + train + ["--out", str(w / "eager")], w / "eager.log")
-    rows["eager FO"] = run(mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], w / "fo.log")
+        commands["ET ZO (native)"] = ([str(exe), str(bundle), "--out", str(w / "native"), "--overwrite"], "native")
+    commands["eager ZO"] = (mobizo + train + ["--out", str(w / "eager")], "eager")
+    commands["eager FO"] = (mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], "fo")
+    runs = {k: [] for k in commands}
+    for _ in range(repeat):  # interleaved: a slow spell of the machine falls on every row alike
+        for k, (cmd, d) in commands.items():
+            runs[k].append(run(cmd, w / f"{d}.log"))
+    peaks = {}
+    for k, r in runs.items():
+        rows[k] = median_run(r)[:2]
+        peaks[k] = median_run(r)[2]
     if et_fo:
         rows["ET FO"] = measure_et_fo(model, w, length)
     out = {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
+    for k, p in peaks.items():
+        out[k]["peaks_mib"] = p
     for k, d in (("ET ZO (Python)", "et"), ("ET ZO (native)", "native"), ("eager ZO", "eager"), ("eager FO", "fo")):
         summary = w / d / "summary.json"
         if k in out and summary.is_file():  # the training step's own time, same T for every engine
@@ -138,10 +159,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--no-native", action="store_true")
     ap.add_argument("--no-et-fo", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each training row (median reported)")
     a = ap.parse_args()
     results = {}
     for m in a.model:
-        results[Path(m).name] = measure(m, a.work, a.length, not a.no_native, not a.no_et_fo)
+        results[Path(m).name] = measure(m, a.work, a.length, not a.no_native, not a.no_et_fo, a.repeat)
         print(json.dumps({Path(m).name: results[Path(m).name]}), flush=True)
     (a.work / "memory_table.json").write_text(json.dumps(results, indent=1))
     names = list(results)
@@ -154,11 +176,15 @@ def main() -> None:
             if r is None:
                 cells.append("-")
             else:
-                ratio = f" ({r['peak_mib'] / results[n]['eager ZO']['peak_mib']:.2f}x eager ZO)" if k.startswith("ET") else ""
+                zo, fo = results[n]["eager ZO"]["peak_mib"], results[n]["eager FO"]["peak_mib"]
+                ratio = f" ({r['peak_mib'] / zo:.2f}x eager ZO)" if k.startswith("ET") else ""
+                if k.startswith("ET ZO"):
+                    ratio = f" ({r['peak_mib'] / zo:.2f}x eager ZO, {r['peak_mib'] / fo:.2f}x eager FO)"
                 secs = f", {r['seconds']:.0f} s" if k == "export" else ""
                 if r.get("seconds_per_step"):
                     secs = f", {r['seconds_per_step']:.2f} s/step"
-                cells.append(f"{r['peak_mib']:.0f}{ratio}{secs}")
+                spread = f" [{', '.join(f'{x:.0f}' for x in r['peaks_mib'])}]" if len(r.get("peaks_mib", [])) > 1 else ""
+                cells.append(f"{r['peak_mib']:.0f}{spread}{ratio}{secs}")
         print(f"| {k} | {' | '.join(cells)} |")
 
 
