@@ -270,3 +270,45 @@ def test_a_program_is_checked_against_the_adapter_the_run_asks_for(wide):
                                 target_modules="q_proj")  # fmt: skip
     with pytest.raises(MobizoError, match="target_spec"):
         build_engine(assemble(cfg, weights=False))
+
+
+# Trains a step, evaluates, then trains a step, in a fresh process; prints the resident bytes of train.pte's
+# mapping after each (the unpacked LM head is read from the mapping by score).
+PAGES_PROBE = textwrap.dedent("""
+    import json, sys
+    from mobizo.build import assemble, build_engine
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import make_batch, run_eval
+
+    def mapped():
+        total, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = line.rstrip().endswith("train.pte")
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+        return total
+
+    cfg = TrainConfig.from_flat(**json.loads(sys.argv[1]), engine="executorch", program=sys.argv[2])
+    run = assemble(cfg, weights=False)
+    eng = build_engine(run)
+    eng.train_step(make_batch(run, 1), 1, 0.5, 0.05)
+    after_step = mapped()
+    run_eval(run)  # the trainer's eval: score over the validation examples
+    after_eval = mapped()
+    eng.train_step(make_batch(run, 1), 1, 0.5, 0.05)  # the same step again: it touches the same pages
+    print(json.dumps({"after_step": after_step, "after_eval": after_eval, "after_next_step": mapped()}))
+""")
+
+
+def test_the_pages_an_eval_reads_are_released_when_training_resumes(wide):
+    model_dir, program = wide
+    r = subprocess.run([sys.executable, "-c", PAGES_PROBE, json.dumps(dict(model=str(model_dir), **COMMON)), str(program)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    # eval reads more of the mapping than a step (score's unpacked LM head: all of it); the next step
+    # lets those pages go and holds what a step holds
+    assert got["after_eval"] > got["after_step"] > 0, got
+    assert got["after_next_step"] == got["after_step"], got

@@ -144,6 +144,7 @@ class ExecuTorchEngine:
         self.shapes = Shapes(length=None if m.dynamic_length and not fixed_length else m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows,
                              shared=m.shared_prompt, choices=m.choices if m.shared_prompt else None)  # fmt: skip
         self.estimator = m.estimator
+        self._scored = False  # score ran since the last train_step (see train_step)
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
         self._set_b([torch.zeros(*m.adapter_shapes[n]) for n in self.names])
 
@@ -190,6 +191,9 @@ class ExecuTorchEngine:
 
     def train_step(self, batch, step: int, lr: float, eps: float) -> StepOutput:
         self._check(batch, self.manifest.rows)
+        if self._scored:  # the pages an eval read (score's unpacked LM head: the whole matrix) are not
+            release_program_pages(self.dir / PROGRAM)  # the step's: let them go before it adds its own
+            self._scored = False
         args = [*self._inputs(batch), batch.labels, torch.tensor(step, dtype=torch.long),
                 torch.tensor(lr, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32)]  # fmt: skip
         if self.manifest.objective != "answer":
@@ -200,6 +204,7 @@ class ExecuTorchEngine:
     def score(self, batch):
         self._check(batch, self.manifest.eval_rows)
         sums, counts = self._run("score", [*self._inputs(batch), batch.labels])
+        self._scored = True
         return sums, counts
 
     def score_choices(self, batch):
