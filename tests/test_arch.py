@@ -386,14 +386,14 @@ if __name__ == "__main__":  # an export worker of `Exports`: ROOT FAMILY...
 def test_candidate_logits_are_the_full_logits_columns(family):
     """The shared-prompt training step's LM head (the candidates' rows only) goes through each family's
     own forward: final norm, logit scaling and soft-capping give the same numbers as the full head."""
-    from mobizo.step import _plain_head, candidate_logits, lm_logits
+    from mobizo.step import candidate_logits, lm_logits, plain_head
 
     model = build(family)
-    assert _plain_head(model) is not None  # every family's head is a plain linear: the fast path runs
+    assert plain_head(model) is not None  # every family's head is a plain linear: the fast path runs
     b = batch(1)
     cands = torch.tensor([[5, 9, 7], [100, 3, 191]])
     with torch.no_grad():
         full = lm_logits(model, b.input_ids, b.attention_mask, torch.arange(T - 1, T))[:, -1]
         got = candidate_logits(model, b.input_ids, b.attention_mask, cands)
     torch.testing.assert_close(got, full.gather(1, cands), rtol=1e-5, atol=1e-5)
-    assert model.get_output_embeddings() is _plain_head(model)[2]  # the head is put back
+    assert model.get_output_embeddings() is plain_head(model)[2]  # the head is put back

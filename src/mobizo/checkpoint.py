@@ -225,7 +225,7 @@ def adapter_config(modules, rank: int, alpha: float, base_model: str, fan_in_fan
     or bias), its every field that is not PEFT's default spelled out, plus the options mobizo refuses at
     their defaults. Written without importing PEFT: importing it costs a run ~190 MiB resident
     (transformers, ``torch._dynamo``), which a run on an ExecuTorch program otherwise never pays;
-    ``PeftModel.from_pretrained`` fills the rest with its defaults (test_checkpoint pins the two equal)."""
+    ``PeftModel.from_pretrained`` fills the rest with its defaults (tests/test_train.py pins the two equal)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
             "lora_alpha": alpha, "target_modules": sorted(set(modules)), "lora_dropout": 0.0,
             "fan_in_fan_out": bool(fan_in_fan_out), "init_lora_weights": True, "inference_mode": False,

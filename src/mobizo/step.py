@@ -179,7 +179,7 @@ class _CandidateHead(nn.Module):
         return out
 
 
-def _plain_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
+def plain_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, head) when the model's LM head is a plain float ``nn.Linear`` (not quantized,
     not adapted), so that its candidates' rows can be read directly; else None."""
     get = getattr(model, "get_output_embeddings", None)
@@ -202,7 +202,7 @@ def candidate_logits(model: nn.Module, input_ids, attention_mask, candidates):
     plain linear (quantized, adapted) or the model did not call it."""
     T = input_ids.shape[1]
     keep = torch.arange(T - 1, T)
-    found = _plain_head(model)
+    found = plain_head(model)
     if found is not None:
         parent, attr, head = found
         sub = _CandidateHead(head, candidates)

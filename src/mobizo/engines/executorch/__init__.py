@@ -11,5 +11,6 @@ from .manifest import (MANIFEST, PROGRAM, Manifest, ProgramBase, adapter_layout,
                        read_manifest, versions)
 from .runtime import ExecuTorchEngine
 
-__all__ = ["MANIFEST", "PROGRAM", "ExecuTorchEngine", "Manifest", "ProgramBase", "adapter_layout", "check_manifest", "export_program", "identity",
-           "manifest_for", "plain_attention", "read_manifest", "versions", "xnnpack_partitioner"]
+__all__ = ["MANIFEST", "PROGRAM", "ExecuTorchEngine", "Manifest", "ProgramBase", "adapter_layout", "check_manifest",
+           "export_program", "identity", "manifest_for", "plain_attention", "read_manifest", "versions",
+           "xnnpack_partitioner"]

@@ -42,7 +42,7 @@ from ...checkpoint import atomic_write_dir
 from ...errors import MobizoError
 from ...mplora import lora_layers
 from ...progress import Stages
-from ...step import ZOStep, _plain_head, row_losses
+from ...step import ZOStep, plain_head, row_losses
 from ...util import dumps, file_sha256
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
@@ -58,7 +58,7 @@ class ScoreMethod(nn.Module):
         self.unpacked_head = unpacked_head
 
     def forward(self, input_ids, attention_mask, labels):
-        found = _plain_head(self.model) if self.unpacked_head else None
+        found = plain_head(self.model) if self.unpacked_head else None
         if found is None:
             return row_losses(self.model, input_ids, attention_mask, labels, self.shared_prompt)
         parent, attr, head = found
@@ -441,7 +441,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     if manifest.objective != "answer":
         train_args += (torch.zeros(manifest.batch_size, dtype=torch.long),)
     # a shared-prompt train_step never packs the LM head (mobizo.step.candidate_logits): score need not either
-    found = _plain_head(model) if manifest.shared_prompt else None
+    found = plain_head(model) if manifest.shared_prompt else None
     unpacked_head = found is not None
     head_names = {n for n, p in model.named_parameters(prefix="model", remove_duplicate=False)
                   if found is not None and p is found[2].weight}  # fmt: skip
@@ -481,12 +481,17 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
-    lora_b = lambda name: name.endswith(".lora_B")  # noqa: E731
+    def lora_b(name: str) -> bool:
+        return name.endswith(".lora_B")
+
+    def lora_b_or_head(name: str) -> bool:  # the head's weight under every name it has (tied: the embedding's)
+        return lora_b(name) or name in head_names
+
     partitioner = {}
     if xnnpack:
         partitioner = {m: [xnnpack_partitioner(lora_b)] for m in programs}
-        if unpacked_head:  # the head's weight, under every name it has (tied: the embedding's too)
-            partitioner["score"] = [xnnpack_partitioner(lambda name: lora_b(name) or name in head_names)]
+        if unpacked_head:
+            partitioner["score"] = [xnnpack_partitioner(lora_b_or_head)]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
