@@ -18,7 +18,7 @@ import torch
 
 from ... import __version__
 from ...errors import MobizoError
-from ...mplora import lora_layers
+from ...mplora import fan_in_fan_out, lora_layers
 from ...step import ZOConfig
 
 PROGRAM = "train.pte"
@@ -142,8 +142,7 @@ def adapter_layout(model) -> tuple[dict[str, list[int]], bool]:
     """({adapted module: B's shape}, fan_in_fan_out) of a model with MP-LoRA layers, or of a :class:`ProgramBase`."""
     if isinstance(model, ProgramBase):
         return dict(model.adapter_shapes), model.fan_in_fan_out
-    layers = lora_layers(model)
-    return {n: list(layer.lora_B.shape) for n, layer in layers}, any(layer.fan_in_fan_out for _, layer in layers)
+    return {n: list(layer.lora_B.shape) for n, layer in lora_layers(model)}, fan_in_fan_out(model)
 
 
 def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
