@@ -107,10 +107,13 @@ def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_
 
 def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path):
     prog = tmp_path / "prog"
-    for extra in ([], ["--overwrite"]):  # the second export replaces the first, carried tokenizer included
+    lengths = []
+    for extra in ([], ["--overwrite", "--fixed-length"]):  # the second export replaces the first, tokenizer included
         code, err = run_cli(["export", "--out", prog, "--no-progress", "--max-length", 24, *extra])
         assert code == 0, err
+        lengths.append(json.loads((prog / "manifest.json").read_text())["dynamic_length"])
     assert sorted(p.name for p in prog.iterdir()) == [".mobizo", "manifest.json", "tokenizer", "train.pte"]
+    assert lengths == [True, False]  # --fixed-length: a program for exactly --max-length tokens
 
 
 def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp_path):
@@ -127,6 +130,7 @@ def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp
 BAD = [
     (["train", "--program", "p"], "--program applies to --engine executorch only"),
     (["train", "--reexport"], "--reexport applies to --engine executorch only"),
+    (["train", "--fixed-length"], "--fixed-length applies to --engine executorch only"),
     (["train", "--optimizer", "adamw"], "--optimizer applies to --estimator fo only"),
     (["train", "--train-a"], "--train-a applies to --estimator fo only"),
     (["train", "--estimator", "fo", "--engine", "executorch"], "zeroth-order estimators"),

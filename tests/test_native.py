@@ -170,6 +170,25 @@ def test_native_equals_python_executorch_engine_bitwise(bundle, ref_run):
     assert summary["status"] == "completed" and summary["final_step"] == STEPS and summary["engine"] == "native"
 
 
+def test_bundle_program_has_the_fixed_length_and_steps_as_eager_does(bundle, tmp_path):
+    """A bundle exports its program for exactly --max-length (the native trainer pads every batch to it:
+    a quicker export, no symbolic length); its steps on batches padded to 32 tokens equal the eager
+    engine's on batches padded to their own longest row."""
+    from mobizo.api import train
+    from mobizo.bundle import train_python
+    from mobizo.engines.executorch import read_manifest
+
+    assert read_manifest(bundle).dynamic_length is False
+    records, _, _ = train_python(bundle, 6)
+    train(TrainConfig.from_flat(**COMMON, steps=6, eval_every=0, save_every=0, out=str(tmp_path / "eager")))
+    eager = strict_lines(tmp_path / "eager" / "metrics.jsonl")[1:]
+    eager = [r for r in eager if "projected_grads" in r]
+    assert len(eager) == 6
+    for want, got in zip(eager, records, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-5), got["step"]
+        assert got["projected_grads"] == pytest.approx(want["projected_grads"], rel=1e-3, abs=1e-4), got["step"]
+
+
 def test_adapter_and_checkpoint_load_in_python_and_peft(ref_run, tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -245,7 +245,8 @@ def manifest_for_run(run: Run):
         quantization_for(q.quantize, q.group_size, q.quantize_embeddings)  # fmt: skip
     return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
                         run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        run.base_hash(), quantization=quant, target_spec=cfg.adapter.target_modules)  # fmt: skip
+                        run.base_hash(), quantization=quant, target_spec=cfg.adapter.target_modules,
+                        fixed_length=cfg.engine.fixed_length)  # fmt: skip
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
@@ -301,16 +302,18 @@ def program_matches(program_dir: Path, expected: dict) -> bool:
 # Exported programs are kept in the cache (``$MOBIZO_CACHE/programs``, hard links where the file system
 # allows, so a kept program costs no space while its run directory exists), keyed by everything the
 # program is built from: a run that changes only what the program takes as input (lr, eps, steps,
-# schedule, eval cadence) or only its --out reuses the export instead of repeating it.
+# schedule, eval cadence) or only its --out reuses the export instead of repeating it. A --fixed-length
+# program is kept apart: it would serve a run that asked for any length, but pad all its batches.
 PROGRAMS_KEPT = 4
 
 
-def _program_cache(expected: dict) -> Path:
+def _program_cache(expected: dict, fixed_length: bool = False) -> Path:
     import hashlib
 
     from .util import cache_dir, dumps
 
-    return cache_dir() / "programs" / hashlib.sha256(dumps(expected, sort_keys=True).encode()).hexdigest()[:32]
+    key = {**expected, "fixed_length": True} if fixed_length else expected
+    return cache_dir() / "programs" / hashlib.sha256(dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -330,12 +333,12 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
-def restore_program(target: Path, expected: dict) -> bool:
+def restore_program(target: Path, expected: dict, fixed_length: bool = False) -> bool:
     """Put the kept program built for ``expected`` into ``target``; False when none is kept."""
     from .checkpoint import atomic_write_dir
     from .rundir import write_marker
 
-    src = _program_cache(expected)
+    src = _program_cache(expected, fixed_length)
     if not program_matches(src, expected):
         return False
     atomic_write_dir(Path(target), lambda d: _link_tree(src, d))
@@ -344,13 +347,13 @@ def restore_program(target: Path, expected: dict) -> bool:
     return True
 
 
-def keep_program(program_dir: Path, expected: dict) -> None:
+def keep_program(program_dir: Path, expected: dict, fixed_length: bool = False) -> None:
     """Keep a just-exported program in the cache (the :data:`PROGRAMS_KEPT` most recently used)."""
     import shutil
 
     from .checkpoint import atomic_write_dir
 
-    dst = _program_cache(expected)
+    dst = _program_cache(expected, fixed_length)
     try:
         atomic_write_dir(dst, lambda d: _link_tree(Path(program_dir), d))
         kept = sorted((p for p in dst.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -380,10 +383,12 @@ def build_engine(run: Run, program_dir: Path | None = None):
             target = Path(cfg.engine.program)
         else:
             target = program_dir or Path(tempfile.mkdtemp(prefix="mobizo-program-"))
-            reuse = not cfg.engine.reexport and (program_matches(target, expected) or restore_program(target, expected))
+            fixed = cfg.engine.fixed_length
+            reuse = not cfg.engine.reexport and (program_matches(target, expected)
+                                                 or restore_program(target, expected, fixed))  # fmt: skip
             if not reuse:
                 export_program(run, target)
-                keep_program(target, expected)
+                keep_program(target, expected, fixed)
         from .rundir import read_marker
 
         bundle = (read_marker(target) or {}).get("kind") == "bundle"  # rows padded as the native trainer pads them

@@ -252,7 +252,8 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     from .engines.executorch import check_manifest, identity, read_manifest
     from .rundir import log_header
 
-    cfg = cfg.replace(engine="executorch", program=None).validate()
+    # the native trainer pads every batch to --max-length: a program for exactly that length exports quicker
+    cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate()
     out = Path(out_dir)
     check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)  # before any work
     run = assemble(cfg)

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the program in --out")
 
     p = sub.add_parser("bundle", help="export the step and write a bundle for the native trainer (mobizo-train)")
-    not_bundle = ("engine", "program", "reexport", "dist_mode", "out", "resume", "overwrite", "eval_every",
+    not_bundle = ("engine", "program", "reexport", "fixed_length", "dist_mode", "out", "resume", "overwrite", "eval_every",
                   "eval_at_start")
     C.add_arguments(p, tuple(n for n in C.TRAIN_FLAGS if n not in not_bundle))
     p.add_argument("--program", help="reuse this 'mobizo export' directory instead of exporting (checked to fit)")

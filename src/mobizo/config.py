@@ -116,6 +116,9 @@ class EngineArgs:
     program: str | None = opt(None, "--engine executorch: a program directory from 'mobizo export' (default: "
                               "export into OUT/program, or reuse the one there when it matches)", setting=True)  # fmt: skip
     reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
+    fixed_length: bool = opt(False, "--engine executorch / export: trace the program for exactly --max-length "
+                             "tokens instead of any length up to it: about half the export time, but every batch "
+                             "is then padded to --max-length (README 'Export time')")  # fmt: skip
     dist_mode: str = opt("queries", "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
                          "directions on the same batch; data: each process runs all q directions on its shard of "
                          "the batch; federated: each process trains on its own --data (a {rank} in the path is "
@@ -330,4 +333,4 @@ ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
 STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")
 TRAIN_FLAGS = MODEL_FLAGS + ("seed",) + DATA_FLAGS + ADAPTER_FLAGS + tuple(f.name for f in dataclasses.fields(OptimArgs)) \
     + tuple(f.name for f in dataclasses.fields(EngineArgs)) + tuple(f.name for f in dataclasses.fields(RunArgs))
-EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads",)
+EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads", "fixed_length")

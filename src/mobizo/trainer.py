@@ -122,6 +122,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
     if distributed.world_size() > 1:  # launched by torchrun with several processes (docs/distributed.md)
         return distributed.train(cfg, given, on_step, **objects)
     cfg.validate()
+    if cfg.engine.fixed_length and cfg.engine.engine != "executorch":  # (valid for `mobizo export`, not here)
+        raise MobizoError("--fixed-length applies to --engine executorch only")
     out = RunDir(cfg.run.out or default_out(cfg.data.task, cfg.optim.estimator))
     out.check(cfg.run.resume, cfg.run.overwrite)
     if cfg.run.resume:

@@ -52,7 +52,8 @@ class Manifest:
     # is (rows, choices) candidate token ids read at the last position (mobizo.step.choice_losses)
     shared_prompt: bool = False
     # the sequence length is symbolic in train_step and score: any T <= max_length runs (batches are
-    # padded to their own longest row, as in the eager engine); max_length sizes the memory plan
+    # padded to their own longest row, as in the eager engine); max_length sizes the memory plan.
+    # False (--fixed-length, bundles, or a model whose code pins the length): exactly max_length
     dynamic_length: bool = True
     # the frozen base's quantization (mobizo.quantize): scheme, resolved group size, embeddings too
     quantize: str = "none"
@@ -147,9 +148,10 @@ def adapter_layout(model) -> tuple[dict[str, list[int]], bool]:
 
 def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
                  shared_prompt: bool | None = None, quantization: dict | None = None,
-                 target_spec: list[str] | None = None):  # fmt: skip
+                 target_spec: list[str] | None = None, fixed_length: bool = False):  # fmt: skip
     """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
-    candidate one token: ``answer_len == 1``). ``model``: with MP-LoRA layers, or a :class:`ProgramBase`."""
+    candidate one token: ``answer_len == 1``). ``model``: with MP-LoRA layers, or a :class:`ProgramBase`.
+    ``fixed_length``: trace for exactly ``max_length`` tokens (a quicker export, no symbolic length)."""
     shapes, fan = adapter_layout(model)
     if shared_prompt is None:
         shared_prompt = zo.objective != "answer" and answer_len == 1
@@ -177,7 +179,7 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
         target_spec=None if target_spec is None else list(target_spec),
         fan_in_fan_out=fan,
         shared_prompt=shared_prompt,
-        dynamic_length=max_length > 2,
+        dynamic_length=max_length > 2 and not fixed_length,
         **(quantization or {}),
     )
 
