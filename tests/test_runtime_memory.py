@@ -211,6 +211,9 @@ def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path,
     # a change the program is built from (q) is not served from the cache
     with pytest.raises(AssertionError, match="exported again"):
         train(cfg.replace(queries=4, out=str(tmp_path / "c")))
+    # nor is a run that asks for a --fixed-length program (the kept one takes any length)
+    with pytest.raises(AssertionError, match="exported again"):
+        train(cfg.replace(fixed_length=True, out=str(tmp_path / "d")))
 
 
 # Trains three steps on the program in a fresh process (eval and adapter saving included); prints
