@@ -118,7 +118,8 @@ class EngineArgs:
     reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
     fixed_length: bool = opt(False, "--engine executorch / export: trace the program for exactly --max-length "
                              "tokens instead of any length up to it: about half the export time, but every batch "
-                             "is then padded to --max-length (README 'Export time')")  # fmt: skip
+                             "is then padded to --max-length (slower steps when prompts are shorter; README "
+                             "'Export: memory, time and the program cache')")  # fmt: skip
     dist_mode: str = opt("queries", "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
                          "directions on the same batch; data: each process runs all q directions on its shard of "
                          "the batch; federated: each process trains on its own --data (a {rank} in the path is "
