@@ -346,8 +346,11 @@ def fewer_decompositions():
     more re-traces of each method (decompose around the ops, mark the nodes the filter accepts,
     decompose again); without one, the ops are kept as they are, in at most one re-trace. When the
     filter accepts every node of those ops the two ways keep the same nodes, so the filter is
-    dropped for that method; otherwise ExecuTorch's own way runs. The program is byte-identical
-    (tested)."""
+    dropped for that method; otherwise ExecuTorch's own way runs. (The filter is asked about the
+    nodes before decomposing: a node of those ops that some other op's decomposition created would
+    be kept unasked. A decoder step's decompositions create none: the program is byte-identical on
+    the test's tiny Llama and on a 6-layer SmolLM2, and the eleven architectures' and the quantized
+    programs still step as eager does, tested.)"""
     import executorch.exir.program._program as prog
 
     original = prog._can_skip_using_EDGE_DO_NOT_DECOMP
@@ -381,7 +384,7 @@ class _ShallowProvenance:
 def lean_provenance():
     """Every node a pass creates records its provenance (``NodeSource``), and torch deep-copies the
     source node's whole history into it: a chain one link longer per pass, copied for every node of
-    every re-trace (15% of a static-length export's time, 9% of a dynamic one's). The history's
+    every re-trace (15% of a fixed-length export's time, 9% of an any-length one's). The history's
     entries are never changed after they are made (new links only replace a node's list), so a new
     list over the same entries records the same provenance; ExecuTorch's debug handles, read from
     it, come out the same and the program is byte-identical (tested)."""
