@@ -158,8 +158,8 @@ def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(progra
 def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_path, monkeypatch):
     """The export's memory and time savings (weights spilled to disk while lowering, XNNPACK passes
     that cannot apply skipped, one code generation per method while cutting partitions, the quicker
-    merge check, node histories shared instead of deep-copied) change nothing in the program:
-    byte-identical to the plain lowering."""
+    merge check, node histories shared instead of deep-copied, one decomposition re-trace instead of
+    three) change nothing in the program: byte-identical to the plain lowering."""
     import contextlib
 
     import mobizo.engines.executorch.export as E
@@ -167,6 +167,7 @@ def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_pa
     monkeypatch.setattr(E, "lean_xnnpack_passes", contextlib.nullcontext)
     monkeypatch.setattr(E, "quick_partitioning", contextlib.nullcontext)
     monkeypatch.setattr(E, "lean_provenance", contextlib.nullcontext)
+    monkeypatch.setattr(E, "fewer_decompositions", contextlib.nullcontext)
     monkeypatch.setattr(E, "spilled_named_data", lambda d: contextlib.nullcontext())
     plain = export(TrainConfig.from_flat(**COMMON), str(tmp_path / "plain"))
     ours = json.loads((program / "manifest.json").read_text())
