@@ -159,7 +159,8 @@ def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_pa
     """The export's memory and time savings (weights spilled to disk while lowering, XNNPACK passes
     that cannot apply skipped, one code generation per method while cutting partitions, the quicker
     merge check, node histories shared instead of deep-copied, one decomposition re-trace instead of
-    three) change nothing in the program: byte-identical to the plain lowering."""
+    four, delegates' output shapes read instead of re-run) change nothing in the program:
+    byte-identical to the plain lowering."""
     import contextlib
 
     import mobizo.engines.executorch.export as E
@@ -168,7 +169,58 @@ def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_pa
     monkeypatch.setattr(E, "quick_partitioning", contextlib.nullcontext)
     monkeypatch.setattr(E, "lean_provenance", contextlib.nullcontext)
     monkeypatch.setattr(E, "fewer_decompositions", contextlib.nullcontext)
+    monkeypatch.setattr(E, "quick_delegate_shapes", contextlib.nullcontext)
     monkeypatch.setattr(E, "spilled_named_data", lambda d: contextlib.nullcontext())
     plain = export(TrainConfig.from_flat(**COMMON), str(tmp_path / "plain"))
     ours = json.loads((program / "manifest.json").read_text())
     assert plain.pte_sha256 == ours["pte_sha256"] and plain.pte_bytes == ours["pte_bytes"]
+
+
+def test_in_place_legalize_leaves_the_graph_as_torchs_copying_sort_does():
+    """Partition cutting sorts a method's graph in place (``_legalize_in_place``) instead of torch's
+    ``legalize_graph``, which copies every node into a new graph. What later cuts read must come out
+    the same: the node order (sym-size arithmetic first, as torch prioritizes it), each node's users
+    and inputs in order, the names a new node gets, the generated code."""
+    import copy
+    import operator
+
+    from torch.fx.passes.tools_common import legalize_graph
+
+    from mobizo.engines.executorch.export import _legalize_in_place
+
+    def f(x, y):
+        a = x + y
+        b = a * 2
+        n = x.size(0) * 3  # operator.mul on a traced size: one of the prioritized ops
+        c = torch.relu(b) + n
+        d = b - a
+        return c * d, d.sum(0)
+
+    traced = torch.fx.symbolic_trace(f)
+
+    def scrambled():
+        gm = copy.deepcopy(traced)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes["add"].prepend(nodes["sub"])  # (d = b - a) before a: the graph is no longer sorted
+        nodes["x"].append(nodes["mul_1"])  # (n = size * 3) before the size
+        nodes["output"].prepend(nodes["add"])  # a after all its users
+        nodes["y"].append(nodes["relu"])
+        nodes["x"].prepend(nodes["y"])  # a new order of two independent nodes (the index lists them by age)
+        gm.graph.erase_node(gm.graph.call_function(operator.add, (nodes["x"], 2)))  # a name only the old name space holds
+        return gm
+
+    def state(gm):
+        graph = gm.graph
+        new = graph.call_function(operator.add, (next(iter(graph.nodes)), 1))  # a name the name space picks
+        name = new.name
+        graph.erase_node(new)
+        gm.recompile()
+        return ([(n.name, [u.name for u in n.users], [i.name for i in n.all_input_nodes]) for n in graph.nodes],
+                name, {str(k): [n.name for n in v] for k, v in graph._find_nodes_lookup_table.table.items() if v}, gm.code)  # fmt: skip
+
+    theirs, ours = scrambled(), scrambled()
+    assert [n.name for n in theirs.graph.nodes] != [n.name for n in legalize_graph(scrambled()).graph.nodes]
+    legalize_graph(theirs)
+    _legalize_in_place(ours)
+    assert state(ours) == state(theirs)
+    ours.graph.lint()

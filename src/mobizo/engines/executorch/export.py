@@ -23,10 +23,12 @@ model's plain ("eager") attention: the SDPA decomposition adds masked-row fix-up
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
 import io
+import operator
 import os
 import re
 import shutil
@@ -133,13 +135,14 @@ def xnnpack_partitioner(is_mutable, configs=None):
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
+    seen: list = [None, 0, frozenset()]  # (a signature, its input count, its inputs that hold a mutable state)
+
     def reads_mutable(node, ep) -> bool:
         sig = ep.graph_signature
-        for arg in node.all_input_nodes:
-            name = sig.inputs_to_parameters.get(arg.name) or sig.inputs_to_buffers.get(arg.name)
-            if name is not None and is_mutable(name):
-                return True
-        return False
+        if seen[0] is not sig or seen[1] != len(sig.input_specs):  # (its mappings are rebuilt on every read)
+            states = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+            seen[:] = [sig, len(sig.input_specs), frozenset(arg for arg, name in states.items() if is_mutable(name))]
+        return any(arg.name in seen[2] for arg in node.all_input_nodes)
 
     live = []
     for cls in configs or ALL_PARTITIONER_CONFIGS:
@@ -242,13 +245,23 @@ def spilled_named_data(directory: Path):
         NamedDataStore.add_named_data = original
 
 
-# XNNPACK's preprocessing runs ~17 graph passes over every partition, each a full re-trace; these
-# only rewrite ops a decoder-only transformer step does not contain (convolution, batch norm,
-# upsampling, PReLU, padding, SDPA: the step is traced with plain attention). They are skipped for
-# partitions without any of those ops; the lowered program is byte-identical (tested).
-_IDLE_PASSES = ("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
-                "InsertPadQDQPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass")  # fmt: skip
+# XNNPACK's preprocessing runs ~17 graph passes over every partition, each a full re-trace; most
+# rewrite ops a partition of a decoder-only transformer step may not contain. Such a pass is skipped
+# for a partition holding none of its ops (matched on the op names); the lowered program is
+# byte-identical (tested).
 _THEIR_OPS = ("convolution", "batch_norm", "upsample", "prelu", "scaled_dot_product", "pad", "pool", "conv")
+_PASS_OPS = {
+    # convolution, batch norm, upsampling, PReLU, padding, SDPA (the step is traced with plain
+    # attention): never in a decoder step, so one list serves them all
+    **dict.fromkeys(("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
+                     "InsertPadQDQPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass"),
+                    _THEIR_OPS),
+    "DecomposeConcatenate": ("aten.cat",),  # splits concatenations of more than 5 tensors
+    "RemoveGetItemPass": ("max_pool2d_with_indices", "aten.max.dim"),  # their index outputs
+    "FuseActivationPass": ("aten.relu", "aten.hardtanh"),  # folds these into the op before them
+    "PropagateCustomMetaPass": ("quantize",),  # copies metadata onto quantize/dequantize nodes
+    "RemoveRedundantCopyPass": ("_to_copy",),  # drops pairs of layout copies
+}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -262,8 +275,12 @@ def lean_xnnpack_passes():
         if passes:
             return
         ops = {str(n.target) for n in exported_program.graph.nodes if n.op == "call_function"}
-        if not any(word in op for op in ops for word in _THEIR_OPS):
-            self.passes = [p for p in self.passes if p.__name__ not in _IDLE_PASSES]
+
+        def needed(p) -> bool:
+            words = _PASS_OPS.get(p.__name__)
+            return words is None or any(word in op for op in ops for word in words)
+
+        self.passes = [p for p in self.passes if needed(p)]
 
     XNNPACKPassManager.__init__ = __init__
     try:
@@ -272,14 +289,73 @@ def lean_xnnpack_passes():
         XNNPACKPassManager.__init__ = original
 
 
+def _graphs(gm):
+    return [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+
+
+def _no_transpose(gm) -> bool:
+    return not any(n.target == torch.ops.aten.t.default for g in _graphs(gm) for n in g.nodes)
+
+
+def _no_views(gm) -> bool:
+    return not any(getattr(n.target, "is_view", False) for g in _graphs(gm) for n in g.nodes if n.op == "call_function")
+
+
+def _no_symbols(gm) -> bool:
+    from torch.utils import _pytree as pytree
+
+    sym = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    return not any(isinstance(v, sym) for g in _graphs(gm) for n in g.nodes for v in pytree.tree_leaves(n.meta.get("val")))
+
+
+# Passes of ExecuTorch's ATen -> edge conversion that re-trace the whole method on fake tensors to
+# rewrite ops a method may not hold; each is skipped for a method without them. (Each is a local
+# rewrite of those ops only: ``t`` to ``t_copy``; view ops to their copies; symbolic ints, floats and
+# bools passed as tensors to ``scalar_tensor``. A fixed-length step has no symbolic values at all.)
+_IDLE_EDGE_PASSES = {"NormalizeTransposePass": _no_transpose, "ReplaceBrokenOpsWithFunctionalOpsPass": _no_views,
+                     "SymToTensorPass": _no_symbols}  # fmt: skip
+
+
+@contextlib.contextmanager
+def lean_edge_passes():
+    """Skips the passes in ``_IDLE_EDGE_PASSES`` for a method that holds none of the ops they rewrite
+    (three of the edge conversion's ten re-traces of a fixed-length step, one of an any-length
+    step's: ~10 s of a SmolLM2 export). The program is byte-identical (tested)."""
+    import executorch.exir.program._program as prog
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    original = prog._get_aten_to_edge_passes
+
+    def unless_idle(p, idle):
+        def run(gm):
+            return PassResult(gm, False) if idle(gm) else p(gm)
+
+        run.__name__ = getattr(p, "__name__", type(p).__name__)
+        return run
+
+    def get_passes(config):
+        pre, post = original(config)
+        pre = [unless_idle(p, _IDLE_EDGE_PASSES[p.__name__]) if getattr(p, "__name__", None) in _IDLE_EDGE_PASSES else p
+               for p in pre]  # fmt: skip
+        return pre, post
+
+    prog._get_aten_to_edge_passes = get_passes
+    try:
+        yield
+    finally:
+        prog._get_aten_to_edge_passes = original
+
+
 @contextlib.contextmanager
 def quick_partitioning():
     """ExecuTorch cuts each partition out of a method's graph with ``create_submodule_from_nodes``,
-    whose ``legalize_graph`` re-sorts the graph and assigns it; assigning a ``GraphModule``'s graph
-    regenerates the Python code of the module and of every submodule (each partition cut so far):
-    quadratic in the partitions (SmolLM2's 30 layers: most of a 10-minute lowering). The sort stays;
-    the code is regenerated once, after the method's last cut. Nothing runs or prints a method's
-    graph module between the cuts; the program is byte-identical (tested)."""
+    whose ``legalize_graph`` re-sorts the graph by copying every node into a new one and assigning
+    it; assigning a ``GraphModule``'s graph regenerates the Python code of the module and of every
+    submodule (each partition cut so far). Both are quadratic in the partitions (SmolLM2's 30 layers:
+    most of a 10-minute lowering, then 26 s of node copies). While cutting, the graph is sorted in
+    place into the same state the copy would have (:func:`_legalize_in_place`), and the code is
+    regenerated once, after the method's last cut. Nothing runs or prints a method's graph module
+    between the cuts; the program is byte-identical (tested)."""
     import executorch.exir.backend.backend_api as api
     import executorch.exir.lowered_backend_module as lbm
 
@@ -289,12 +365,8 @@ def quick_partitioning():
     def legalize_graph(gm):
         if stale is None:  # outside a method's partition cutting: torch's own behaviour
             return legalize(gm)
-        gm.recompile = lambda: None  # (what the graph setter calls; an instance attribute shadows the method)
-        try:
-            return legalize(gm)
-        finally:
-            del gm.recompile
-            stale[id(gm)] = gm
+        stale[id(gm)] = gm
+        return _legalize_in_place(gm)
 
     def create_partitions(*args, **kwargs):
         nonlocal stale
@@ -312,6 +384,65 @@ def quick_partitioning():
             yield
     finally:
         lbm.legalize_graph, api._create_partitions_in_graph_module = legalize, cut
+
+
+# torch.fx.passes.tools_common.legalize_graph's own list (a local there): nodes it sorts first
+_PRIORITIZED_OPS = (operator.add, operator.mul, operator.sub, operator.floordiv, operator.truediv, operator.mod,
+                    operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+                    torch.ops.aten.sym_constrain_range.default, torch.ops.aten.sym_constrain_range_for_size.default,
+                    torch.ops.aten._assert_async.msg, torch.ops.aten.scalar_tensor.default,
+                    torch.ops.aten._assert_scalar.default)  # fmt: skip
+
+
+def _legalize_in_place(gm):
+    """``torch.fx.passes.tools_common.legalize_graph`` without building a new graph: the same
+    topological order (Kahn's, from the same starting order and user order), then the graph is put
+    into the state ``Graph.node_copy`` in that order would leave it in: nodes in that order, each
+    node's users and inputs in creation order, a fresh name space and node index holding the same
+    names, the attributes of a new ``Graph``. The graph object, and its nodes, stay."""
+    from torch.fx.graph import _FindNodesLookupTable, _Namespace
+    from torch.fx.node import map_arg
+
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    indeg = dict.fromkeys(nodes, 0)
+    for node in nodes:
+        for user in node.users:
+            indeg[user] += 1
+    queue = collections.deque(n for n in nodes if indeg[n] == 0)
+    order = []
+    while queue:
+        cur = queue.popleft()
+        order.append(cur)
+        for user in cur.users:
+            indeg[user] -= 1
+            if indeg[user] == 0:
+                if user.op == "call_function" and user.target in _PRIORITIZED_OPS:
+                    queue.appendleft(user)
+                else:
+                    queue.append(user)
+    if len(order) < len(nodes):
+        raise RuntimeError(f"Input graph has cycles, unable to add {[n for n in indeg if indeg[n] != 0]}")
+    names, table = _Namespace(), _FindNodesLookupTable()
+    for node in order:
+        if names.create_name(node.name, None) != node.name:  # (cannot happen: names in a graph are unique)
+            raise RuntimeError(f"node {node.name} would be renamed by a sort")
+        names.associate_name_with_obj(node.name, node)
+        table.insert(node)
+        node.users.clear()
+    root = graph._root
+    for node in order:
+        root.prepend(node)  # (moves it to the end)
+        inputs: dict = {}
+        map_arg(node.args, inputs.setdefault)
+        map_arg(node.kwargs, inputs.setdefault)
+        node._input_nodes.clear()
+        node._input_nodes.update(inputs)
+        for i in inputs:
+            i.users[node] = None
+    graph._graph_namespace, graph._find_nodes_lookup_table = names, table
+    graph._tracer_cls, graph._tracer_extras, graph._co_fields = None, None, {}
+    return gm
 
 
 @contextlib.contextmanager
@@ -341,19 +472,34 @@ def _quick_merge_check():
 
 @contextlib.contextmanager
 def fewer_decompositions():
-    """Before partitioning, ExecuTorch keeps the ops a partitioner may take whole (XNNPACK: ``linear``
-    among others) from being decomposed. With a per-node filter (XNNPACK has one) that costs two
-    more re-traces of each method (decompose around the ops, mark the nodes the filter accepts,
-    decompose again); without one, the ops are kept as they are, in at most one re-trace. When the
-    filter accepts every node of those ops the two ways keep the same nodes, so the filter is
-    dropped for that method; otherwise ExecuTorch's own way runs. (The filter is asked about the
-    nodes before decomposing: a node of those ops that some other op's decomposition created would
-    be kept unasked. A decoder step's decompositions create none: the program is byte-identical on
-    the test's tiny Llama and on a 6-layer SmolLM2, and the eleven architectures' and the quantized
-    programs still step as eager does, tested.)"""
-    import executorch.exir.program._program as prog
+    """Two fewer re-traces of each method while ExecuTorch decomposes it to core ATen ops:
 
-    original = prog._can_skip_using_EDGE_DO_NOT_DECOMP
+    * Before partitioning, ExecuTorch keeps the ops a partitioner may take whole (XNNPACK: ``linear``
+      among others) from being decomposed. With a per-node filter (XNNPACK has one) that costs two
+      more re-traces (decompose around the ops, mark the nodes the filter accepts, decompose
+      again); without one, the ops are kept as they are, in at most one re-trace. When the filter
+      accepts every node of those ops the two ways keep the same nodes, so the filter is dropped
+      for that method; otherwise ExecuTorch's own way runs. (The filter is asked about the nodes
+      before decomposing: a node of those ops that some other op's decomposition created would be
+      kept unasked. A decoder step's decompositions create none.)
+    * ExecuTorch first functionalizes each method (``run_decompositions({})``, a re-trace of its
+      own) and then decomposes it, which functionalizes again on the way. The first is put off
+      until the decomposition, which then does both in one re-trace; every path through
+      ExecuTorch's generation decomposes (the check that could skip it answers "yes" for a method
+      still waiting). The filter above and the partitioner's op list are read before the
+      functionalization: a decoder step's linears read parameters and activations, which it does
+      not change.
+
+    The program is byte-identical (the test's tiny Llama, any-length and fixed, and a 6-layer
+    SmolLM2, by hand), and the eleven architectures' and the quantized programs still step as
+    eager does (tested)."""
+    import executorch.exir.program._program as prog
+    from torch.export import ExportedProgram
+
+    can_skip_original, generate, contains = (prog._can_skip_using_EDGE_DO_NOT_DECOMP,
+                                             prog._gen_edge_manager_for_partitioners, prog.contains_any_call_fn_target_op)  # fmt: skip
+    decompose = ExportedProgram.run_decompositions
+    waiting: dict[int, object] | None = None  # graph modules of methods not yet functionalized, while generating
 
     def can_skip(partitioner, program) -> bool:
         ops, check = partitioner.ops_to_not_decompose(program)
@@ -362,11 +508,75 @@ def fewer_decompositions():
         ops = set(ops)
         return all(check(n) for n in program.graph.nodes if n.op == "call_function" and n.target in ops)
 
-    prog._can_skip_using_EDGE_DO_NOT_DECOMP = can_skip
+    def run_decompositions(self, decomp_table=None, *args, **kwargs):
+        if waiting is not None and type(decomp_table) is dict and not decomp_table and not args and not kwargs:
+            waiting[id(self.graph_module)] = self.graph_module
+            return self
+        return decompose(self, decomp_table, *args, **kwargs)
+
+    def contains_any_call_fn_target_op(gm, ops) -> bool:
+        return (waiting is not None and id(gm) in waiting) or contains(gm, ops)
+
+    def gen_edge_manager(*args, **kwargs):
+        nonlocal waiting
+        waiting = {}
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            waiting = None
+
+    prog._can_skip_using_EDGE_DO_NOT_DECOMP, prog._gen_edge_manager_for_partitioners = can_skip, gen_edge_manager
+    prog.contains_any_call_fn_target_op, ExportedProgram.run_decompositions = contains_any_call_fn_target_op, run_decompositions
     try:
         yield
     finally:
-        prog._can_skip_using_EDGE_DO_NOT_DECOMP = original
+        prog._can_skip_using_EDGE_DO_NOT_DECOMP, prog._gen_edge_manager_for_partitioners = can_skip_original, generate
+        prog.contains_any_call_fn_target_op, ExportedProgram.run_decompositions = contains, decompose
+
+
+@contextlib.contextmanager
+def quick_delegate_shapes():
+    """``to_executorch`` re-propagates shapes through every method, and each XNNPACK delegate call
+    on fake tensors is answered by rebuilding the partition's program as a module
+    (``ExportedProgram.module()``: unlifting and code generation) and running it (13 s of a
+    SmolLM2 export). The partition's outputs are already recorded in its program's output node, so
+    fake outputs of those shapes, strides and dtypes are made instead; anything else (a real call,
+    an output that is not a plain tensor, a program that also mutates a buffer) runs ExecuTorch's
+    own way. The program is byte-identical (tested)."""
+    import importlib
+
+    # (the package's attribute of that name is the operator, not the module)
+    hop = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.export.graph_signature import OutputKind
+    from torch.utils import _pytree as pytree
+
+    original = hop.call_delegate_cpu
+
+    def outputs_of(lowered_module):
+        ep = lowered_module.original_module
+        if ep.call_spec.out_spec is None or any(s.kind != OutputKind.USER_OUTPUT for s in ep.graph_signature.output_specs):
+            return None
+        vals = [n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in ep.graph.output_node().args[0]]
+        if not all(type(v) is FakeTensor for v in vals):
+            return None
+        return vals, ep.call_spec.out_spec
+
+    def call_delegate_cpu(lowered_module, *args):
+        fakes = [a for a in pytree.tree_leaves(args) if isinstance(a, FakeTensor)]
+        found = outputs_of(lowered_module) if fakes else None
+        if found is None:
+            return original(lowered_module, *args)
+        vals, spec = found
+        with fakes[0].fake_mode:
+            outs = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in vals]
+        return pytree.tree_unflatten(outs, spec)
+
+    hop.call_delegate_cpu = call_delegate_cpu
+    try:
+        yield
+    finally:
+        hop.call_delegate_cpu = original
 
 
 class _ShallowProvenance:
@@ -558,7 +768,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
     try:
         with (spilled_named_data(spill), lean_xnnpack_passes(), parallel_preprocess(workers), quick_partitioning(),
-              lean_provenance(), fewer_decompositions()):
+              lean_provenance(), fewer_decompositions(), quick_delegate_shapes(), lean_edge_passes()):
             try:
                 edge = to_edge_transform_and_lower(
                     programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
