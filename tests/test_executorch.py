@@ -159,7 +159,7 @@ def test_lean_lowering_and_spilled_weights_give_the_same_program(program, tmp_pa
     """The export's memory and time savings (weights spilled to disk while lowering, XNNPACK passes
     that cannot apply skipped, one code generation per method while cutting partitions, the quicker
     merge check, node histories shared instead of deep-copied, one decomposition re-trace instead of
-    four, delegates' output shapes read instead of re-run) change nothing in the program:
+    three, delegates' output shapes read instead of re-run) change nothing in the program:
     byte-identical to the plain lowering."""
     import contextlib
 
