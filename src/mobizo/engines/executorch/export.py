@@ -319,8 +319,9 @@ _IDLE_EDGE_PASSES = {"NormalizeTransposePass": _no_transpose, "ReplaceBrokenOpsW
 @contextlib.contextmanager
 def lean_edge_passes():
     """Skips the passes in ``_IDLE_EDGE_PASSES`` for a method that holds none of the ops they rewrite
-    (three of the edge conversion's ten re-traces of a fixed-length step, one of an any-length
-    step's: ~10 s of a SmolLM2 export). The program is byte-identical (tested)."""
+    (three of the ten passes that run before the ops become edge ops, each a re-trace: all three
+    for a fixed-length step, all but the symbolic one for an any-length step; ~10 s of a SmolLM2
+    export). The program is byte-identical (tested)."""
     import executorch.exir.program._program as prog
     from torch.fx.passes.infra.pass_base import PassResult
 
