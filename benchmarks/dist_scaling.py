@@ -48,14 +48,50 @@ def model_path(name: str, root: Path) -> str:
 
 def run(model: str, n: int, mode: str, args, root: Path) -> dict:
     out = root / f"run-{Path(model).name}-{mode}-{n}"
-    flags = ["--model", model, "--queries", args.queries, "--batch-size", args.batch_size, "--max-length",
-             args.max_length, "--steps", args.steps, "--eval-every", 0, "--eval-examples", 4, "--save-every", 0,
-             "--lr", 1.0, "--eps", 0.02, "--out", out, "--no-progress", "--dist-mode", mode]  # fmt: skip
+    flags = [
+        "--model",
+        model,
+        "--queries",
+        args.queries,
+        "--batch-size",
+        args.batch_size,
+        "--max-length",
+        args.max_length,
+        "--steps",
+        args.steps,
+        "--eval-every",
+        0,
+        "--eval-examples",
+        4,
+        "--save-every",
+        0,
+        "--lr",
+        1.0,
+        "--eps",
+        0.02,
+        "--out",
+        out,
+        "--no-progress",
+        "--dist-mode",
+        mode,
+    ]
     if n == 1:
         cmd = [sys.executable, "-m", "mobizo", "train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), "-m", "mobizo", "train"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "mobizo",
+            "train",
+        ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
@@ -65,8 +101,12 @@ def run(model: str, n: int, mode: str, args, root: Path) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()[1:]]
     recs = recs[3:] or recs
-    return {"s_step": statistics.median(r["seconds"] for r in recs), "bytes": recs[-1].get("dist_bytes", 0),
-            "coll": statistics.median(r.get("dist_seconds", 0.0) for r in recs), "wall": wall}
+    return {
+        "s_step": statistics.median(r["seconds"] for r in recs),
+        "bytes": recs[-1].get("dist_bytes", 0),
+        "coll": statistics.median(r.get("dist_seconds", 0.0) for r in recs),
+        "wall": wall,
+    }
 
 
 def latency_worker(n_values: int, rounds: int = 300) -> None:
@@ -91,8 +131,20 @@ def latency_worker(n_values: int, rounds: int = 300) -> None:
 
 
 def collective_latency(n: int, n_values: int) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), __file__, "--latency-worker", str(n_values)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        __file__,
+        "--latency-worker",
+        str(n_values),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return float(res.stdout.strip().splitlines()[-1])
@@ -124,16 +176,31 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for n in (n for n in procs if n > 1):
                     r = run(model, n, mode, args, root)
-                    rows.append([name, n, mode, f"{r['s_step']:.4f}", f"{one['s_step'] / r['s_step']:.2f}x",
-                                 f"{r['coll']:.4f}", r["bytes"]])  # fmt: skip
+                    rows.append(
+                        [
+                            name,
+                            n,
+                            mode,
+                            f"{r['s_step']:.4f}",
+                            f"{one['s_step'] / r['s_step']:.2f}x",
+                            f"{r['coll']:.4f}",
+                            r["bytes"],
+                        ]
+                    )
                     print(f"{name} {mode} N={n}: {r['s_step']:.4f} s/step ({r['wall']:.0f} s wall)", file=sys.stderr)
-    print(f"q={args.queries}, batch {args.batch_size}, max length {args.max_length}, {args.steps} steps, "
-          "1 thread per process, gloo over loopback\n")
+    print(
+        f"q={args.queries}, batch {args.batch_size}, max length {args.max_length}, {args.steps} steps, "
+        "1 thread per process, gloo over loopback\n"
+    )
     for n in (n for n in procs if n > 1):
         k = args.queries // n
-        print(f"all-gather of one step's payload (1 + 2q/N = {1 + 2 * k} float64 per process, --dist-mode queries) "
-              f"among {n} processes over loopback: {collective_latency(n, 1 + 2 * k) * 1e6:.0f} us (median of 300)\n")
-    print("| model | processes | --dist-mode | s/step | speed-up | of which in the collective (s) | bytes/step/process |")
+        print(
+            f"all-gather of one step's payload (1 + 2q/N = {1 + 2 * k} float64 per process, --dist-mode queries) "
+            f"among {n} processes over loopback: {collective_latency(n, 1 + 2 * k) * 1e6:.0f} us (median of 300)\n"
+        )
+    print(
+        "| model | processes | --dist-mode | s/step | speed-up | of which in the collective (s) | bytes/step/process |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")

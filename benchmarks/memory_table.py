@@ -33,8 +33,45 @@ import sys
 import time
 from pathlib import Path
 
-WORDS = ("the movie was long and the acting felt quiet while the story moved through small rooms of memory and "
-         "light with a score that rose and fell like weather over an old town where nothing much happened").split()  # fmt: skip
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "long",
+    "and",
+    "the",
+    "acting",
+    "felt",
+    "quiet",
+    "while",
+    "the",
+    "story",
+    "moved",
+    "through",
+    "small",
+    "rooms",
+    "of",
+    "memory",
+    "and",
+    "light",
+    "with",
+    "a",
+    "score",
+    "that",
+    "rose",
+    "and",
+    "fell",
+    "like",
+    "weather",
+    "over",
+    "an",
+    "old",
+    "town",
+    "where",
+    "nothing",
+    "much",
+    "happened",
+]
 
 
 def make_data(d: Path, n: int = 64) -> Path:
@@ -54,8 +91,12 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     # mark at fork, and this script grows (it exports the FO program in-process)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "MOBIZO-MAXRSS-KB %M", *map(str, cmd)], stdout=f,
-                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "MOBIZO-MAXRSS-KB %M", *map(str, cmd)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed; see {log}")
@@ -69,7 +110,7 @@ def weights_mib(model: str) -> float:
     total = 0
     for f in sorted(Path(model).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for k in st.keys():
+            for k in st:
                 sl = st.get_slice(k)
                 n = 1
                 for s in sl.get_shape():
@@ -112,23 +153,52 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
     w = work / name
     w.mkdir(parents=True, exist_ok=True)
     data = make_data(work / "data")
-    flags = ["--model", model, "--task", "custom-cls", "--data", str(data), "--template", "Review: {text} Sentiment:",
-             "--label-words", "bad,good", "--max-length", str(length), "--batch-size", "4", "--queries", "2",
-             "--eval-examples", "8", "--eval-batch-size", "4", "--seed", "0", "--no-progress"]  # fmt: skip
+    flags = [
+        "--model",
+        model,
+        "--task",
+        "custom-cls",
+        "--data",
+        str(data),
+        "--template",
+        "Review: {text} Sentiment:",
+        "--label-words",
+        "bad,good",
+        "--max-length",
+        str(length),
+        "--batch-size",
+        "4",
+        "--queries",
+        "2",
+        "--eval-examples",
+        "8",
+        "--eval-batch-size",
+        "4",
+        "--seed",
+        "0",
+        "--no-progress",
+    ]
     mobizo = [sys.executable, "-m", "mobizo"]
     rows = {"weights": (weights_mib(model), None)}
     program = w / "program"
     rows["export"] = run(mobizo + ["export", *flags, "--out", str(program), "--overwrite"], w / "export.log")
     train = ["train", *flags, "--steps", "3", "--eval-every", "0", "--save-every", "0", "--overwrite"]
-    commands = {"ET ZO (Python)": (mobizo + train + ["--engine", "executorch", "--program", str(program),
-                                                     "--out", str(w / "et")], "et")}  # fmt: skip
+    commands = {
+        "ET ZO (Python)": (
+            mobizo + train + ["--engine", "executorch", "--program", str(program), "--out", str(w / "et")],
+            "et",
+        )
+    }
     if native:
         from mobizo.native import build
 
         exe = build()
         bundle = w / "bundle"
-        subprocess.run(mobizo + ["bundle", *flags, "--steps", "3", "--program", str(program), "--out", str(bundle),
-                                 "--overwrite"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            mobizo + ["bundle", *flags, "--steps", "3", "--program", str(program), "--out", str(bundle), "--overwrite"],
+            check=True,
+            capture_output=True,
+        )
         commands["ET ZO (native)"] = ([str(exe), str(bundle), "--out", str(w / "native"), "--overwrite"], "native")
     commands["eager ZO"] = (mobizo + train + ["--out", str(w / "eager")], "eager")
     commands["eager FO"] = (mobizo + train + ["--estimator", "fo", "--out", str(w / "fo")], "fo")
@@ -142,7 +212,9 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
         peaks[k] = median_run(r)[2]
     if et_fo:
         rows["ET FO"] = measure_et_fo(model, w, length)
-    out = {k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()}
+    out = {
+        k: {"peak_mib": round(v[0], 1), "seconds": None if v[1] is None else round(v[1], 1)} for k, v in rows.items()
+    }
     for k, p in peaks.items():
         out[k]["peaks_mib"] = p
     for k, d in (("ET ZO (Python)", "et"), ("ET ZO (native)", "native"), ("eager ZO", "eager"), ("eager FO", "fo")):
@@ -183,7 +255,9 @@ def main() -> None:
                 secs = f", {r['seconds']:.0f} s" if k == "export" else ""
                 if r.get("seconds_per_step"):
                     secs = f", {r['seconds_per_step']:.2f} s/step"
-                spread = f" [{', '.join(f'{x:.0f}' for x in r['peaks_mib'])}]" if len(r.get("peaks_mib", [])) > 1 else ""
+                spread = (
+                    f" [{', '.join(f'{x:.0f}' for x in r['peaks_mib'])}]" if len(r.get("peaks_mib", [])) > 1 else ""
+                )
                 cells.append(f"{r['peak_mib']:.0f}{spread}{ratio}{secs}")
         print(f"| {k} | {' | '.join(cells)} |")
 

@@ -64,9 +64,17 @@ def main() -> None:
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
     t.join()
-    print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-                      "peak_tree_pss_mib": round(peak[0] / 1024, 1),
-                      "seconds": round(time.perf_counter() - t0, 1)}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "exit": os.waitstatus_to_exitcode(status),
+                "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+                "peak_tree_pss_mib": round(peak[0] / 1024, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(model="tiny", task="synthetic", estimator="prge", queries=4, batch_size=8, max_length=48, lr=4.0,
-              eps=0.02, seed=0, eval_examples=8, eval_batch_size=8, eval_every=0, progress=False)  # fmt: skip
+CONFIG = dict(
+    model="tiny",
+    task="synthetic",
+    estimator="prge",
+    queries=4,
+    batch_size=8,
+    max_length=48,
+    lr=4.0,
+    eps=0.02,
+    seed=0,
+    eval_examples=8,
+    eval_batch_size=8,
+    eval_every=0,
+    progress=False,
+)
 
 
 def _hwm_mb(pid: int) -> float | None:
@@ -89,8 +102,8 @@ def main() -> None:
     os.environ.update(env)
     sys.path.insert(0, str(ROOT / "src"))
     from mobizo.bundle import make_bundle
-    from mobizo.native import build
     from mobizo.config import TrainConfig
+    from mobizo.native import build
 
     bundle = Path(args.bundle) if args.bundle else out / "bundle"
     if not args.bundle:
@@ -115,21 +128,53 @@ def main() -> None:
     rows.append(("Python ExecuTorchEngine", rss, py[-1]["seconds_per_step"], wall))
     diff = 0.0
     for a, b in zip(py[:-1], native_recs, strict=True):
-        diff = max(diff, abs(a["loss"] - b["loss"]),
-                   *(abs(x - y) for x, y in zip(a["projected_grads"], b["projected_grads"])))
+        diff = max(
+            diff, abs(a["loss"] - b["loss"]), *(abs(x - y) for x, y in zip(a["projected_grads"], b["projected_grads"]))
+        )
 
     eager = out / "eager-run"
-    flags = ["--model", "tiny", "--task", "synthetic", "--estimator", "prge", "--queries", "4", "--batch-size", "8",
-             "--max-length", "48", "--lr", "4", "--eps", "0.02", "--seed", "0", "--eval-examples", "8",
-             "--eval-every", "0", "--save-every", str(args.steps), "--steps", str(args.steps),
-             "--no-progress"]  # fmt: skip
+    flags = [
+        "--model",
+        "tiny",
+        "--task",
+        "synthetic",
+        "--estimator",
+        "prge",
+        "--queries",
+        "4",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "48",
+        "--lr",
+        "4",
+        "--eps",
+        "0.02",
+        "--seed",
+        "0",
+        "--eval-examples",
+        "8",
+        "--eval-every",
+        "0",
+        "--save-every",
+        str(args.steps),
+        "--steps",
+        str(args.steps),
+        "--no-progress",
+    ]
     rss, wall = measure([sys.executable, "-m", "mobizo", "train", *flags, "--out", str(eager), "--overwrite"])
     sps = json.loads((eager / "summary.json").read_text())["seconds_per_step"]
     rows.append(("eager (mobizo train)", rss, sps, wall))
 
-    lines = [f"tiny, prge q=4, batch 8, T=48, {args.steps} steps; train.pte {pte_mb:.2f} MB; "
-             f"native vs Python ExecuTorch max |diff| of loss/g: {diff}", "",
-             "| engine | peak RSS MB | s/step | wall s (incl. start) |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        (
+            f"tiny, prge q=4, batch 8, T=48, {args.steps} steps; train.pte {pte_mb:.2f} MB; "
+            f"native vs Python ExecuTorch max |diff| of loss/g: {diff}"
+        ),
+        "",
+        "| engine | peak RSS MB | s/step | wall s (incl. start) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {rss:.1f} | {sps:.5f} | {wall:.2f} |" for name, rss, sps, wall in rows]
     lines.append(f"\nnative peak RSS - .pte size = {rows[0][1] - pte_mb:.1f} MB (target <= 64 MB)")
     text = "\n".join(lines)

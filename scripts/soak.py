@@ -70,16 +70,30 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mobizo-soak-") as tmp:
         out = args.out or os.path.join(tmp, "run")
         cfg = TrainConfig.from_flat(
-            model="tiny", estimator=args.estimator, engine=args.engine, steps=args.steps, queries=args.queries,
-            batch_size=args.batch_size, max_length=args.max_length, lr=0.1, eps=0.05, eval_every=0,
-            eval_examples=64, save_every=args.save_every, out=out, overwrite=True, progress=False,
-        )  # fmt: skip
+            model="tiny",
+            estimator=args.estimator,
+            engine=args.engine,
+            steps=args.steps,
+            queries=args.queries,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            lr=0.1,
+            eps=0.05,
+            eval_every=0,
+            eval_examples=64,
+            save_every=args.save_every,
+            out=out,
+            overwrite=True,
+            progress=False,
+        )
         t0 = time.perf_counter()
         summary = train(cfg, on_step=on_step)
         total = time.perf_counter() - t0
 
-    print(f"soak: {args.steps} steps, engine {args.engine}, {args.estimator} q={args.queries}, batch {args.batch_size}, "
-          f"max-length {args.max_length}, checkpoint every {args.save_every}, {args.threads} thread(s)")  # fmt: skip
+    print(
+        f"soak: {args.steps} steps, engine {args.engine}, {args.estimator} q={args.queries}, batch {args.batch_size}, "
+        f"max-length {args.max_length}, checkpoint every {args.save_every}, {args.threads} thread(s)"
+    )
     print(f"RSS after step 1: {rss_setup[0]:.1f} MiB")
     print("| step | steps/s (wall) | steps/s (step) | CPU ms/step | RSS MiB |")
     print("|---:|---:|---:|---:|---:|")
@@ -89,12 +103,16 @@ def main(argv=None) -> int:
     growth = 100 * (end - start) / start
     rates = [r[2] for r in rows]
     drift = 100 * (rates[-1] - rates[0]) / rates[0]
-    print(f"RSS start (step {rows[0][0]}) {start:.1f} MiB -> end {end:.1f} MiB: {growth:+.2f}% "
-          f"(from step 1: {100 * (end - rss_setup[0]) / rss_setup[0]:+.2f}%)")  # fmt: skip
-    print(f"steps/s (step) first window {rates[0]:.1f} -> last {rates[-1]:.1f}: {drift:+.1f}% "
-          f"(min {min(rates):.1f}, max {max(rates):.1f}); CPU ms/step {rows[0][3]:.1f} -> {rows[-1][3]:.1f} "
-          f"(min {min(r[3] for r in rows):.1f}, max {max(r[3] for r in rows):.1f}); wall {total:.0f} s; "
-          f"final loss {summary['final_loss']:.4f}, eval accuracy {summary['eval_accuracy']}")  # fmt: skip
+    print(
+        f"RSS start (step {rows[0][0]}) {start:.1f} MiB -> end {end:.1f} MiB: {growth:+.2f}% "
+        f"(from step 1: {100 * (end - rss_setup[0]) / rss_setup[0]:+.2f}%)"
+    )
+    print(
+        f"steps/s (step) first window {rates[0]:.1f} -> last {rates[-1]:.1f}: {drift:+.1f}% "
+        f"(min {min(rates):.1f}, max {max(rates):.1f}); CPU ms/step {rows[0][3]:.1f} -> {rows[-1][3]:.1f} "
+        f"(min {min(r[3] for r in rows):.1f}, max {max(r[3] for r in rows):.1f}); wall {total:.0f} s; "
+        f"final loss {summary['final_loss']:.4f}, eval accuracy {summary['eval_accuracy']}"
+    )
     if growth > args.max_growth:
         print(f"FAIL: RSS grew {growth:.2f}% > {args.max_growth}%", file=sys.stderr)
         return 1

@@ -21,23 +21,23 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import warnings  # noqa: E402
+import warnings
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402,F401
-import transformers.models.llama.modeling_llama  # noqa: E402,F401
-import peft  # noqa: E402,F401
-import safetensors.torch  # noqa: E402,F401
-import tqdm  # noqa: E402,F401
+import peft  # noqa: F401
+import safetensors.torch  # noqa: F401
+import torch
+import tqdm  # noqa: F401
+import transformers.models.llama.modeling_llama  # noqa: F401
 
-import mobizo.checkpoint  # noqa: E402,F401
-import mobizo.cli  # noqa: E402
-import mobizo.engines.eager  # noqa: E402,F401
-import mobizo.models  # noqa: E402,F401
-import mobizo.tasks.custom  # noqa: E402,F401
-import mobizo.tasks.synthetic  # noqa: E402,F401
-import mobizo.trainer  # noqa: E402,F401
+import mobizo.checkpoint
+import mobizo.cli
+import mobizo.engines.eager
+import mobizo.models
+import mobizo.tasks.custom
+import mobizo.tasks.synthetic
+import mobizo.trainer
 
 
 def _child(argv, env, log) -> None:

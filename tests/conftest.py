@@ -7,7 +7,7 @@ import os
 # OpenMP threads that wait on each other at every barrier make a 10 ms step take seconds.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # mobizo's cache (kept programs, weight-file digests): the session's own, not the user's
-import tempfile  # noqa: E402
+import tempfile
 
 os.environ["MOBIZO_CACHE"] = tempfile.mkdtemp(prefix="mobizo-test-cache-")
 

@@ -35,16 +35,40 @@ SRC = ROOT / "src"
 
 # Small and fast: ~40 steps of ~10 ms, a checkpoint every 3 steps.
 FAST_ARGS = [
-    "--model", "tiny", "--steps", "40", "--save-every", "3", "--eval-every", "0", "--eval-examples", "8",
-    "--batch-size", "4", "--queries", "2", "--max-length", "32", "--train-examples", "64", "--no-progress",
-]  # fmt: skip
+    "--model",
+    "tiny",
+    "--steps",
+    "40",
+    "--save-every",
+    "3",
+    "--eval-every",
+    "0",
+    "--eval-examples",
+    "8",
+    "--batch-size",
+    "4",
+    "--queries",
+    "2",
+    "--max-length",
+    "32",
+    "--train-examples",
+    "64",
+    "--no-progress",
+]
 
 
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -56,8 +80,9 @@ class SubprocessProc:
     def __init__(self, argv: list[str], env: dict, log: Path):
         self.log = log
         with open(log, "ab") as f:
-            self.p = subprocess.Popen([sys.executable, "-m", "mobizo", *argv], env=env, stdout=f, stderr=f,
-                                      stdin=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "mobizo", *argv], env=env, stdout=f, stderr=f, stdin=subprocess.DEVNULL, cwd=ROOT
+            )
         self.pid = self.p.pid
 
     def poll(self):
@@ -81,7 +106,7 @@ class SubprocessLauncher:
 
 
 class ForkProc:
-    def __init__(self, server: "ForkLauncher", pid: int, log: Path):
+    def __init__(self, server: ForkLauncher, pid: int, log: Path):
         self.server, self.pid, self.log = server, pid, log
         self.rc = None
 
@@ -111,9 +136,15 @@ class ForkLauncher:
     name = "fork"
 
     def __init__(self, env_extra: dict | None = None):
-        self.p = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_forkserver.py"))],
-                                  env=child_env(env_extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True, cwd=ROOT)  # fmt: skip
+        self.p = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("_forkserver.py"))],
+            env=child_env(env_extra),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
         hello = self.p.stdout.readline()
         if not hello:
             raise RuntimeError("the fork server did not start")
@@ -204,12 +235,12 @@ def check_out(out: Path, replay_check: bool = True, tol: float = 0.0) -> dict:
 
 def assert_same(a: dict, b: dict, tol: float, what: str) -> None:
     assert a.keys() == b.keys(), f"{what}: different tensors"
-    for k in a:
+    for k, va in a.items():
         if tol == 0.0:
-            same = a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))
-            assert same, f"{what}: {k} differs bitwise (max |diff| {float((a[k] - b[k]).abs().max())})"
+            same = va.dtype == b[k].dtype and torch.equal(va.view(torch.uint8), b[k].view(torch.uint8))
+            assert same, f"{what}: {k} differs bitwise (max |diff| {float((va - b[k]).abs().max())})"
         else:
-            diff = float((a[k].float() - b[k].float()).abs().max())
+            diff = float((va.float() - b[k].float()).abs().max())
             assert diff <= tol, f"{what}: {k} differs by {diff} > {tol}"
 
 
@@ -294,7 +325,7 @@ def kill_resume(
                 hit = not _wait_for(proc, lambda: False, rng.uniform(0.0, 3.0)) and proc.poll() is None
             elif mode == "step":
                 target = rng.randint(1, total_steps)
-                hit = _wait_for(proc, lambda: _logged_step(out) >= target, 60)
+                hit = _wait_for(proc, lambda target=target: _logged_step(out) >= target, 60)
             elif mode == "tmp":  # inside a write: the new version is being written / fsynced
                 hit = _wait_for(proc, lambda: any(".tmp-" in n for n in _listing(out)), 60)
                 if hit:
@@ -312,8 +343,9 @@ def kill_resume(
                     try:
                         facts = check_out(out, tol=tol)
                     except Exception as e:
-                        raise AssertionError(f"after kill {stats.kills} ({key}): {type(e).__name__}: {e}\n"
-                                             f"{_describe(out, log)}") from e  # fmt: skip
+                        raise AssertionError(
+                            f"after kill {stats.kills} ({key}): {type(e).__name__}: {e}\n{_describe(out, log)}"
+                        ) from e
                     stats.checkpoint_steps.append(facts["checkpoint_step"])
                     continue
         rc = proc.wait()

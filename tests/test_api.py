@@ -7,21 +7,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
 import mobizo
 from mobizo import TrainConfig
 from mobizo.errors import MobizoError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-FAST = ["--queries", 2, "--batch-size", 4, "--max-length", 32, "--eval-examples", 16, "--no-progress",
-        "--eval-every", 0, "--lr", 2.0, "--eps", 0.02]  # fmt: skip
+FAST = [
+    "--queries",
+    2,
+    "--batch-size",
+    4,
+    "--max-length",
+    32,
+    "--eval-examples",
+    16,
+    "--no-progress",
+    "--eval-every",
+    0,
+    "--lr",
+    2.0,
+    "--eps",
+    0.02,
+]
 
 
 def _readme_example() -> str:
     section = README.read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_python_api_example_runs(tmp_path):
@@ -39,8 +54,17 @@ def test_readme_python_api_example_runs(tmp_path):
 
 
 def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path):
-    cfg = TrainConfig.from_flat(queries=2, batch_size=4, lr=2.0, eps=0.02, max_length=32, eval_every=0,
-                                eval_examples=16, save_every=3, progress=False)  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        queries=2,
+        batch_size=4,
+        lr=2.0,
+        eps=0.02,
+        max_length=32,
+        eval_every=0,
+        eval_examples=16,
+        save_every=3,
+        progress=False,
+    )
     full = mobizo.train(cfg, steps=8, out=str(tmp_path / "full"))
     mobizo.train(cfg, steps=4, out=str(tmp_path / "part"))
     resumed = mobizo.train(out=str(tmp_path / "part"), resume=True, steps=8, progress=False)  # the rest: saved
@@ -50,12 +74,26 @@ def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path):
     # a changed trajectory flag is refused by the API exactly as by the CLI
     with pytest.raises(MobizoError, match="used --queries 2, not 3"):
         mobizo.train(out=str(tmp_path / "part"), resume=True, steps=9, queries=3, progress=False)
-    code, err = run_cli(["train", "--out", tmp_path / "part", "--resume", "--steps", 9, "--queries", 3, "--no-progress"])
+    code, err = run_cli(
+        ["train", "--out", tmp_path / "part", "--resume", "--steps", 9, "--queries", 3, "--no-progress"]
+    )
     assert code == 2 and "used --queries 2, not 3" in err
     # evaluate() = `mobizo eval --adapter`
     m = mobizo.evaluate(cfg, adapter=tmp_path / "full" / "adapter")
-    code, _ = run_cli(["eval", "--max-length", 32, "--eval-examples", 16, "--adapter", tmp_path / "full" / "adapter",
-                       "--json", tmp_path / "e.json", "--no-progress"])  # fmt: skip
+    code, _ = run_cli(
+        [
+            "eval",
+            "--max-length",
+            32,
+            "--eval-examples",
+            16,
+            "--adapter",
+            tmp_path / "full" / "adapter",
+            "--json",
+            tmp_path / "e.json",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and json.loads((tmp_path / "e.json").read_text())["accuracy"] == m["accuracy"]
     assert m["accuracy"] == full["eval_accuracy"]
 
@@ -156,8 +194,24 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path):
     (tmp_path / "d").mkdir()
     for split in ("train", "validation"):
         (tmp_path / "d" / f"{split}.jsonl").write_text(line)
-    code, err = run_cli(["train", "--task", "custom-cls", "--data", tmp_path / "d", "--template", "{text}",
-                         "--label-words", "a,b", "--steps", 1, "--no-progress", "--out", tmp_path / "o"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--task",
+            "custom-cls",
+            "--data",
+            tmp_path / "d",
+            "--template",
+            "{text}",
+            "--label-words",
+            "a,b",
+            "--steps",
+            1,
+            "--no-progress",
+            "--out",
+            tmp_path / "o",
+        ]
+    )
     assert code == 2 and "nested too deeply" in err and "train.jsonl:1" in err and not (tmp_path / "o").exists()
 
 
@@ -173,6 +227,6 @@ def test_huge_lr_is_caught_by_the_guard_and_all_json_is_strict(tmp_path):
         assert "Infinity" not in text and "NaN" not in text, f
         docs = text.splitlines() if f.suffix == ".jsonl" else [text]
         for doc in docs:
-            json.loads(doc, parse_constant=lambda c: pytest.fail(f"{f}: {c}"))
+            json.loads(doc, parse_constant=lambda c, f=f: pytest.fail(f"{f}: {c}"))
     code, err = run_cli(["replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re"])
     assert code == 0, err  # a log with null g in skipped steps replays

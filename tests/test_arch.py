@@ -30,8 +30,15 @@ PAD = 4  # left padding of the second row
 
 
 def _decoder(layers=1, **extra):
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, **extra)  # fmt: skip
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
 
 
 LOCAL_GLOBAL = dict(layers=2, layer_types=["sliding_attention", "full_attention"])  # a local and a global layer
@@ -43,18 +50,33 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _decoder(head_dim=8)),  # QK-norm
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_decoder(head_dim=8), "num_key_value_heads": 1}),  # MQA
     # soft-capping thresholds near the random model's scores (attention ~1e-3), so that tanh is not the identity
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _decoder(head_dim=8, sliding_window=6, attn_logit_softcapping=0.005,
-                                                             final_logit_softcapping=0.5, **LOCAL_GLOBAL)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        _decoder(
+            head_dim=8, sliding_window=6, attn_logit_softcapping=0.005, final_logit_softcapping=0.5, **LOCAL_GLOBAL
+        ),
+    ),
     # one local (sliding-window, local RoPE base) layer: Gemma2 covers the local/global mix
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                    _decoder(head_dim=8, sliding_window=6, layer_types=["sliding_attention"])),  # fmt: skip
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _decoder(head_dim=8, sliding_window=6, layer_types=["sliding_attention"]),
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _decoder()),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_inner=64, n_layer=1, n_head=4, n_positions=64)),
-    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                                                num_attention_heads=4, max_position_embeddings=64)),  # fmt: skip
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=1, num_attention_heads=4,
-                                                             max_position_embeddings=64)),  # fmt: skip
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64
+        ),
+    ),
 }
 REPORT: dict[str, dict] = {}
 
@@ -97,8 +119,9 @@ def _eager_steps(model):
     with torch.no_grad():
         for s in range(1, STEPS + 1):
             b = batch(s)
-            losses, grads = step(b.input_ids, b.attention_mask, b.labels, torch.tensor(s), torch.tensor(LR),
-                                 torch.tensor(EPS))  # fmt: skip
+            losses, _grads = step(
+                b.input_ids, b.attention_mask, b.labels, torch.tensor(s), torch.tensor(LR), torch.tensor(EPS)
+            )
             out.append(losses)
     return out
 
@@ -114,8 +137,9 @@ def manifest(model, family: str):
     from mobizo.engines.executorch import manifest_for
     from mobizo.models import weights_hash
 
-    return manifest_for(model, family, ZOConfig(queries=Q, seed=SEED), ROWS, T, K, ROWS, RANK, ALPHA,
-                        weights_hash(model))  # fmt: skip
+    return manifest_for(
+        model, family, ZOConfig(queries=Q, seed=SEED), ROWS, T, K, ROWS, RANK, ALPHA, weights_hash(model)
+    )
 
 
 def export_family(family: str, out: Path) -> dict:
@@ -126,8 +150,11 @@ def export_family(family: str, out: Path) -> dict:
         _, model, _ = adapted(family)
         t0, c0 = time.perf_counter(), time.process_time()
         export_program(model, manifest(model, family), out / "program")
-        result = {"export_s": time.perf_counter() - t0, "export_cpu_s": time.process_time() - c0,
-                  "b_restored": all(not layer.lora_B.any() for _, layer in lora_layers(model))}  # fmt: skip
+        result = {
+            "export_s": time.perf_counter() - t0,
+            "export_cpu_s": time.process_time() - c0,
+            "b_restored": all(not layer.lora_B.any() for _, layer in lora_layers(model)),
+        }
     except Exception as e:  # noqa: BLE001 - reported to the test that needs this program
         result = {"error": f"{type(e).__name__}: {e}"}
     out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +183,9 @@ class Exports:
         for i in range(n):
             group = families[i::n]
             log = open(root / f"worker{i}.log", "wb")  # noqa: SIM115 - closed in close()
-            proc = subprocess.Popen([sys.executable, __file__, str(root), *group], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, __file__, str(root), *group], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
             self.procs.append((proc, log))
 
     def result(self, family: str) -> dict:
@@ -166,8 +194,9 @@ class Exports:
             return export_family(family, self.root / family)
         while not path.exists():
             if all(p.poll() is not None for p, _ in self.procs) and not path.exists():
-                logs = " | ".join((self.root / f"worker{i}.log").read_text(errors="replace")[-500:]
-                                  for i in range(len(self.procs)))  # fmt: skip
+                logs = " | ".join(
+                    (self.root / f"worker{i}.log").read_text(errors="replace")[-500:] for i in range(len(self.procs))
+                )
                 pytest.fail(f"the export worker died before exporting {family}: {logs}")
             time.sleep(0.2)
         return json.loads(path.read_text())
@@ -182,8 +211,11 @@ class Exports:
 
 @pytest.fixture(scope="module")
 def exports(request, tmp_path_factory):
-    families = [item.callspec.params["family"] for item in request.session.items
-                if getattr(item, "originalname", None) == FAMILY_TEST]  # fmt: skip
+    families = [
+        item.callspec.params["family"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == FAMILY_TEST
+    ]
     ex = Exports(families, tmp_path_factory.mktemp("programs"))
     yield ex
     ex.close()
@@ -211,7 +243,7 @@ def test_family_trains_eagerly_in_executorch_and_loads_in_peft(family, exports, 
     eager_losses = _eager_steps(model)
     for s, (a, b) in enumerate(zip(eager_losses, et_losses), 1):
         assert torch.isfinite(a).all(), (s, a)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=0, msg=lambda m: f"step {s}: {m}")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=0, msg=lambda m, s=s: f"step {s}: {m}")
     ours, theirs = adapter_state(model), engine.adapter_state()
     assert ours.keys() == theirs.keys()
     moved = max(ours[k].abs().max().item() for k in ours if k.endswith("lora_B"))
@@ -254,9 +286,12 @@ def test_family_trains_eagerly_in_executorch_and_loads_in_peft(family, exports, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (want - plain).abs().max() > 1e-4  # the adapter changes the model
 
-    REPORT[family] = {"class": arch.model_class, "export_s": round(result["export_s"], 2),
-                      "export_cpu_s": round(result["export_cpu_s"], 2),
-                      "pte_bytes": (program / "train.pte").stat().st_size}  # fmt: skip
+    REPORT[family] = {
+        "class": arch.model_class,
+        "export_s": round(result["export_s"], 2),
+        "export_cpu_s": round(result["export_cpu_s"], 2),
+        "pte_bytes": (program / "train.pte").stat().st_size,
+    }
 
 
 # ---------------------------------------------------------------- outside the table
@@ -273,17 +308,26 @@ def _save_with_tokenizer(model, d):
 def test_models_outside_the_table_are_refused_with_one_line_naming_the_class(tmp_path):
     from conftest import run_cli
 
-    bert = tf.BertModel(tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      intermediate_size=64))  # fmt: skip
+    bert = tf.BertModel(
+        tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    )
     with pytest.raises(MobizoError, match=r"^BertModel is not a causal language model \(it has no LM head\)"):
         inject(bert, None, RANK, ALPHA, 0)
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                                   num_heads=4))  # fmt: skip
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    )
     with pytest.raises(MobizoError, match="^T5ForConditionalGeneration is an encoder-decoder model"):
         inject(t5, ["q"], RANK, ALPHA, 0)
     # a causal LM with no default targets: the error says so and lists its layers; explicit targets work
-    cfg = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    cfg = dict(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     stablelm = tf.StableLmForCausalLM(tf.StableLmConfig(**cfg))
     with pytest.raises(MobizoError) as e:
         inject(copy.deepcopy(stablelm), None, RANK, ALPHA, 0)
@@ -314,8 +358,9 @@ class DataDependent(torch.nn.Module):
         return x if x.sum() > 0 else -x  # branches on a value: not exportable
 
 
-@pytest.mark.parametrize("act,names", [(OpaqueAct, "at operator mobizo_test::opaque_act"),
-                                       (DataDependent, "data-dependent")])  # fmt: skip
+@pytest.mark.parametrize(
+    "act,names", [(OpaqueAct, "at operator mobizo_test::opaque_act"), (DataDependent, "data-dependent")]
+)
 def test_export_failure_names_the_module_and_operator(tiny, tmp_path, capfd, act, names):
     from mobizo.engines.executorch import export_program, manifest_for
 
@@ -352,8 +397,9 @@ def test_a_forward_without_logits_to_keep_or_position_ids_still_trains(tiny):
     with torch.no_grad():
         want = answer_losses(model, ids, mask, b.labels % 500)
         got = answer_losses(plain, ids, mask, b.labels % 500)
-        losses, _ = ZOStep(plain, ZOConfig(queries=Q))(ids, mask, b.labels % 500, torch.tensor(1), torch.tensor(LR),
-                                                       torch.tensor(EPS))  # fmt: skip
+        losses, _ = ZOStep(plain, ZOConfig(queries=Q))(
+            ids, mask, b.labels % 500, torch.tensor(1), torch.tensor(LR), torch.tensor(EPS)
+        )
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1]) and torch.isfinite(losses).all()
 
@@ -365,8 +411,28 @@ def test_gpt2_checkpoint_trains_from_the_cli_and_its_adapter_says_fan_in_fan_out
     torch.manual_seed(0)
     d = _save_with_tokenizer(tf.GPT2LMHeadModel(config), tmp_path / "gpt2")
     out = tmp_path / "run"
-    code, err = run_cli(["train", "--model", d, "--queries", 2, "--batch-size", 2, "--steps", 2, "--max-length", 32,
-                         "--eval-examples", 4, "--eval-every", 0, "--no-progress", "--out", out])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--model",
+            d,
+            "--queries",
+            2,
+            "--batch-size",
+            2,
+            "--steps",
+            2,
+            "--max-length",
+            32,
+            "--eval-examples",
+            4,
+            "--eval-every",
+            0,
+            "--no-progress",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0, err
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and config["target_modules"] == ["transformer.h.0.attn.c_attn"]
@@ -375,7 +441,7 @@ def test_gpt2_checkpoint_trains_from_the_cli_and_its_adapter_says_fan_in_fan_out
 
 
 if __name__ == "__main__":  # an export worker of `Exports`: ROOT FAMILY...
-    import executorch.backends.xnnpack.partition.xnnpack_partitioner  # noqa: F401 - one-time import cost,
+    import executorch.backends.xnnpack.partition.xnnpack_partitioner
     import executorch.exir  # noqa: F401 - not any one family's export time
 
     for fam in sys.argv[2:]:

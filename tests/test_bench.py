@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -47,8 +46,14 @@ def test_speed_records_and_ratios_come_from_the_same_run(quick):
     assert _pos(sp["peak"]["tiny"]["matmul_gflop_per_s"])
     recs = sp["records"]
     estimators = {(r["engine"], r["estimator"]) for r in recs}
-    assert {("eager", "mezo"), ("eager", "prge-outer"), ("eager", "prge"), ("executorch", "prge"),
-            ("executorch", "fo"), ("eager", "fo")} <= estimators  # fmt: skip
+    assert {
+        ("eager", "mezo"),
+        ("eager", "prge-outer"),
+        ("eager", "prge"),
+        ("executorch", "prge"),
+        ("executorch", "fo"),
+        ("eager", "fo"),
+    } <= estimators
     for r in recs:
         assert _pos(r["seconds"]) and all(_pos(t) for t in r["times"])
         assert len(r["times"]) == sp["plan"]["rounds"]["tiny"]
@@ -66,14 +71,18 @@ def test_speed_records_and_ratios_come_from_the_same_run(quick):
         q, b = row["q"], row["batch"]
         assert row["mezo_over_prge"] == pytest.approx(sec("eager", "mezo", q, b) / sec("eager", "prge", q, b))
         if row["eager_over_executorch"] is not None:
-            assert row["eager_over_executorch"] == pytest.approx(sec("eager", "prge", q, b) / sec("executorch", "prge", q, b))
+            assert row["eager_over_executorch"] == pytest.approx(
+                sec("eager", "prge", q, b) / sec("executorch", "prge", q, b)
+            )
     # FLOPs scale with q: every estimator pushes 2q copies of the batch through the model
-    f1 = [r["flops"] for r in recs if r["engine"] == "eager" and r["estimator"] == "prge" and r["q"] == 1][0]
-    f4 = [r["flops"] for r in recs if r["engine"] == "eager" and r["estimator"] == "mezo" and r["q"] == 4][0]
+    f1 = next(r["flops"] for r in recs if r["engine"] == "eager" and r["estimator"] == "prge" and r["q"] == 1)
+    f4 = next(r["flops"] for r in recs if r["engine"] == "eager" and r["estimator"] == "mezo" and r["q"] == 4)
     assert f4 == pytest.approx(4 * f1)
     targets = {t["target"]: t for t in sp["targets"]}
     t = targets["tiny: prge q=4 >= 2.0x faster than mezo q=4 (batch 1)"]
-    assert t["holds"] == (t["value"] >= 2.0) and t["value"] == pytest.approx(sec("eager", "mezo", 4, 1) / sec("eager", "prge", 4, 1))
+    assert t["holds"] == (t["value"] >= 2.0) and t["value"] == pytest.approx(
+        sec("eager", "mezo", 4, 1) / sec("eager", "prge", 4, 1)
+    )
     assert sp["thread_check"] and _pos(sp["thread_check"][0]["mezo_over_prge"])
 
 
@@ -92,7 +101,9 @@ def test_memory_one_process_per_measurement(quick):
     (ratio,) = [x for x in mem["ratios"] if (x["a"], x["b"]) == ("et-zo", "et-infer")]
     assert ratio["peak"] == pytest.approx(by["et-zo"]["peak_rss_mb"] / by["et-infer"]["peak_rss_mb"])
     assert {t["target"].split(": ", 1)[1].split(" (")[0] for t in mem["targets"]} == {
-        "ExecuTorch ZO peak RSS <= 1.25x ExecuTorch inference", "ExecuTorch FO peak RSS >= 2x ExecuTorch ZO"}
+        "ExecuTorch ZO peak RSS <= 1.25x ExecuTorch inference",
+        "ExecuTorch FO peak RSS >= 2x ExecuTorch ZO",
+    }
 
 
 def test_convergence_runs_and_summary(quick):
@@ -108,7 +119,7 @@ def test_convergence_runs_and_summary(quick):
     for r in cv["runs"]:
         assert len(r["loss"]) == len(r["seconds"]) == p["steps"]
         assert all(math.isfinite(x) for x in r["loss"]) and all(_pos(s) for s in r["seconds"])
-        assert [e["step"] for e in r["evals"]][0] == 0 and r["evals"][-1]["step"] == p["steps"]
+        assert next(e["step"] for e in r["evals"]) == 0 and r["evals"][-1]["step"] == p["steps"]
         assert all(0.0 <= e["accuracy"] <= 1.0 for e in r["evals"])
     assert {s["contender"] for s in cv["summary"]} == names
 

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40
 HAS_EXECUTORCH_ENGINE = importlib.util.find_spec("mobizo.engines.executorch") is not None
-ENGINES = ["eager", pytest.param("executorch", marks=pytest.mark.skipif(
-    not HAS_EXECUTORCH_ENGINE, reason="the ExecuTorch engine is not in this checkout"))]  # fmt: skip
+ENGINES = [
+    "eager",
+    pytest.param(
+        "executorch",
+        marks=pytest.mark.skipif(not HAS_EXECUTORCH_ENGINE, reason="the ExecuTorch engine is not in this checkout"),
+    ),
+]
 # (min kills, adapter tolerance) per engine: eager must match bit for bit
 PLAN = {"eager": (20, 0.0), "executorch": (6, 1e-5)}
 
@@ -77,8 +82,10 @@ def test_sigkill_resume_matches_uninterrupted(fork, references, tmp_path, engine
         kill_resume(fork, out, args, min(12, min_kills - stats.kills), rng, total_steps=STEPS, stats=stats, tol=tol)
         final_check(out, references(args), tol, STEPS)
         run += 1
-    print(f"\n{engine}: {stats.kills} kills survived over {run} runs, {stats.processes} processes; "
-          f"kill moments {stats.by_mode}; checkpoint step after each kill {stats.checkpoint_steps}")  # fmt: skip
+    print(
+        f"\n{engine}: {stats.kills} kills survived over {run} runs, {stats.processes} processes; "
+        f"kill moments {stats.by_mode}; checkpoint step after each kill {stats.checkpoint_steps}"
+    )
     assert stats.kills >= min_kills
     # the kills landed in different places: before any checkpoint, mid-run, and inside checkpoint writes
     assert any(k.startswith(("tmp", "swap")) for k in stats.by_mode)

@@ -24,8 +24,17 @@ from mobizo.checkpoint import load_checkpoint
 from mobizo.errors import MobizoError
 
 SRC = str(Path(mobizo.__file__).resolve().parents[1])
-FLAGS = dict(queries=4, batch_size=8, max_length=32, eval_examples=16, eval_every=0, lr=2.0, eps=0.02, save_every=3,
-             progress=False)  # fmt: skip
+FLAGS = dict(
+    queries=4,
+    batch_size=8,
+    max_length=32,
+    eval_examples=16,
+    eval_every=0,
+    lr=2.0,
+    eps=0.02,
+    save_every=3,
+    progress=False,
+)
 
 
 def argv(**flags) -> list[str]:
@@ -56,8 +65,21 @@ def env(**extra) -> dict:
 
 
 def torchrun(args: list[str], n: int = 2, timeout: float = 150) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "mobizo", "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "mobizo",
+        "train",
+        *args,
+    ]
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -67,10 +89,13 @@ def spawn(per_rank: list[list[str]]) -> list[subprocess.Popen]:
     """One process per rank with torchrun's environment (each rank its own command line)."""
     port, n = free_port(), len(per_rank)
     return [
-        subprocess.Popen([sys.executable, "-m", "mobizo", "train", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
-                                 MASTER_PORT=str(port)))  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "mobizo", "train", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        )
         for r, args in enumerate(per_rank)
     ]
 
@@ -115,8 +140,10 @@ def test_subsets_of_directions_give_the_full_steps_losses(tiny, synthetic_batch)
             with torch.no_grad():
                 zs = zo.noise(torch.tensor(3))
                 full = zo.losses(zs, b.input_ids, b.attention_mask, b.labels, eps)
-                parts = [zo.losses(zs, b.input_ids, b.attention_mask, b.labels, eps, directions=range(r * 2, r * 2 + 2))
-                         for r in range(2)]  # fmt: skip
+                parts = [
+                    zo.losses(zs, b.input_ids, b.attention_mask, b.labels, eps, directions=range(r * 2, r * 2 + 2))
+                    for r in range(2)
+                ]
             for j in range(2):
                 # the same rows and kernels in a batch of 2q/N copies: equal up to the last bit of a float32 loss
                 torch.testing.assert_close(torch.cat([p[j] for p in parts]), full[j], rtol=0, atol=1e-6)
@@ -135,21 +162,38 @@ def test_shards_weighted_by_their_counts_give_the_whole_batch_loss(tiny, synthet
     inject(model, None, 8, 16, 0)
     enc = Encoder(tok)
     exs = get_task("synthetic").load("train")[:8]
-    choice = collate_choices([[enc(e.prompt, c) for c in e.candidates] for e in exs], [e.label for e in exs], 2,
-                             tok.pad_token_id, 64)  # fmt: skip
+    choice = collate_choices(
+        [[enc(e.prompt, c) for c in e.candidates] for e in exs], [e.label for e in exs], 2, tok.pad_token_id, 64
+    )
     for batch, objective, choices in ((synthetic_batch, "answer", 0), (choice, "choice-sum", 2)):
         for mode in ("repeat", "split"):
             zo = ZOStep(model, ZOConfig("prge", 2, 0, mode, objective=objective, choices=choices))
             with torch.no_grad():
                 zs = zo.noise(torch.tensor(1))
-                full = torch.cat(zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(0.02),
-                                           batch.gold, shared=batch.shared))  # fmt: skip
+                full = torch.cat(
+                    zo.losses(
+                        zs,
+                        batch.input_ids,
+                        batch.attention_mask,
+                        batch.labels,
+                        torch.tensor(0.02),
+                        batch.gold,
+                        shared=batch.shared,
+                    )
+                )
                 num, den = 0, 0
                 for r in range(2):
                     s = shard_rows(batch, r, 2, 2, mode == "split")
                     c = direction_counts(s, 2, mode == "split", objective).repeat(2)
-                    num = num + torch.cat(zo.losses(zs, s.input_ids, s.attention_mask, s.labels, torch.tensor(0.02),
-                                                    s.gold, shared=s.shared)).double() * c  # fmt: skip
+                    num = (
+                        num
+                        + torch.cat(
+                            zo.losses(
+                                zs, s.input_ids, s.attention_mask, s.labels, torch.tensor(0.02), s.gold, shared=s.shared
+                            )
+                        ).double()
+                        * c
+                    )
                     den = den + c
             torch.testing.assert_close((num / den).float(), full, rtol=1e-6, atol=1e-6)
 
@@ -205,8 +249,10 @@ def test_data_mode_resumes_a_single_process_run_and_matches_it(tmp_path):
     g_ref = torch.tensor([r["projected_grads"] for r in ref_recs])
     losses = torch.tensor([r["loss"] for r in recs])
     losses_ref = torch.tensor([r["loss"] for r in ref_recs])
-    print(f"data mode: max |dg| {(g - g_ref).abs().max():.3g}, max |dloss| {(losses - losses_ref).abs().max():.3g}, "
-          f"max |dB| {max_diff(adapter(run / 'adapter'), adapter(ref / 'adapter')):.3g}")  # fmt: skip
+    print(
+        f"data mode: max |dg| {(g - g_ref).abs().max():.3g}, max |dloss| {(losses - losses_ref).abs().max():.3g}, "
+        f"max |dB| {max_diff(adapter(run / 'adapter'), adapter(ref / 'adapter')):.3g}"
+    )
     torch.testing.assert_close(losses, losses_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
     assert max_diff(adapter(run / "adapter"), adapter(ref / "adapter")) < 1e-3

@@ -5,16 +5,27 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from mobizo.errors import MobizoError
-from mobizo.config import TrainConfig
 from mobizo.build import export
+from mobizo.config import TrainConfig
+from mobizo.errors import MobizoError
 from mobizo.trainer import train
 
-COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=24,
-              eval_batch_size=8, lr=1.0, eps=0.05, seed=3, progress=False)  # fmt: skip
+COMMON = dict(
+    model="tiny",
+    task="synthetic",
+    queries=2,
+    batch_size=4,
+    max_length=32,
+    eval_examples=24,
+    eval_batch_size=8,
+    lr=1.0,
+    eps=0.05,
+    seed=3,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +60,9 @@ def test_manifest_describes_the_program(program):
 def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     steps = dict(steps=50, eval_every=25, save_every=10)
     s_eager = train(TrainConfig.from_flat(**COMMON, **steps, out=str(tmp_path / "eager")))
-    s_et = train(TrainConfig.from_flat(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et")))
+    s_et = train(
+        TrainConfig.from_flat(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et"))
+    )
     le, lx = _losses(tmp_path / "eager"), _losses(tmp_path / "et")
     assert len(le) == len(lx) == 50
     for a, b in zip(le, lx):
@@ -62,7 +75,11 @@ def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     assert abs(s_eager["eval"]["loss"] - s_et["eval"]["loss"]) <= 1e-4 * s_eager["eval"]["loss"]
     # interrupt the ExecuTorch run at step 20 (checkpoint), resume to 50: the same trajectory
     part = tmp_path / "et-part"
-    train(TrainConfig.from_flat(**COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)))
+    train(
+        TrainConfig.from_flat(
+            **COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)
+        )
+    )
     code, err = run_cli(["train", "--out", part, "--resume", "--steps", 50, "--no-progress"])
     assert code == 0, err
     ar = _adapter(part)
@@ -78,8 +95,28 @@ def test_mismatched_and_corrupted_programs_are_refused(program, tmp_path):
     shutil.copytree(program, bad)
     data = (bad / "train.pte").read_bytes()
     (bad / "train.pte").write_bytes(data[: len(data) // 2])
-    code, err = run_cli(["train", "--engine", "executorch", "--program", bad, "--queries", 2, "--batch-size", 4,
-                         "--max-length", 32, "--seed", 3, "--steps", 1, "--out", tmp_path / "o", "--no-progress"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--engine",
+            "executorch",
+            "--program",
+            bad,
+            "--queries",
+            2,
+            "--batch-size",
+            4,
+            "--max-length",
+            32,
+            "--seed",
+            3,
+            "--steps",
+            1,
+            "--out",
+            tmp_path / "o",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "truncated or corrupted" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()  # nothing half-written
     (bad / "manifest.json").write_text("{not json")
@@ -136,8 +173,15 @@ def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(progra
         assert shared.shared and shared.rows == 4 and per_candidate.rows == 8
         res = eng.train_step(shared, s, 1.0, 0.05)
         with torch.no_grad():
-            losses, _ = step(per_candidate.input_ids, per_candidate.attention_mask, per_candidate.labels,
-                             torch.tensor(s), torch.tensor(1.0), torch.tensor(0.05), per_candidate.gold)  # fmt: skip
+            losses, _ = step(
+                per_candidate.input_ids,
+                per_candidate.attention_mask,
+                per_candidate.labels,
+                torch.tensor(s),
+                torch.tensor(1.0),
+                torch.tensor(0.05),
+                per_candidate.gold,
+            )
         torch.testing.assert_close(torch.tensor(res.losses), losses, rtol=1e-4, atol=1e-5)
     state = eng.adapter_state()
     for name, layer in lora_layers(model):
@@ -206,7 +250,9 @@ def test_in_place_legalize_leaves_the_graph_as_torchs_copying_sort_does():
         nodes["output"].prepend(nodes["add"])  # a after all its users
         nodes["y"].append(nodes["relu"])
         nodes["x"].prepend(nodes["y"])  # a new order of two independent nodes (the index lists them by age)
-        gm.graph.erase_node(gm.graph.call_function(operator.add, (nodes["x"], 2)))  # a name only the old name space holds
+        gm.graph.erase_node(
+            gm.graph.call_function(operator.add, (nodes["x"], 2))
+        )  # a name only the old name space holds
         return gm
 
     def state(gm):
@@ -215,8 +261,12 @@ def test_in_place_legalize_leaves_the_graph_as_torchs_copying_sort_does():
         name = new.name
         graph.erase_node(new)
         gm.recompile()
-        return ([(n.name, [u.name for u in n.users], [i.name for i in n.all_input_nodes]) for n in graph.nodes],
-                name, {str(k): [n.name for n in v] for k, v in graph._find_nodes_lookup_table.table.items() if v}, gm.code)  # fmt: skip
+        return (
+            [(n.name, [u.name for u in n.users], [i.name for i in n.all_input_nodes]) for n in graph.nodes],
+            name,
+            {str(k): [n.name for n in v] for k, v in graph._find_nodes_lookup_table.table.items() if v},
+            gm.code,
+        )
 
     theirs, ours = scrambled(), scrambled()
     assert [n.name for n in theirs.graph.nodes] != [n.name for n in legalize_graph(scrambled()).graph.nodes]

@@ -16,8 +16,16 @@ pytestmark = pytest.mark.slow
 def _batches(tok, n, rows, length):
     enc = Encoder(tok)
     exs = get_task("synthetic").load("train")[: n * rows]
-    return [collate([enc.example(e) for e in exs[i * rows : (i + 1) * rows]], tok.pad_token_id, length,
-                    length=length, answer_len=1) for i in range(n)]  # fmt: skip
+    return [
+        collate(
+            [enc.example(e) for e in exs[i * rows : (i + 1) * rows]],
+            tok.pad_token_id,
+            length,
+            length=length,
+            answer_len=1,
+        )
+        for i in range(n)
+    ]
 
 
 def test_fo_program_trains_like_eager_sgd(tiny):
@@ -60,8 +68,10 @@ def test_zo_program_score_and_get_adapter_read_the_live_adapter(tiny, tmp_path):
     (b,) = _batches(tok, 1, 2, 24)
     eng.train_step(b, 1, 0.5, 1e-2)  # B moves in train_step; score (loaded lazily, after it) must see that
     trained = eng.adapter_state()
-    assert not torch.equal(trained[next(k for k in trained if k.endswith("lora_B"))],
-                           adapter_state(model)[next(k for k in trained if k.endswith("lora_B"))])  # fmt: skip
+    assert not torch.equal(
+        trained[next(k for k in trained if k.endswith("lora_B"))],
+        adapter_state(model)[next(k for k in trained if k.endswith("lora_B"))],
+    )
     from mobizo.mplora import load_adapter_state
 
     load_adapter_state(model, trained)

@@ -16,8 +16,13 @@ def _engine(model):
     return EagerEngine(model, None)
 
 
-PROMPTS = ["Q: what is the capital of France? A:", "hi", "Review: the movie was great, I loved it. Sentiment:",
-           "Title: Food\nContext: Ann ate the soup at noon.\nQuestion: What did Ann eat?\nAnswer:", "x y z"]  # fmt: skip
+PROMPTS = [
+    "Q: what is the capital of France? A:",
+    "hi",
+    "Review: the movie was great, I loved it. Sentiment:",
+    "Title: Food\nContext: Ann ate the soup at noon.\nQuestion: What did Ann eat?\nAnswer:",
+    "x y z",
+]
 
 
 def test_kv_cache_generation_gives_the_uncached_texts(tiny):
@@ -27,8 +32,9 @@ def test_kv_cache_generation_gives_the_uncached_texts(tiny):
     engine, enc = _engine(model), Encoder(tok)
     for batch_size in (2, 8):
         cached, n1 = generate(engine, enc, PROMPTS, tok.pad_token_id, 64, max_new_tokens=12, batch_size=batch_size)
-        plain, n2 = generate(engine, enc, PROMPTS, tok.pad_token_id, 64, max_new_tokens=12, batch_size=batch_size,
-                             use_cache=False)  # fmt: skip
+        plain, n2 = generate(
+            engine, enc, PROMPTS, tok.pad_token_id, 64, max_new_tokens=12, batch_size=batch_size, use_cache=False
+        )
         assert cached == plain and n1 == n2 == 0
     assert any(len(t) > 3 for t in cached)
     # truncated prompts (budget = max_length - max_new_tokens) too

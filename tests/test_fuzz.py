@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mobizo.checkpoint import read_adapter, read_state, save_adapter, save_checkpoint, load_checkpoint
+from mobizo.checkpoint import load_checkpoint, read_adapter, read_state, save_adapter, save_checkpoint
 from mobizo.errors import MobizoError
 from mobizo.tasks.custom import CustomClassification, label_index, render, template_fields
 from mobizo.tasks.io import read_records
@@ -38,7 +38,11 @@ FEW = settings(max_examples=int(60 * SCALE), **_common)
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    print("\nfuzz inputs tried: " + ", ".join(f"{k} {v}" for k, v in sorted(TRIED.items())) + f" (total {sum(TRIED.values())})")
+    print(
+        "\nfuzz inputs tried: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(TRIED.items()))
+        + f" (total {sum(TRIED.values())})"
+    )
 
 
 def _tmpdir():
@@ -48,14 +52,21 @@ def _tmpdir():
 # ---------------------------------------------------------------- data files
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["bad", "good", " good", "1", "0", "2", "-1", "²", "١", "1.0", "True"]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["bad", "good", " good", "1", "0", "2", "-1", "²", "١", "1.0", "True"]),
+)
 records = st.lists(
-    st.dictionaries(st.sampled_from(["text", "label", "extra", "Text", ""]), st.one_of(scalars, st.lists(scalars, max_size=2)),
-                    max_size=4),
+    st.dictionaries(
+        st.sampled_from(["text", "label", "extra", "Text", ""]),
+        st.one_of(scalars, st.lists(scalars, max_size=2)),
+        max_size=4,
+    ),
     max_size=6,
-)  # fmt: skip
+)
 
 
 def _jsonl(rows) -> bytes:
@@ -86,7 +97,9 @@ def _mutate(data: bytes, edits) -> bytes:
     return bytes(b)
 
 
-edits = st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from(["flip", "insert", "cut"])), max_size=3)
+edits = st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from(["flip", "insert", "cut"])), max_size=3
+)
 
 
 def _expected_example(rec: dict, template: str, words: list[str]):
@@ -101,8 +114,13 @@ def _expected_example(rec: dict, template: str, words: list[str]):
 
 
 @FAST
-@given(rows=records, fmt=st.sampled_from([".jsonl", ".json", ".csv"]), how=edits, raw=st.binary(max_size=64),
-       use_raw=st.booleans())  # fmt: skip
+@given(
+    rows=records,
+    fmt=st.sampled_from([".jsonl", ".json", ".csv"]),
+    how=edits,
+    raw=st.binary(max_size=64),
+    use_raw=st.booleans(),
+)
 def test_fuzz_data_files(rows, fmt, how, raw, use_raw):
     TRIED["data files"] += 1
     data = raw if use_raw else _mutate(_csv(rows) if fmt == ".csv" else _jsonl(rows), how)
@@ -116,7 +134,9 @@ def test_fuzz_data_files(rows, fmt, how, raw, use_raw):
             return
         assert got and all(isinstance(r, dict) for r in got)
         if fmt != ".csv" and not how and not use_raw:  # untouched JSONL: exactly the records written
-            assert got == json.loads(json.dumps(rows)) or any(isinstance(v, float) and math.isnan(v) for r in rows for v in r.values())
+            assert got == json.loads(json.dumps(rows)) or any(
+                isinstance(v, float) and math.isnan(v) for r in rows for v in r.values()
+            )
         task = CustomClassification(data=str(path), template="Review: {text} Sentiment:", label_words="bad,good")
         try:
             examples = task.load_split("train")
@@ -131,10 +151,25 @@ def test_fuzz_data_files(rows, fmt, how, raw, use_raw):
 
 
 @FAST
-@given(template=st.text(max_size=30) | st.sampled_from(["{text}", "{text!r}", "{text:>{w}}", "{0}", "{}", "{text.x}",
-                                                         "{text[0]}", "{text:d}", "{{text}}", "a {label} {text}"]),
-       words=st.text(max_size=20) | st.sampled_from(["bad,good", "a,a", "x", ",", "no, yes ,maybe", "\ud800,b"]),
-       rec=st.dictionaries(st.sampled_from(["text", "label", "w"]), scalars, max_size=3))  # fmt: skip
+@given(
+    template=st.text(max_size=30)
+    | st.sampled_from(
+        [
+            "{text}",
+            "{text!r}",
+            "{text:>{w}}",
+            "{0}",
+            "{}",
+            "{text.x}",
+            "{text[0]}",
+            "{text:d}",
+            "{{text}}",
+            "a {label} {text}",
+        ]
+    ),
+    words=st.text(max_size=20) | st.sampled_from(["bad,good", "a,a", "x", ",", "no, yes ,maybe", "\ud800,b"]),
+    rec=st.dictionaries(st.sampled_from(["text", "label", "w"]), scalars, max_size=3),
+)
 def test_fuzz_templates_and_label_words(template, words, rec):
     TRIED["templates/label words"] += 1
     try:
@@ -144,7 +179,11 @@ def test_fuzz_templates_and_label_words(template, words, rec):
         return
     # accepted: fields are plain names and label words are non-empty, distinct, valid text
     assert all(f.isidentifier() for f in template_fields(task.template))
-    assert len(task.words) >= 2 and len(set(task.words)) == len(task.words) and all(w.strip() == w and w for w in task.words)
+    assert (
+        len(task.words) >= 2
+        and len(set(task.words)) == len(task.words)
+        and all(w.strip() == w and w for w in task.words)
+    )
     for w in task.words:
         w.encode("utf-8")
     try:
@@ -187,8 +226,11 @@ def test_fuzz_encoder(encoder, prompt, answer):
 def adapter_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("adapter") / "a"
     g = torch.Generator().manual_seed(0)
-    state = {f"model.layers.{i}.q_proj.lora_{w}": torch.randn(*((4, 16) if w == "A" else (16, 4)), generator=g)
-             for i in range(2) for w in "AB"}  # fmt: skip
+    state = {
+        f"model.layers.{i}.q_proj.lora_{w}": torch.randn(*((4, 16) if w == "A" else (16, 4)), generator=g)
+        for i in range(2)
+        for w in "AB"
+    }
     save_adapter(d, state, 4, 8.0, "tiny")
     return d, state
 
@@ -201,10 +243,28 @@ json_values = st.recursive(
 
 
 @FAST
-@given(changes=st.dictionaries(st.sampled_from(["r", "lora_alpha", "peft_type", "use_rslora", "use_dora", "rank_pattern",
-                                                "bias", "target_modules", "fan_in_fan_out"]), json_values, max_size=3),
-       drop=st.lists(st.sampled_from(["r", "lora_alpha", "peft_type"]), max_size=2), as_raw=st.booleans(),
-       raw=st.binary(max_size=40))  # fmt: skip
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(
+            [
+                "r",
+                "lora_alpha",
+                "peft_type",
+                "use_rslora",
+                "use_dora",
+                "rank_pattern",
+                "bias",
+                "target_modules",
+                "fan_in_fan_out",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    ),
+    drop=st.lists(st.sampled_from(["r", "lora_alpha", "peft_type"]), max_size=2),
+    as_raw=st.booleans(),
+    raw=st.binary(max_size=40),
+)
 def test_fuzz_adapter_config(adapter_dir, changes, drop, as_raw, raw):
     TRIED["adapter configs"] += 1
     src, state = adapter_dir
@@ -247,8 +307,12 @@ def test_fuzz_adapter_weights(adapter_dir, how, raw, use_raw):
 
 
 @FAST
-@given(state=json_values | st.dictionaries(st.sampled_from(["step", "config", "skipped_steps", "settings", "last_loss"]),
-                                           json_values, max_size=5))  # fmt: skip
+@given(
+    state=json_values
+    | st.dictionaries(
+        st.sampled_from(["step", "config", "skipped_steps", "settings", "last_loss"]), json_values, max_size=5
+    )
+)
 def test_fuzz_checkpoint_state(tmp_path_factory, state):
     TRIED["checkpoint state.json"] += 1
     with _tmpdir() as d:
@@ -272,7 +336,10 @@ def test_fuzz_checkpoint_files(adapter_dir, how, which):
     """A damaged file in a checkpoint: a clear error, or (harmless change) exactly the saved content."""
     TRIED["checkpoint files"] += 1
     _, state = adapter_dir
-    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    opt = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
     with _tmpdir() as d:
         ck = Path(d) / "checkpoint"
         save_checkpoint(ck, state, 4, 8.0, "tiny", {"step": 5, "config": {"seed": 1}, "skipped_steps": 1}, opt)
@@ -289,11 +356,24 @@ def test_fuzz_checkpoint_files(adapter_dir, how, which):
 
 
 @FAST
-@given(lines=st.lists(st.one_of(json_values.map(json.dumps), st.text(max_size=30),
-                                st.fixed_dictionaries({"step": st.integers(-1, 4), "projected_grads": st.lists(st.floats(), max_size=3),
-                                                       "lr": st.floats(), "skipped": json_values}).map(json.dumps)),
-                      max_size=5),
-       header=st.booleans())  # fmt: skip
+@given(
+    lines=st.lists(
+        st.one_of(
+            json_values.map(json.dumps),
+            st.text(max_size=30),
+            st.fixed_dictionaries(
+                {
+                    "step": st.integers(-1, 4),
+                    "projected_grads": st.lists(st.floats(), max_size=3),
+                    "lr": st.floats(),
+                    "skipped": json_values,
+                }
+            ).map(json.dumps),
+        ),
+        max_size=5,
+    ),
+    header=st.booleans(),
+)
 def test_fuzz_metrics_log(lines, header):
     from mobizo.replay import read_log
 
@@ -321,20 +401,83 @@ class Accepted(BaseException):
     """Raised by the stubs: the arguments passed validation and mobizo would now load the model."""
 
 
-NUMS = st.sampled_from(["0", "1", "-1", "3", "2.5", "nan", "inf", "-inf", "1e309", "abc", "", "1e-3", "99999999999999999999999"])
+NUMS = st.sampled_from(
+    ["0", "1", "-1", "3", "2.5", "nan", "inf", "-inf", "1e309", "abc", "", "1e-3", "99999999999999999999999"]
+)
 FLAGS = {
-    "train": ["--model", "--task", "--data", "--template", "--label-words", "--max-length", "--truncation", "--eval-examples",
-              "--eval-batch-size", "--rank", "--alpha", "--target-modules", "--estimator", "--queries", "--batch-size",
-              "--data-mode", "--lr", "--eps", "--weight-decay", "--max-grad", "--max-bad-steps", "--steps", "--seed",
-              "--optimizer", "--train-examples", "--eval-every", "--save-every", "--engine", "--out"],
-    "eval": ["--model", "--task", "--data", "--template", "--label-words", "--max-length", "--eval-examples", "--adapter",
-             "--seed", "--json"],
+    "train": [
+        "--model",
+        "--task",
+        "--data",
+        "--template",
+        "--label-words",
+        "--max-length",
+        "--truncation",
+        "--eval-examples",
+        "--eval-batch-size",
+        "--rank",
+        "--alpha",
+        "--target-modules",
+        "--estimator",
+        "--queries",
+        "--batch-size",
+        "--data-mode",
+        "--lr",
+        "--eps",
+        "--weight-decay",
+        "--max-grad",
+        "--max-bad-steps",
+        "--steps",
+        "--seed",
+        "--optimizer",
+        "--train-examples",
+        "--eval-every",
+        "--save-every",
+        "--engine",
+        "--out",
+    ],
+    "eval": [
+        "--model",
+        "--task",
+        "--data",
+        "--template",
+        "--label-words",
+        "--max-length",
+        "--eval-examples",
+        "--adapter",
+        "--seed",
+        "--json",
+    ],
     "replay": ["--log", "--out", "--model", "--steps"],
-}  # fmt: skip
+}
 SWITCHES = ["--resume", "--overwrite", "--no-progress", "--train-a", "--trust-remote-code", "--bogus", "-q"]
-WORDS = st.sampled_from(["tiny", "synthetic", "custom-cls", "prge", "mezo", "fo", "sgd", "eager", "executorch", "left",
-                         "data.jsonl", "bad.csv", "missing", "run", "file.txt", "file.txt/sub", "{text}", "bad,good",
-                         "q_proj", "(", "adapter", "metrics.jsonl", "x\ud800"]) | st.text(max_size=8)  # fmt: skip
+WORDS = st.sampled_from(
+    [
+        "tiny",
+        "synthetic",
+        "custom-cls",
+        "prge",
+        "mezo",
+        "fo",
+        "sgd",
+        "eager",
+        "executorch",
+        "left",
+        "data.jsonl",
+        "bad.csv",
+        "missing",
+        "run",
+        "file.txt",
+        "file.txt/sub",
+        "{text}",
+        "bad,good",
+        "q_proj",
+        "(",
+        "adapter",
+        "metrics.jsonl",
+        "x\ud800",
+    ]
+) | st.text(max_size=8)
 
 
 @st.composite
@@ -355,7 +498,9 @@ def cli_sandbox(tmp_path_factory):
     (d / "data.jsonl").write_text('{"text": "nice", "label": 1}\n{"text": "meh", "label": "bad"}\n')
     (d / "bad.csv").write_bytes(b"text,label\n\xff\xfe,1\n")
     (d / "file.txt").write_text("x")
-    (d / "metrics.jsonl").write_text(json.dumps({"mobizo_log": 1, "config": {"estimator": "prge", "queries": 2}, "layers": []}) + "\n")
+    (d / "metrics.jsonl").write_text(
+        json.dumps({"mobizo_log": 1, "config": {"estimator": "prge", "queries": 2}, "layers": []}) + "\n"
+    )
     return d
 
 
@@ -396,7 +541,9 @@ def monkeypatch_module():
         task.load("validation", cfg.data.eval_examples, cfg.seed)
         # what was accepted is sane
         o = cfg.optim
-        assert o.steps >= 1 and o.lr > 0 and math.isfinite(o.lr) and o.eps > 0 and (o.max_grad is None or o.max_grad > 0)
+        assert (
+            o.steps >= 1 and o.lr > 0 and math.isfinite(o.lr) and o.eps > 0 and (o.max_grad is None or o.max_grad > 0)
+        )
         assert math.isfinite(o.weight_decay) and o.weight_decay >= 0 and o.queries >= 1 and cfg.adapter.rank >= 1
         raise Accepted()
 
@@ -410,7 +557,11 @@ def monkeypatch_module():
 
 
 @FEW
-@given(targets=st.lists(st.text(alphabet=string.ascii_letters + "._*()[]|\\?+{}0123456789", max_size=12), min_size=1, max_size=3))
+@given(
+    targets=st.lists(
+        st.text(alphabet=string.ascii_letters + "._*()[]|\\?+{}0123456789", max_size=12), min_size=1, max_size=3
+    )
+)
 def test_fuzz_target_modules(targets):
     from mobizo.models import build_tiny
     from mobizo.mplora import inject

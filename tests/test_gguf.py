@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from mobizo.errors import MobizoError
 
 
@@ -127,16 +127,30 @@ def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mobizo.checkpoint import read_adapter
+    from mobizo.config import TrainConfig
     from mobizo.convert import convert_gguf
     from mobizo.models import load_model
     from mobizo.mplora import inject, load_adapter_state
-    from mobizo.config import TrainConfig
     from mobizo.trainer import train
 
     run = tmp_path / "run"
-    summary = train(TrainConfig.from_flat(model=str(tiny_gguf), task="synthetic", queries=2, batch_size=4, max_length=32,
-                                steps=3, eval_every=0, save_every=0, eval_examples=16, lr=1.0, eps=0.05,
-                                progress=False, out=str(run)))  # fmt: skip
+    summary = train(
+        TrainConfig.from_flat(
+            model=str(tiny_gguf),
+            task="synthetic",
+            queries=2,
+            batch_size=4,
+            max_length=32,
+            steps=3,
+            eval_every=0,
+            save_every=0,
+            eval_examples=16,
+            lr=1.0,
+            eps=0.05,
+            progress=False,
+            out=str(run),
+        )
+    )
     assert summary["status"] == "completed" and summary["config"]["model"] == str(tiny_gguf)
     code, err = run_cli(["eval", "--model", tiny_gguf, "--adapter", run / "adapter", "--eval-examples", 16])
     assert code == 0, err

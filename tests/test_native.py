@@ -19,14 +19,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from mobizo.errors import MobizoError
 from mobizo.config import TrainConfig
+from mobizo.errors import MobizoError
 
-COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=24,
-              eval_batch_size=8, lr=1.0, eps=0.05, seed=3, progress=False)  # fmt: skip
+COMMON = dict(
+    model="tiny",
+    task="synthetic",
+    queries=2,
+    batch_size=4,
+    max_length=32,
+    eval_examples=24,
+    eval_batch_size=8,
+    lr=1.0,
+    eps=0.05,
+    seed=3,
+    progress=False,
+)
 STEPS = 40
 
 
@@ -47,8 +58,14 @@ def bundle(tmp_path_factory):
 
 
 def native(binary, bundle, out, *args, env=None, preexec_fn=None):
-    return subprocess.run([str(binary), str(bundle), "--out", str(out), "--quiet", *map(str, args)],
-                          capture_output=True, text=True, env=env, preexec_fn=preexec_fn, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [str(binary), str(bundle), "--out", str(out), "--quiet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=preexec_fn,
+        timeout=300,
+    )
 
 
 def strict_lines(path: Path) -> list[dict]:
@@ -90,9 +107,16 @@ def _make_batch_equals_gather(run, data, steps):
     T, K = data.input_ids.shape[-1], data.labels.shape[-1]
     cfg = run.cfg
     if run.engine.shapes.length is None:  # the eager engine: fix the program's shapes
-        run = dataclasses.replace(run, engine=SimpleNamespace(shapes=Shapes(T, K, cfg.optim.batch_size, cfg.data.eval_batch_size)))
-    arrays = {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels,
-              "real_rows": data.real_rows, "batches": batch_indices(len(run.train), cfg.optim.batch_size, steps, cfg.seed)}
+        run = dataclasses.replace(
+            run, engine=SimpleNamespace(shapes=Shapes(T, K, cfg.optim.batch_size, cfg.data.eval_batch_size))
+        )
+    arrays = {
+        "input_ids": data.input_ids,
+        "attention_mask": data.attention_mask,
+        "labels": data.labels,
+        "real_rows": data.real_rows,
+        "batches": batch_indices(len(run.train), cfg.optim.batch_size, steps, cfg.seed),
+    }
     if data.gold is not None:
         arrays["gold"] = data.gold
     b = Bundle(Path("."), {"steps": steps}, arrays)
@@ -106,8 +130,8 @@ def _make_batch_equals_gather(run, data, steps):
 
 def test_gathered_rows_equal_make_batch(bundle):
     """The bundle's pre-collated rows, gathered per step, are the trainer's batches (and the bundle is a --program)."""
-    from mobizo.bundle import BundleData, read_bundle
     from mobizo.build import build_run as prepare
+    from mobizo.bundle import BundleData, read_bundle
 
     run = prepare(TrainConfig.from_flat(**COMMON, steps=STEPS, engine="executorch", program=str(bundle)))
     b = read_bundle(bundle)
@@ -118,8 +142,8 @@ def test_gathered_rows_equal_make_batch(bundle):
 
 @pytest.mark.parametrize("case", ["answer", "filler"])
 def test_gather_equals_make_batch_answer_objective_and_filler_rows(case, tmp_path):
-    from mobizo.bundle import collate_examples
     from mobizo.build import build_run as prepare
+    from mobizo.bundle import collate_examples
 
     if case == "answer":
         cfg = TrainConfig.from_flat(**{**COMMON, "objective": "answer"}, train_examples=64)
@@ -149,7 +173,7 @@ def test_native_equals_python_executorch_engine_bitwise(bundle, ref_run):
     from mobizo.bundle import train_python
     from mobizo.checkpoint import read_adapter
 
-    records, raw, state = train_python(bundle, STEPS)
+    records, _raw, state = train_python(bundle, STEPS)
     lines = (ref_run / "metrics.jsonl").read_text().splitlines()
     run = json.loads((bundle / "run.json").read_text())
     assert lines[0] == run["log_header"]  # the header, verbatim
@@ -157,10 +181,13 @@ def test_native_equals_python_executorch_engine_bitwise(bundle, ref_run):
     assert [list(r) for r in nat] == [["step", "loss", "projected_grads", "lr", "eps", "seconds"]] * STEPS
     diff = 0.0
     for want, got in zip(records, nat, strict=True):
-        diff = max(diff, abs(want["loss"] - got["loss"]),
-                   *(abs(a - b) for a, b in zip(want["projected_grads"], got["projected_grads"])))  # fmt: skip
+        diff = max(
+            diff,
+            abs(want["loss"] - got["loss"]),
+            *(abs(a - b) for a, b in zip(want["projected_grads"], got["projected_grads"])),
+        )
         assert {k: v for k, v in got.items() if k != "seconds"} == want, want["step"]
-    adapter, config = read_adapter(ref_run / "adapter", require_checksum=True)
+    adapter, _config = read_adapter(ref_run / "adapter", require_checksum=True)
     assert adapter.keys() == state.keys()
     b_diff = max((adapter[k] - state[k]).abs().max().item() for k in state)
     assert all(torch.equal(adapter[k], state[k]) for k in state)
@@ -194,8 +221,8 @@ def test_adapter_and_checkpoint_load_in_python_and_peft(ref_run, tiny_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     from mobizo.checkpoint import load_checkpoint, read_adapter
-    from mobizo.mplora import inject, load_adapter_state
     from mobizo.models import load_model
+    from mobizo.mplora import inject, load_adapter_state
 
     state, config = read_adapter(ref_run / "adapter", require_checksum=True)
     assert config["r"] == 8 and config["lora_alpha"] == 16
@@ -209,8 +236,21 @@ def test_adapter_and_checkpoint_load_in_python_and_peft(ref_run, tiny_dir, tmp_p
     ids = torch.randint(3, 500, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    code, err = run_cli(["eval", "--model", tiny_dir, "--adapter", ref_run / "adapter", "--eval-examples", 16,
-                         "--max-length", 32, "--json", tmp_path / "e.json"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "eval",
+            "--model",
+            tiny_dir,
+            "--adapter",
+            ref_run / "adapter",
+            "--eval-examples",
+            16,
+            "--max-length",
+            32,
+            "--json",
+            tmp_path / "e.json",
+        ]
+    )
     assert code == 0, err
     # the log is complete: `mobizo replay` (eager noise and update) rebuilds the adapter from it
     from mobizo.replay import replay
@@ -227,9 +267,18 @@ def test_per_step_lr_eps_schedule(binary, bundle, tmp_path):
     b = read_bundle(bundle)
     data = BundleData(*(b.arrays[k] for k in ("input_ids", "attention_mask", "labels", "real_rows", "gold")))
     lrs, epss = [1.0] * 6 + [0.25] * 6, [0.05] * 6 + [0.1] * 6
-    sched = write_bundle(tmp_path / "sched", bundle, data, b.arrays["batches"][:12], lr=lrs, eps=epss,
-                         log_header=json.loads(b.run["log_header"]), adapter_config=b.run["adapter"]["config"],
-                         adapter_metadata=b.run["adapter"]["metadata"], save_every=5)  # fmt: skip
+    sched = write_bundle(
+        tmp_path / "sched",
+        bundle,
+        data,
+        b.arrays["batches"][:12],
+        lr=lrs,
+        eps=epss,
+        log_header=json.loads(b.run["log_header"]),
+        adapter_config=b.run["adapter"]["config"],
+        adapter_metadata=b.run["adapter"]["metadata"],
+        save_every=5,
+    )
     assert "schedule" in json.loads((sched / "run.json").read_text())["arrays"]
     out = tmp_path / "run"
     p = subprocess.run([str(binary), str(sched), "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -250,8 +299,11 @@ def test_resume_continues_bitwise(binary, bundle, ref_run, tmp_path):
     p = native(binary, bundle, out, "--resume")
     assert p.returncode == 0, p.stderr
     assert trajectory(out) == trajectory(ref_run)
-    for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors",
-              "adapter/adapter_config.json"):
+    for f in (
+        "adapter/adapter_model.safetensors",
+        "checkpoint/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (out / f).read_bytes() == (ref_run / f).read_bytes(), f
     p = native(binary, bundle, out, "--resume", "--steps", 10)  # the checkpoint is past --steps
     assert p.returncode == 2 and "past --steps 10" in p.stderr
@@ -283,8 +335,13 @@ def test_sigkill_at_random_moments_then_resume_matches(binary, bundle, ref_run, 
             args, done = (["--overwrite"] if out.exists() else []), False
         else:
             args, resumed = ["--resume"], resumed + 1
-        p = subprocess.Popen([str(binary), str(b), "--out", str(out), "--quiet", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [str(binary), str(b), "--out", str(out), "--quiet", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if kills < 8:
             time.sleep(rng.uniform(0.05, 0.9))
             if p.poll() is None:
@@ -379,8 +436,15 @@ def test_marker_and_overwrite_keeps_foreign_files(binary, bundle, ref_run, tmp_p
     (run / ".notes.txt.old").write_text("mine too")  # an ".X.old" of a file that is not mobizo's
     p = native(binary, bundle, run, "--overwrite", "--steps", 5)
     assert p.returncode == 0, p.stderr
-    assert sorted(e.name for e in run.iterdir()) == [".mobizo", ".notes.txt.old", "adapter", "checkpoint",
-                                                    "metrics.jsonl", "notes.txt", "summary.json"]  # fmt: skip
+    assert sorted(e.name for e in run.iterdir()) == [
+        ".mobizo",
+        ".notes.txt.old",
+        "adapter",
+        "checkpoint",
+        "metrics.jsonl",
+        "notes.txt",
+        "summary.json",
+    ]
     assert (run / "notes.txt").read_text() == "mine" and (run / ".mobizo").read_text() == marker
     assert len(trajectory(run)) == 5 and json.loads((run / "summary.json").read_text())["final_step"] == 5
     # a directory that Python marked as a run is replaced too
@@ -409,7 +473,7 @@ def test_marker_and_overwrite_keeps_foreign_files(binary, bundle, ref_run, tmp_p
 
 def test_write_errors_are_one_line(binary, bundle, tmp_path):
     """A full disk (here: a 8 KB file-size limit) fails with one line and leaves no scratch behind."""
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
     out = tmp_path / "out"
     line = one_line_error(native(binary, bundle, out, preexec_fn=limit))
     assert "cannot write" in line and "File too large" in line
@@ -442,8 +506,29 @@ def test_python_wrapper_raises_the_binary_error(binary, bundle, tmp_path):
 def test_cli_native_train_then_eval_equals_the_python_executorch_run(binary, bundle, tmp_path):
     """`mobizo native train BUNDLE` and `mobizo train --engine executorch --program BUNDLE` (the same program
     driven from Python) end with the same adapter, and `mobizo eval --adapter` scores them identically."""
-    flags = ["--queries", 2, "--batch-size", 4, "--max-length", 32, "--eval-examples", 24, "--eval-batch-size", 8,
-             "--lr", 1.0, "--eps", 0.05, "--seed", 3, "--steps", 20, "--save-every", 10, "--no-progress"]  # fmt: skip
+    flags = [
+        "--queries",
+        2,
+        "--batch-size",
+        4,
+        "--max-length",
+        32,
+        "--eval-examples",
+        24,
+        "--eval-batch-size",
+        8,
+        "--lr",
+        1.0,
+        "--eps",
+        0.05,
+        "--seed",
+        3,
+        "--steps",
+        20,
+        "--save-every",
+        10,
+        "--no-progress",
+    ]
     code, err = run_cli(["native", "train", bundle, "--out", tmp_path / "nat", "--steps", 20, "--no-progress"])
     assert code == 0, err
     code, err = run_cli(["train", "--engine", "executorch", "--program", bundle, *flags, "--out", tmp_path / "py"])
@@ -452,8 +537,22 @@ def test_cli_native_train_then_eval_equals_the_python_executorch_run(binary, bun
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     scores = []
     for r in ("nat", "py"):
-        code, err = run_cli(["eval", "--max-length", 32, "--eval-examples", 24, "--seed", 3, "--no-progress",
-                             "--adapter", tmp_path / r / "adapter", "--json", tmp_path / f"{r}.json"])  # fmt: skip
+        code, err = run_cli(
+            [
+                "eval",
+                "--max-length",
+                32,
+                "--eval-examples",
+                24,
+                "--seed",
+                3,
+                "--no-progress",
+                "--adapter",
+                tmp_path / r / "adapter",
+                "--json",
+                tmp_path / f"{r}.json",
+            ]
+        )
         assert code == 0, err
         scores.append(json.loads((tmp_path / f"{r}.json").read_text()))
     assert scores[0]["accuracy"] == scores[1]["accuracy"] and scores[0]["loss"] == scores[1]["loss"]

@@ -11,8 +11,12 @@ def test_same_seed_same_noise_bitwise():
 
 def test_seed_step_stream_and_direction_all_change_the_noise():
     base = direction_noise(7, 3, 0, (256, 64), 2)
-    for other in (direction_noise(8, 3, 0, (256, 64), 2), direction_noise(7, 4, 0, (256, 64), 2),
-                  direction_noise(7, 3, 1, (256, 64), 2), direction_noise(2**40 + 7, 3, 0, (256, 64), 2)):
+    for other in (
+        direction_noise(8, 3, 0, (256, 64), 2),
+        direction_noise(7, 4, 0, (256, 64), 2),
+        direction_noise(7, 3, 1, (256, 64), 2),
+        direction_noise(2**40 + 7, 3, 0, (256, 64), 2),
+    ):
         assert not torch.allclose(base, other)
         assert abs(torch.corrcoef(torch.stack([base.flatten(), other.flatten()]))[0, 1]) < 0.05
     # the two directions of one draw are different, uncorrelated vectors

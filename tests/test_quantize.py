@@ -8,16 +8,27 @@ import time
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from mobizo.build import assemble, export
 from mobizo.config import TrainConfig
 from mobizo.errors import MobizoError
 from mobizo.trainer import train
 
-COMMON = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=16,
-              eval_batch_size=8, lr=1.0, eps=0.05, seed=3, progress=False)  # fmt: skip
+COMMON = dict(
+    model="tiny",
+    task="synthetic",
+    queries=2,
+    batch_size=4,
+    max_length=32,
+    eval_examples=16,
+    eval_batch_size=8,
+    lr=1.0,
+    eps=0.05,
+    seed=3,
+    progress=False,
+)
 # The two programs: 8-bit per-channel linears; 4-bit grouped linears plus the embedding table and LM head.
 PROGRAMS = {"8da8w": dict(quantize="8da8w"), "8da4w-emb": dict(quantize="8da4w", quantize_embeddings=True)}
 
@@ -43,14 +54,24 @@ def _operators(pte_path):
 # ------------------------------------------------------------------ eager
 
 
-@pytest.mark.parametrize("q", [dict(quantize="int8"), dict(quantize="4w", group_size=16), dict(quantize="8da8w"),
-                               dict(quantize="8da4w"), dict(quantize="8da4w", group_size=0, quantize_embeddings=True),
-                               dict(quantize="8da8w", quantize_embeddings=True)],  # fmt: skip
-                         ids=lambda q: "-".join(str(v) for v in q.values()))
+@pytest.mark.parametrize(
+    "q",
+    [
+        dict(quantize="int8"),
+        dict(quantize="4w", group_size=16),
+        dict(quantize="8da8w"),
+        dict(quantize="8da4w"),
+        dict(quantize="8da4w", group_size=0, quantize_embeddings=True),
+        dict(quantize="8da8w", quantize_embeddings=True),
+    ],
+    ids=lambda q: "-".join(str(v) for v in q.values()),
+)
 def test_every_scheme_trains_eagerly(q, tmp_path):
     s = train(TrainConfig.from_flat(**COMMON, **q, steps=4, eval_every=0, save_every=0, out=str(tmp_path / "r")))
     assert math.isfinite(s["final_loss"])
-    b = [v for k, v in load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    b = [
+        v for k, v in load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k
+    ]
     assert b and all(v.dtype == torch.float32 for v in b) and max(v.abs().max().item() for v in b) > 0
     header = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert header["config"]["quantize"] == q["quantize"]
@@ -78,7 +99,9 @@ def test_base_is_quantized_and_the_adapter_path_stays_float():
     assert quantization_of(m) == {"quantize": "8da4w", "group_size": 32, "quantize_embeddings": True}
     # without --quantize-embeddings the head and the table stay float
     plain = assemble(TrainConfig.from_flat(**COMMON, quantize="8da8w")).model
-    assert type(plain.lm_head.weight) is torch.nn.Parameter and isinstance(plain.get_input_embeddings(), torch.nn.Embedding)
+    assert type(plain.lm_head.weight) is torch.nn.Parameter and isinstance(
+        plain.get_input_embeddings(), torch.nn.Embedding
+    )
 
 
 @pytest.mark.parametrize("bits,group", [(8, 0), (8, 16), (4, 0), (4, 32)])
@@ -96,8 +119,9 @@ def test_quant_embedding_round_trips_and_exports_exactly(bits, group):
     ids = torch.randint(0, 50, (3, 7))
     step = e.weight.abs().reshape(50, -1, group or 64).amax(-1).max() / (127 if bits == 8 else 7)
     assert (q(ids) - e(ids)).abs().max() <= step / 2 + 1e-6
-    edge = to_edge_transform_and_lower(torch.export.export(q, (ids,), strict=False),
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))  # fmt: skip
+    edge = to_edge_transform_and_lower(
+        torch.export.export(q, (ids,), strict=False), compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    )
     program = Runtime.get().load_program(edge.to_executorch().buffer)
     method = program.load_method("forward")  # keep both alive: the output lives in the method's memory
     assert torch.equal(method.execute([ids])[0].clone(), q(ids))
@@ -110,8 +134,16 @@ def test_gguf_q8_0_trains_quantized_without_a_float_copy_on_disk(tiny_pair, tmp_
     src, tok = tiny_pair
     path = write_gguf(src, tok, tmp_path / "q8.gguf", qtype="Q8_0")
     before = set(tmp_path.iterdir())
-    s = train(TrainConfig.from_flat(**{**COMMON, "model": str(path)}, quantize="8da4w", steps=3, eval_every=0,
-                                    save_every=0, out=str(tmp_path / "r")))  # fmt: skip
+    s = train(
+        TrainConfig.from_flat(
+            **{**COMMON, "model": str(path)},
+            quantize="8da4w",
+            steps=3,
+            eval_every=0,
+            save_every=0,
+            out=str(tmp_path / "r"),
+        )
+    )
     assert math.isfinite(s["final_loss"])
     assert set(tmp_path.iterdir()) - before == {tmp_path / "r"}  # no converted float checkpoint written
     assert all(p.stat().st_size < 100_000 for p in (tmp_path / "r").rglob("*.safetensors"))  # adapters only
@@ -159,11 +191,14 @@ def _synced_steps(program, q, steps=8):
                 layer.lora_B.copy_(state[n + ".lora_B"])
         idx = step_indices(len(exs), 4, s, 3)
         g = [[enc(exs[i].prompt, c) for c in exs[i].candidates] for i in idx]
-        b = collate_choices(g, [exs[i].label for i in idx], 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=4)
+        b = collate_choices(
+            g, [exs[i].label for i in idx], 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=4
+        )
         res = eng.train_step(b, s, 1.0, 0.05)
         with torch.no_grad():
-            losses, grads = step(b.input_ids, b.attention_mask, b.labels, torch.tensor(s), torch.tensor(1.0),
-                                 torch.tensor(0.05), b.gold)  # fmt: skip
+            losses, grads = step(
+                b.input_ids, b.attention_mask, b.labels, torch.tensor(s), torch.tensor(1.0), torch.tensor(0.05), b.gold
+            )
         dl = max(dl, (torch.tensor(res.losses) - losses).abs().max().item())
         dg = max(dg, (torch.tensor(res.projected_grads) - grads).abs().max().item())
     return dl, dg
@@ -221,10 +256,40 @@ def test_program_follows_the_eager_quantized_trajectory(programs, tmp_path):
 
 
 def test_a_program_of_another_scheme_is_refused(programs, tmp_path):
-    code, err = run_cli(["train", "--model", "tiny", "--queries", 2, "--batch-size", 4, "--max-length", 32,
-                         "--lr", 1.0, "--eps", 0.05, "--seed", 3, "--eval-examples", 16, "--eval-batch-size", 8,
-                         "--quantize", "8da4w", "--engine", "executorch", "--program", programs["8da8w"],
-                         "--steps", 1, "--out", tmp_path / "r", "--no-progress"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--queries",
+            2,
+            "--batch-size",
+            4,
+            "--max-length",
+            32,
+            "--lr",
+            1.0,
+            "--eps",
+            0.05,
+            "--seed",
+            3,
+            "--eval-examples",
+            16,
+            "--eval-batch-size",
+            8,
+            "--quantize",
+            "8da4w",
+            "--engine",
+            "executorch",
+            "--program",
+            programs["8da8w"],
+            "--steps",
+            1,
+            "--out",
+            tmp_path / "r",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "program was built with quantize='8da8w', this run needs '8da4w'" in err
     assert len(err.strip().splitlines()) == 1
 
@@ -232,18 +297,30 @@ def test_a_program_of_another_scheme_is_refused(programs, tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--engine", "executorch", "--quantize", "int8"], "weight-only, which ExecuTorch's XNNPACK cannot run"),
-    (["export", "--quantize", "4w", "--out", "p"], "--quantize 4w is weight-only"),
-    (["bundle", "--quantize", "4w", "--out", "b"], "--quantize 4w is weight-only"),
-    (["export", "--quantize", "8da4w", "--group-size", "48", "--out", "p"], "XNNPACK's 4-bit kernels need a multiple of 32"),
-    (["export", "--quantize", "8da4w", "--group-size", "96", "--out", "p"], "--group-size 96 does not divide the 64 input features"),
-    (["train", "--quantize", "4w", "--group-size", "48"], "--group-size 48 does not divide the 64 input features"),
-    (["train", "--quantize", "8da8w", "--group-size", "32"], "quantizes per output channel"),
-    (["train", "--group-size", "32"], "--group-size applies to a 4-bit --quantize scheme"),
-    (["eval", "--quantize-embeddings"], "--quantize-embeddings needs a --quantize scheme"),
-    (["train", "--quantize", "2w"], "invalid choice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["train", "--engine", "executorch", "--quantize", "int8"],
+            "weight-only, which ExecuTorch's XNNPACK cannot run",
+        ),
+        (["export", "--quantize", "4w", "--out", "p"], "--quantize 4w is weight-only"),
+        (["bundle", "--quantize", "4w", "--out", "b"], "--quantize 4w is weight-only"),
+        (
+            ["export", "--quantize", "8da4w", "--group-size", "48", "--out", "p"],
+            "XNNPACK's 4-bit kernels need a multiple of 32",
+        ),
+        (
+            ["export", "--quantize", "8da4w", "--group-size", "96", "--out", "p"],
+            "--group-size 96 does not divide the 64 input features",
+        ),
+        (["train", "--quantize", "4w", "--group-size", "48"], "--group-size 48 does not divide the 64 input features"),
+        (["train", "--quantize", "8da8w", "--group-size", "32"], "quantizes per output channel"),
+        (["train", "--group-size", "32"], "--group-size applies to a 4-bit --quantize scheme"),
+        (["eval", "--quantize-embeddings"], "--quantize-embeddings needs a --quantize scheme"),
+        (["train", "--quantize", "2w"], "invalid choice"),
+    ],
+)
 def test_bad_quantization_is_one_line_before_any_export(argv, message):
     t = time.perf_counter()
     code, err = run_cli(argv + ["--model", "tiny", "--no-progress"] + (["--steps", "1"] if argv[0] == "train" else []))
@@ -269,8 +346,20 @@ def test_quantizing_twice_or_after_injection_is_refused(tiny_pair):
 
 
 def test_eval_with_a_quantized_base(tmp_path):
-    code, err = run_cli(["eval", "--model", "tiny", "--quantize", "8da4w", "--eval-examples", 16, "--no-progress",
-                         "--json", tmp_path / "m.json"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--quantize",
+            "8da4w",
+            "--eval-examples",
+            16,
+            "--no-progress",
+            "--json",
+            tmp_path / "m.json",
+        ]
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 16
 

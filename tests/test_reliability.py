@@ -23,8 +23,23 @@ from mobizo.cli import main
 from mobizo.errors import MobizoError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = ["--model", "tiny", "--eval-every", "0", "--eval-examples", "8", "--batch-size", "4", "--queries", "2",
-        "--max-length", "32", "--train-examples", "64", "--no-progress"]  # fmt: skip
+FAST = [
+    "--model",
+    "tiny",
+    "--eval-every",
+    "0",
+    "--eval-examples",
+    "8",
+    "--batch-size",
+    "4",
+    "--queries",
+    "2",
+    "--max-length",
+    "32",
+    "--train-examples",
+    "64",
+    "--no-progress",
+]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -73,11 +88,12 @@ def test_replay_rebuilds_the_trained_adapter_bitwise(capsys, tmp_path, extra):
     rc, _ = run_cli(capsys, "replay", "--model", "tiny", "--log", out / "metrics.jsonl", "--out", tmp_path / "re")
     assert rc == 0
     trained, _ = read_adapter(out / "adapter")
-    replayed, cfg = read_adapter(tmp_path / "re", require_checksum=True)
+    replayed, _cfg = read_adapter(tmp_path / "re", require_checksum=True)
     assert b_norm(trained) > 0 and same_bits(trained, replayed)
     # a prefix of the log rebuilds an intermediate state: the last checkpoint's is the final one here
-    rc, _ = run_cli(capsys, "replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re", "--overwrite",
-                    "--steps", "15")  # fmt: skip
+    rc, _ = run_cli(
+        capsys, "replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re", "--overwrite", "--steps", "15"
+    )
     assert rc == 0 and same_bits(trained, read_adapter(tmp_path / "re")[0])
 
 
@@ -113,7 +129,9 @@ def test_replay_rejects_bad_logs(capsys, tmp_path):
     assert "gap" in replay_err("\n".join(lines[:3] + lines[4:]) + "\n")
     assert "header" in replay_err("\n".join(lines[1:]) + "\n")
     assert "malformed JSON" in replay_err("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
-    assert "--queries" in replay_err("\n".join(lines[:2] + [lines[2].replace('"projected_grads": [', '"projected_grads": [1.0, ')]) + "\n")
+    assert "--queries" in replay_err(
+        "\n".join(lines[:2] + [lines[2].replace('"projected_grads": [', '"projected_grads": [1.0, ')]) + "\n"
+    )
     # a last line cut by a kill (no newline) was never applied: replay ignores it
     log.write_text("\n".join(lines) + "\n" + lines[-1][:20])
     assert run_cli(capsys, "replay", "--log", log, "--out", tmp_path / "ok")[0] == 0
@@ -187,8 +205,20 @@ def test_bare_resume_continues_with_the_saved_flags(capsys, tmp_path):
             raise Killed()
 
     out = tmp_path / "run"
-    cfg = TrainConfig.from_flat(steps=9, save_every=4, lr=0.05, max_bad_steps=7, batch_size=4, queries=2, max_length=32,
-                      eval_every=0, eval_examples=8, train_examples=64, out=str(out), progress=False)  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        steps=9,
+        save_every=4,
+        lr=0.05,
+        max_bad_steps=7,
+        batch_size=4,
+        queries=2,
+        max_length=32,
+        eval_every=0,
+        eval_examples=8,
+        train_examples=64,
+        out=str(out),
+        progress=False,
+    )
     with pytest.raises(Killed):
         train_api(cfg, on_step=die_at_6)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
@@ -236,7 +266,9 @@ def test_bit_flip_in_checkpoint_is_caught_by_the_checksum(capsys, ckpt_run):
     assert rc == 2 and "checksum mismatch" in err
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"step": -1}', '{"step": "3", "config": {}}', '{"step": 3, "config": 7}'])
+@pytest.mark.parametrize(
+    "text", ["", "{", "[]", '{"step": -1}', '{"step": "3", "config": {}}', '{"step": 3, "config": 7}']
+)
 def test_bad_state_json_errors_clearly(capsys, ckpt_run, text):
     (ckpt_run / "checkpoint" / "state.json").write_text(text)
     rc, err = _resume(capsys, ckpt_run)
@@ -283,7 +315,14 @@ def test_resume_uses_the_old_twin_after_a_kill_between_the_renames(capsys, ckpt_
     (ckpt_run / ".checkpoint.tmp-abc" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     assert resolve_dir(ck) == ckpt_run / ".checkpoint.old"
     assert _resume(capsys, ckpt_run)[0] == 0
-    assert sorted(p.name for p in ckpt_run.iterdir()) == [".mobizo", "adapter", "best", "checkpoint", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in ckpt_run.iterdir()) == [
+        ".mobizo",
+        "adapter",
+        "best",
+        "checkpoint",
+        "metrics.jsonl",
+        "summary.json",
+    ]
 
 
 def test_atomic_write_dir_never_exposes_a_partial_version(tmp_path):
@@ -349,7 +388,9 @@ def test_out_validation(capsys, tmp_path):
     (run / "best").mkdir(exist_ok=True)
     assert train(capsys, run, "--steps", "3", "--save-every", "0", "--overwrite")[0] == 0
     assert (run / "notes.txt").read_text() == "mine"
-    assert (run / "metrics.jsonl").read_text() != first and json.loads((run / "summary.json").read_text())["final_step"] == 3
+    assert (run / "metrics.jsonl").read_text() != first and json.loads((run / "summary.json").read_text())[
+        "final_step"
+    ] == 3
     rc, err = train(capsys, run, "--steps", "3", "--resume", "--overwrite")
     assert rc == 2 and "exclude each other" in err
 
@@ -374,7 +415,7 @@ def test_weights_are_only_loaded_safely():
     """No pickle: safetensors, or torch.load(weights_only=True); no remote code by default."""
     for path in SRC.rglob("*.py"):
         text = path.read_text()
-        assert not re.search(r"^\s*import pickle|^\s*from pickle|import dill|import joblib", text, re.M), path
+        assert not re.search(r"^\s*import pickle|^\s*from pickle|import dill|import joblib", text, re.MULTILINE), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
@@ -389,11 +430,19 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path):
     model = tmp_path / "evil"
     model.mkdir()
     sentinel = tmp_path / "pwned"
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "evil_lm", "architectures": ["EvilForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
-                     "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
-    }))  # fmt: skip
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil_lm",
+                "architectures": ["EvilForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                    "AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+                },
+            }
+        )
+    )
     payload = f"open({str(sentinel)!r}, 'w').write('x')\n"
     for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
         (model / name).write_text(payload)
@@ -413,7 +462,7 @@ def test_model_dir_without_safetensors_is_refused(tmp_path):
 
 
 def test_trust_remote_code_flag_reaches_the_loader(monkeypatch, capsys, tmp_path):
-    import mobizo.models as models
+    from mobizo import models
 
     seen = []
 

@@ -14,10 +14,27 @@ from mobizo.build import assemble, build_engine
 from mobizo.config import TrainConfig
 
 # one wide layer: its packed weights (~13 MB) stand well above the allocator's noise
-WIDE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=1, num_attention_heads=8,
-            num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
-COMMON = dict(task="synthetic", queries=2, batch_size=4, max_length=24, eval_examples=8, eval_batch_size=8,
-              lr=0.5, eps=0.05, seed=1, progress=False)  # fmt: skip
+WIDE = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+COMMON = dict(
+    task="synthetic",
+    queries=2,
+    batch_size=4,
+    max_length=24,
+    eval_examples=8,
+    eval_batch_size=8,
+    lr=0.5,
+    eps=0.05,
+    seed=1,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +60,7 @@ def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
     import peft.utils.save_and_load  # noqa: F401
     import safetensors.torch
     import transformers
-    import transformers.modeling_utils  # noqa: F401
+    import transformers.modeling_utils
 
     from mobizo import models
 
@@ -131,11 +148,13 @@ def test_the_frozen_weights_are_packed_once_across_methods(wide):
 
     f = next(model_dir.glob("*.safetensors"))
     with safe_open(str(f), "pt") as st:  # the XNNPACK-run linears: every projection, and the LM head
-        linear = sum(st.get_tensor(k).numel() * 4 for k in st.keys() if k.endswith("proj.weight"))
+        linear = sum(st.get_tensor(k).numel() * 4 for k in st if k.endswith("proj.weight"))
         head = st.get_tensor("lm_head.weight").numel() * 4
 
     def probe(mode):
-        r = subprocess.run([sys.executable, "-c", PROBE, str(program), mode], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", PROBE, str(program), mode], capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -175,8 +194,12 @@ def test_the_program_is_not_kept_locked_in_memory(wide):
     model_dir, program = wide
 
     def probe(mode):
-        r = subprocess.run([sys.executable, "-c", LOCK_PROBE, json.dumps({**COMMON, "model": str(model_dir)}),
-                            str(program), mode], capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", LOCK_PROBE, json.dumps({**COMMON, "model": str(model_dir)}), str(program), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -193,7 +216,7 @@ def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path,
     program the first exported from the cache (hard links), without exporting."""
     import os
 
-    import mobizo.build as build
+    from mobizo import build
     from mobizo.trainer import train
 
     cfg = TrainConfig.from_flat(model="tiny", **{**COMMON, "max_length": 20}, engine="executorch", steps=2)
@@ -248,8 +271,12 @@ def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_
 
     def probe(mode):
         flat = dict(model=str(model_dir), **COMMON, steps=3, eval_every=0, save_every=0, out=str(tmp_path / mode))
-        r = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(flat), str(program), mode],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", LIGHT_PROBE, json.dumps(flat), str(program), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -260,8 +287,9 @@ def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_
     assert len(light["losses"]) == 3
     assert light["losses"] == skeleton["losses"] and light["b"] == skeleton["b"]
     timing = ("seconds", "examples_per_second")
-    assert {k: v for k, v in light["eval"].items() if k not in timing} == \
-        {k: v for k, v in skeleton["eval"].items() if k not in timing}  # fmt: skip
+    assert {k: v for k, v in light["eval"].items() if k not in timing} == {
+        k: v for k, v in skeleton["eval"].items() if k not in timing
+    }
     assert light["config"] == skeleton["config"]
 
 
@@ -269,8 +297,9 @@ def test_a_program_is_checked_against_the_adapter_the_run_asks_for(wide):
     from mobizo.errors import MobizoError
 
     model_dir, program = wide
-    cfg = TrainConfig.from_flat(model=str(model_dir), **COMMON, engine="executorch", program=str(program),
-                                target_modules="q_proj")  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        model=str(model_dir), **COMMON, engine="executorch", program=str(program), target_modules="q_proj"
+    )
     with pytest.raises(MobizoError, match="target_spec"):
         build_engine(assemble(cfg, weights=False))
 
@@ -307,8 +336,12 @@ PAGES_PROBE = textwrap.dedent("""
 
 def test_the_pages_an_eval_reads_are_released_when_training_resumes(wide):
     model_dir, program = wide
-    r = subprocess.run([sys.executable, "-c", PAGES_PROBE, json.dumps(dict(model=str(model_dir), **COMMON)), str(program)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", PAGES_PROBE, json.dumps(dict(model=str(model_dir), **COMMON)), str(program)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     # eval reads more of the mapping than a step (score's unpacked LM head: all of it); the next step

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -13,11 +14,11 @@ def test_constant_and_warmup():
 
 def test_linear_and_cosine_decay():
     lin = [lr_at(s, 1.0, 10, "linear") for s in range(1, 11)]
-    assert lin[0] == 1.0 and lin[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(lin, lin[1:]))
+    assert lin[0] == 1.0 and lin[-1] == pytest.approx(0.1) and all(a > b for a, b in itertools.pairwise(lin))
     cos = [lr_at(s, 1.0, 10, "cosine", 2) for s in range(1, 11)]
     assert cos[:3] == [0.5, 1.0, 1.0]
     assert cos[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(a >= b for a, b in zip(cos[1:], cos[2:])) and cos[-1] > 0
+    assert all(a >= b for a, b in itertools.pairwise(cos)) and cos[-1] > 0
     assert lr_at(5, 1.0, 9, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 9)))
     # a resumed run past its --steps keeps the last lr instead of going negative
     assert lr_at(12, 1.0, 10, "linear") == pytest.approx(0.1)
@@ -56,8 +57,27 @@ def test_resume_with_a_decaying_schedule_keeps_steps(tmp_path):
     """--steps shapes every lr of a linear/cosine schedule: a resumed run may not change it."""
     from conftest import run_cli
 
-    flags = ["--queries", 2, "--batch-size", 4, "--max-length", 32, "--eval-examples", 8, "--eval-every", 0,
-             "--lr", 2.0, "--eps", 0.02, "--lr-schedule", "cosine", "--warmup-steps", 1, "--no-progress"]  # fmt: skip
+    flags = [
+        "--queries",
+        2,
+        "--batch-size",
+        4,
+        "--max-length",
+        32,
+        "--eval-examples",
+        8,
+        "--eval-every",
+        0,
+        "--lr",
+        2.0,
+        "--eps",
+        0.02,
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        1,
+        "--no-progress",
+    ]
     assert run_cli(["train", *flags, "--steps", 3, "--out", tmp_path / "r"])[0] == 0
     code, err = run_cli(["train", "--resume", "--out", tmp_path / "r", "--steps", 5, "--no-progress"])
     assert code == 2 and "--lr-schedule cosine --steps shapes every step's lr" in err

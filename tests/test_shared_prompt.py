@@ -15,8 +15,16 @@ from mobizo.tasks import Example
 
 def _examples():
     """Prompts of different lengths; 2 or 3 one-token candidates (a missing one is filler)."""
-    texts = ["the movie was great", "awful food and a rude waiter, never again", "fine", "I loved every minute of it",
-             "boring", "the plot made no sense at all and the acting was worse", "good", "what a waste of time"]  # fmt: skip
+    texts = [
+        "the movie was great",
+        "awful food and a rude waiter, never again",
+        "fine",
+        "I loved every minute of it",
+        "boring",
+        "the plot made no sense at all and the acting was worse",
+        "good",
+        "what a waste of time",
+    ]
     exs = []
     for i, t in enumerate(texts):
         cands = [" bad", " good"] + ([" great"] if i % 3 == 0 else [])
@@ -46,7 +54,12 @@ def test_layouts(tiny):
     _, tok = tiny
     old, new = _batches(tok, _examples(), examples=10)
     assert old.rows == 30 and new.rows == 10 and new.shared and not old.shared
-    assert new.labels.shape == (10, 3) and new.labels[0, 2] != -100 and new.labels[1, 2] == -100 and (new.labels[8:] == -100).all()
+    assert (
+        new.labels.shape == (10, 3)
+        and new.labels[0, 2] != -100
+        and new.labels[1, 2] == -100
+        and (new.labels[8:] == -100).all()
+    )
     assert new.input_ids.shape[1] == old.input_ids.shape[1] - 1  # the prompt alone: one column shorter
     assert torch.equal(old.gold, new.gold) and new.gold[-2:].tolist() == [-100, -100]
     # auto: an engine with free shapes shares exactly when every candidate is one token
@@ -73,8 +86,16 @@ def test_zo_step_losses_g_and_trajectory_match(tiny, estimator, q, data_mode):
         out = []
         with torch.no_grad():
             for s in range(1, 5):
-                losses, g = st(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(s),
-                               torch.tensor(0.5), torch.tensor(1e-2), batch.gold, shared=batch.shared)  # fmt: skip
+                losses, g = st(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.labels,
+                    torch.tensor(s),
+                    torch.tensor(0.5),
+                    torch.tensor(1e-2),
+                    batch.gold,
+                    shared=batch.shared,
+                )
                 out.append((losses, g))
         runs.append((out, [layer.lora_B.clone() for _, layer in lora_layers(m)]))
     (o_steps, o_b), (n_steps, n_b) = runs
@@ -165,10 +186,14 @@ def test_the_training_step_reads_only_the_candidates_rows_of_the_lm_head(tiny):
     from mobizo.step import choice_losses, objective_loss
 
     model, tok = tiny
-    old, new = _batches(tok, _examples())
+    _old, new = _batches(tok, _examples())
     scalars = (torch.tensor(1), torch.tensor(0.5), torch.tensor(1e-2))
-    step = ZOStep(_adapted(copy.deepcopy(model)), ZOConfig("prge", 2, objective="choice-sum", choices=3), shared_prompt=True)
-    assert _head_users(step, (new.input_ids, new.attention_mask, new.labels, *scalars, new.gold)) == {"aten.embedding.default"}
+    step = ZOStep(
+        _adapted(copy.deepcopy(model)), ZOConfig("prge", 2, objective="choice-sum", choices=3), shared_prompt=True
+    )
+    assert _head_users(step, (new.input_ids, new.attention_mask, new.labels, *scalars, new.gold)) == {
+        "aten.embedding.default"
+    }
     score = ScoreMethod(step.model, shared_prompt=True)
     assert "aten.linear.default" in _head_users(score, (new.input_ids, new.attention_mask, new.labels))
 

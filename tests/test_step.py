@@ -23,7 +23,14 @@ def _run(model, estimator, q, batch, steps=3, lr=0.05, eps=1e-2, data_mode="repe
     gs = []
     with torch.no_grad():
         for s in range(1, steps + 1):
-            _, g = st(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(s), torch.tensor(lr), torch.tensor(eps))
+            _, g = st(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.labels,
+                torch.tensor(s),
+                torch.tensor(lr),
+                torch.tensor(eps),
+            )
             gs.append(g)
     return torch.stack(gs), [layer.lora_B.clone() for _, layer in lora_layers(m)]
 
@@ -39,7 +46,7 @@ def test_estimators_same_update_and_trajectory(tiny, synthetic_batch, q, data_mo
         for x, y in zip(b, ref_b):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     # fp32 agrees up to float rounding too
-    g32, b32 = _run(model, "mezo", q, synthetic_batch, data_mode=data_mode, dtype=torch.float32)
+    g32, _b32 = _run(model, "mezo", q, synthetic_batch, data_mode=data_mode, dtype=torch.float32)
     torch.testing.assert_close(g32.double(), ref_g, rtol=2e-3, atol=2e-3)
 
 
@@ -88,7 +95,9 @@ def test_guard_skips_bad_steps_in_graph(tiny, synthetic_batch):
         _, g = st(b.input_ids, b.attention_mask, b.labels, torch.tensor(1), torch.tensor(0.1), torch.tensor(1e-2))
         assert (g.abs() > 1e-9).any()
         st2 = ZOStep(model, ZOConfig("prge", 2, seed=0))
-        losses, _ = st2(b.input_ids, b.attention_mask, b.labels, torch.tensor(1), torch.tensor(0.1), torch.tensor(float("inf")))
+        losses, _ = st2(
+            b.input_ids, b.attention_mask, b.labels, torch.tensor(1), torch.tensor(0.1), torch.tensor(float("inf"))
+        )
     assert not torch.isfinite(losses).all()
     for x, (_, layer) in zip(before, lora_layers(model)):
         assert torch.equal(x, layer.lora_B)

@@ -12,11 +12,11 @@ import torch
 
 from mobizo import models
 from mobizo.cli import main
+from mobizo.config import TrainConfig
 from mobizo.data import Encoder, collate
 from mobizo.errors import MobizoError
 from mobizo.evaluation import evaluate, score_pairs
 from mobizo.tasks import get_task
-from mobizo.config import TrainConfig
 from mobizo.trainer import train
 
 _TOKENIZER = None
@@ -82,42 +82,119 @@ def rows_for(task: str, n: int) -> list[dict]:
         if task == "sst2":
             out.append({"sentence": f"{food} was {'good' if y else 'bad'} ", "label": y, "idx": i})
         elif task in ("rte", "cb"):
-            out.append({"premise": f"I ate {food}.", "hypothesis": f"Someone ate {food}.", "label": i % (3 if task == "cb" else 2), "idx": i})
+            out.append(
+                {
+                    "premise": f"I ate {food}.",
+                    "hypothesis": f"Someone ate {food}.",
+                    "label": i % (3 if task == "cb" else 2),
+                    "idx": i,
+                }
+            )
         elif task == "boolq":
             out.append({"question": f"is {food} warm", "passage": f"{food} is warm.", "answer": bool(y)})
         elif task == "wic":
-            out.append({"word": "bank", "sentence1": "The bank was closed.", "sentence2": f"We sat on the {'bank' if y else 'shore'}.",
-                        "start1": 4, "start2": 10, "end1": 8, "end2": 14, "idx": i, "label": y})  # fmt: skip
+            out.append(
+                {
+                    "word": "bank",
+                    "sentence1": "The bank was closed.",
+                    "sentence2": f"We sat on the {'bank' if y else 'shore'}.",
+                    "start1": 4,
+                    "start2": 10,
+                    "end1": 8,
+                    "end2": 14,
+                    "idx": i,
+                    "label": y,
+                }
+            )
         elif task == "wsc":
-            out.append({"text": f"Mark told Pete about {food} because he was hungry.", "span1_index": 0, "span2_index": 7,
-                        "span1_text": "Mark" if y else "Pete", "span2_text": "He", "idx": i, "label": y})  # fmt: skip
+            out.append(
+                {
+                    "text": f"Mark told Pete about {food} because he was hungry.",
+                    "span1_index": 0,
+                    "span2_index": 7,
+                    "span1_text": "Mark" if y else "Pete",
+                    "span2_text": "He",
+                    "idx": i,
+                    "label": y,
+                }
+            )
         elif task == "multirc":
-            out.append({"paragraph": f"Sam cooked {food}.", "question": "What did Sam cook?", "answer": food if y else "nothing",
-                        "idx": {"paragraph": 0, "question": 0, "answer": i}, "label": y})  # fmt: skip
+            out.append(
+                {
+                    "paragraph": f"Sam cooked {food}.",
+                    "question": "What did Sam cook?",
+                    "answer": food if y else "nothing",
+                    "idx": {"paragraph": 0, "question": 0, "answer": i},
+                    "label": y,
+                }
+            )
         elif task == "mrpc":
             out.append({"sentence1": f"He ate {food}.", "sentence2": f"{food} was eaten by him.", "label": y, "idx": i})
         elif task == "qqp":
-            out.append({"question1": f"How is {food} made?", "question2": f"How do I make {food}?", "label": y, "idx": i})
+            out.append(
+                {"question1": f"How is {food} made?", "question2": f"How do I make {food}?", "label": y, "idx": i}
+            )
         elif task == "qnli":
             out.append({"question": f"Who ate {food}?", "sentence": f"Ann ate {food}.", "label": y, "idx": i})
         elif task == "wnli":
-            out.append({"sentence1": f"The cat ate {food} because it was hungry.", "sentence2": "The cat was hungry.", "label": y, "idx": i})
+            out.append(
+                {
+                    "sentence1": f"The cat ate {food} because it was hungry.",
+                    "sentence2": "The cat was hungry.",
+                    "label": y,
+                    "idx": i,
+                }
+            )
         elif task == "copa":
-            out.append({"premise": f"I was hungry{'.' if y else ''}", "choice1": f"I ate {food}.", "choice2": "The sun rose.",
-                        "question": "effect" if y else "cause", "idx": i, "label": y})  # fmt: skip
+            out.append(
+                {
+                    "premise": f"I was hungry{'.' if y else ''}",
+                    "choice1": f"I ate {food}.",
+                    "choice2": "The sun rose.",
+                    "question": "effect" if y else "cause",
+                    "idx": i,
+                    "label": y,
+                }
+            )
         elif task == "winogrande":
-            out.append({"sentence": f"Ann gave {food} to Bea because _ was hungry.", "option1": "Ann", "option2": "Bea", "answer": str(1 + y)})
+            out.append(
+                {
+                    "sentence": f"Ann gave {food} to Bea because _ was hungry.",
+                    "option1": "Ann",
+                    "option2": "Bea",
+                    "answer": str(1 + y),
+                }
+            )
         elif task in ("arc-easy", "arc-challenge"):
             labels = ["A", "B", "C", "D"] if y else ["1", "2", "3"]
-            out.append({"id": f"q{i}", "question": f"Which one is food? ({i})",
-                        "choices": {"text": [food, "a rock", "a cloud", "a car"][: len(labels)], "label": labels},
-                        "answerKey": labels[i % len(labels)]})  # fmt: skip
+            out.append(
+                {
+                    "id": f"q{i}",
+                    "question": f"Which one is food? ({i})",
+                    "choices": {"text": [food, "a rock", "a cloud", "a car"][: len(labels)], "label": labels},
+                    "answerKey": labels[i % len(labels)],
+                }
+            )
         elif task == "squad":
-            out.append({"id": str(i), "title": "Food", "context": f"Ann ate {food} at noon.", "question": "What did Ann eat?",
-                        "answers": {"text": [food, food.split()[-1]], "answer_start": [8, 12]}})  # fmt: skip
+            out.append(
+                {
+                    "id": str(i),
+                    "title": "Food",
+                    "context": f"Ann ate {food} at noon.",
+                    "question": "What did Ann eat?",
+                    "answers": {"text": [food, food.split()[-1]], "answer_start": [8, 12]},
+                }
+            )
         elif task == "drop":
-            out.append({"section_id": "s", "query_id": str(i), "passage": f"Ann ate {i + 2} apples.", "question": "How many apples?",
-                        "answers_spans": {"spans": [str(i + 2)], "types": ["number"]}})  # fmt: skip
+            out.append(
+                {
+                    "section_id": "s",
+                    "query_id": str(i),
+                    "passage": f"Ann ate {i + 2} apples.",
+                    "question": "How many apples?",
+                    "answers_spans": {"spans": [str(i + 2)], "types": ["number"]},
+                }
+            )
         else:
             raise AssertionError(task)
     return out
@@ -164,9 +241,23 @@ def test_task_trains_and_evaluates_end_to_end(task, tmp_path, capsys):
     data = make_data(tmp_path / "data", task)
     metric = TASKS[task][1]
     out = tmp_path / "run"
-    cfg = TrainConfig.from_flat(model="tiny", task=task, data=str(data), steps=2, batch_size=2, queries=1, lr=0.05, eps=0.05,
-                      eval_examples=4, eval_every=1, save_every=0, progress=False, out=str(out), max_length=96,
-                      max_new_tokens=6)  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        model="tiny",
+        task=task,
+        data=str(data),
+        steps=2,
+        batch_size=2,
+        queries=1,
+        lr=0.05,
+        eps=0.05,
+        eval_examples=4,
+        eval_every=1,
+        save_every=0,
+        progress=False,
+        out=str(out),
+        max_length=96,
+        max_new_tokens=6,
+    )
     summary = train(cfg)
     assert summary["metric"] == metric
     value = summary[f"eval_{metric}"]
@@ -182,8 +273,19 @@ def test_task_trains_and_evaluates_end_to_end(task, tmp_path, capsys):
 
     # `mobizo eval` on the final adapter reproduces the training run's final eval; zero-shot also works
     capsys.readouterr()
-    common = ["eval", "--task", task, "--data", str(data), "--eval-examples", "4", "--max-length", "96",
-              "--max-new-tokens", "6"]  # fmt: skip
+    common = [
+        "eval",
+        "--task",
+        task,
+        "--data",
+        str(data),
+        "--eval-examples",
+        "4",
+        "--max-length",
+        "96",
+        "--max-new-tokens",
+        "6",
+    ]
     assert main(common + ["--adapter", str(out / "adapter"), "--json", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["metric"] == metric and m["task"] == task
@@ -212,25 +314,65 @@ def test_templates_follow_mezo(tmp_path):
     assert ex.candidates == ["Yes", "No"] and ex.answer == "No"  # no space after a newline
     ex = load_one(tmp_path / "c", "boolq", [{"question": "is it warm", "passage": "It is.", "label": 1}])[0]
     assert ex.prompt == "It is. Is it warm?\n" and ex.answer == "Yes"
-    ex = load_one(tmp_path / "d", "copa", [{"premise": "The man fell.", "choice1": "He slipped.", "choice2": "I pushed him.",
-                                           "question": "cause", "label": 1}])[0]  # fmt: skip
+    ex = load_one(
+        tmp_path / "d",
+        "copa",
+        [
+            {
+                "premise": "The man fell.",
+                "choice1": "He slipped.",
+                "choice2": "I pushed him.",
+                "question": "cause",
+                "label": 1,
+            }
+        ],
+    )[0]
     assert ex.prompt == "The man fell because" and ex.candidates == [" he slipped.", " I pushed him."] and ex.label == 1
-    ex = load_one(tmp_path / "e", "winogrande", [{"sentence": "Ann helped Bea because _ was kind.", "option1": "Ann",
-                                                 "option2": "Bea", "answer": "1"}])[0]  # fmt: skip
-    assert ex.prompt == "Ann helped Bea because" and ex.candidates == [" Ann was kind.", " Bea was kind."] and ex.label == 0
-    ex = load_one(tmp_path / "f", "squad", [{"title": "T", "context": "C.", "question": "Q? ",
-                                            "answers": {"text": ["x  y", "x y", "z"], "answer_start": [0, 0, 0]}}])[0]  # fmt: skip
+    ex = load_one(
+        tmp_path / "e",
+        "winogrande",
+        [{"sentence": "Ann helped Bea because _ was kind.", "option1": "Ann", "option2": "Bea", "answer": "1"}],
+    )[0]
+    assert (
+        ex.prompt == "Ann helped Bea because"
+        and ex.candidates == [" Ann was kind.", " Bea was kind."]
+        and ex.label == 0
+    )
+    ex = load_one(
+        tmp_path / "f",
+        "squad",
+        [
+            {
+                "title": "T",
+                "context": "C.",
+                "question": "Q? ",
+                "answers": {"text": ["x  y", "x y", "z"], "answer_start": [0, 0, 0]},
+            }
+        ],
+    )[0]
     assert ex.prompt == "Title: T\nContext: C.\nQuestion: Q?\nAnswer:"
     assert ex.target == " x y\n" and ex.answers == ["x y", "z"]
-    ex = load_one(tmp_path / "g", "drop", [{"passage": "P", "question": "Q", "answers_spans": {"spans": ["3"], "types": ["number"]}}])[0]
+    ex = load_one(
+        tmp_path / "g",
+        "drop",
+        [{"passage": "P", "question": "Q", "answers_spans": {"spans": ["3"], "types": ["number"]}}],
+    )[0]
     assert ex.prompt == "Passage: P\nQuestion: Q\nAnswer:" and ex.answers == ["3"]
 
 
 @pytest.mark.parametrize(
     "task,value,label",
-    [("rte", "not_entailment", 1), ("rte", "0", 0), ("cb", "neutral", 2), ("cb", 2.0, 2), ("boolq", "False", 0),
-     ("boolq", True, 1), ("wic", "true", 1), ("sst2", "positive", 1)],
-)  # fmt: skip
+    [
+        ("rte", "not_entailment", 1),
+        ("rte", "0", 0),
+        ("cb", "neutral", 2),
+        ("cb", 2.0, 2),
+        ("boolq", "False", 0),
+        ("boolq", True, 1),
+        ("wic", "true", 1),
+        ("sst2", "positive", 1),
+    ],
+)
 def test_label_values_in_every_spelling(tmp_path, task, value, label):
     row = rows_for(task, 1)[0]
     row["answer" if task == "boolq" else "label"] = value
@@ -307,7 +449,9 @@ def test_multi_token_label_word_is_scored_whole(tiny):
     assert batch.labels[0].tolist() == e.answer_ids  # the whole word is in the answer window
     from mobizo.engines.eager import EagerEngine
 
-    sums, counts = score_pairs(EagerEngine(model, None), enc, [(prompt, "Maybe"), (prompt, "Yes")], tok.pad_token_id, 128, 8)
+    sums, counts = score_pairs(
+        EagerEngine(model, None), enc, [(prompt, "Maybe"), (prompt, "Yes")], tok.pad_token_id, 128, 8
+    )
     ids = torch.tensor([e.prompt_ids + e.answer_ids])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
@@ -341,11 +485,23 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     cases.append((lambda: get_task("sst2", data=str(d / "bin")).load("validation"), "not valid UTF-8"))
     write(d / "wg" / "validation", [{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": ""}], "jsonl")
     cases.append((lambda: get_task("winogrande", data=str(d / "wg")).load("validation"), "unlabelled test split"))
-    write(d / "arc" / "validation", [{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}], "jsonl")
+    write(
+        d / "arc" / "validation",
+        [{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"}],
+        "jsonl",
+    )
     cases.append((lambda: get_task("arc-easy", data=str(d / "arc")).load("validation"), "answerKey 'E'"))
-    write(d / "sq" / "validation", [{"context": "c", "question": "q", "answers": {"text": [], "answer_start": []}}], "jsonl")
+    write(
+        d / "sq" / "validation",
+        [{"context": "c", "question": "q", "answers": {"text": [], "answer_start": []}}],
+        "jsonl",
+    )
     cases.append((lambda: get_task("squad", data=str(d / "sq")).load("validation"), "no non-empty answer"))
-    write(d / "cp" / "validation", [{"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 0}], "jsonl")
+    write(
+        d / "cp" / "validation",
+        [{"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 0}],
+        "jsonl",
+    )
     cases.append((lambda: get_task("copa", data=str(d / "cp")).load("validation"), "'cause' or 'effect'"))
     cases.append((lambda: get_task("nope"), "unknown task 'nope'"))
     for fn, message in cases:
@@ -365,8 +521,18 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path, capsys):
     long = [{"sentence": " ".join(["the movie was good"] * 30), "label": 1}] * 3 + [{"sentence": "fun", "label": 1}]
     write(tmp_path / "d" / "train", long, "jsonl")
     write(tmp_path / "d" / "validation", long, "jsonl")
-    cfg = TrainConfig.from_flat(task="sst2", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, eval_examples=None,
-                      eval_every=0, save_every=0, progress=False, max_length=32)  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        task="sst2",
+        data=str(tmp_path / "d"),
+        steps=1,
+        batch_size=2,
+        queries=1,
+        eval_examples=None,
+        eval_every=0,
+        save_every=0,
+        progress=False,
+        max_length=32,
+    )
     summary = train(cfg)
     assert summary["truncated"] == {"train": 3, "validation": 3} and summary["eval"]["truncated"] == 3
     assert "3 of 4 train examples exceed --max-length 32" in capsys.readouterr().err
@@ -379,11 +545,18 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "pred,gold,f1,em",
-    [("Denver Broncos", "Denver Broncos", 1.0, 1.0), ("the Denver Broncos!", "denver broncos", 1.0, 1.0),
-     ("Broncos", "Denver Broncos", 2 / 3, 0.0), ("Denver Broncos won", "the Broncos", 0.5, 0.0),
-     ("Carolina", "Denver Broncos", 0.0, 0.0), ("", "", 1.0, 1.0), ("", "Denver", 0.0, 0.0),
-     ("x b b", "b b c", 2 / 3, 0.0), ("a b b", "b b c", 0.8, 0.0)],
-)  # fmt: skip
+    [
+        ("Denver Broncos", "Denver Broncos", 1.0, 1.0),
+        ("the Denver Broncos!", "denver broncos", 1.0, 1.0),
+        ("Broncos", "Denver Broncos", 2 / 3, 0.0),
+        ("Denver Broncos won", "the Broncos", 0.5, 0.0),
+        ("Carolina", "Denver Broncos", 0.0, 0.0),
+        ("", "", 1.0, 1.0),
+        ("", "Denver", 0.0, 0.0),
+        ("x b b", "b b c", 2 / 3, 0.0),
+        ("a b b", "b b c", 0.8, 0.0),
+    ],
+)
 def test_squad_f1_and_exact_match(pred, gold, f1, em):
     from mobizo.evaluation import exact_match, normalize_answer, token_f1
 
@@ -433,7 +606,7 @@ def test_greedy_generation_stops_at_newline_eos_or_budget(tiny):
 
     _, tok = tiny
     enc = Encoder(tok)
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
     scripts = {
         "Who won? Answer:": ids(" the Denver Broncos\nand more") + [tok.eos_token_id],  # stops at the newline
         "Who lost the game? Answer:": ids(" Broncos") + [tok.eos_token_id] + ids(" never"),  # stops at EOS
@@ -445,11 +618,22 @@ def test_greedy_generation_stops_at_newline_eos_or_budget(tiny):
     assert texts == ["the Denver Broncos", "Broncos", ("so " * 16).strip()] and truncated == 0
     assert len(engine.shapes_seen) == 16 and engine.shapes_seen[0][0] == 3 and engine.shapes_seen[-1][0] == 1
     # through evaluate: F1/EM against all accepted answers
-    exs = [Example(prompt=p, target=" x\n", answers=a) for p, a in
-           zip(prompts, [["Denver Broncos"], ["Denver Broncos", "Carolina"], ["Carolina"]])]  # fmt: skip
+    exs = [
+        Example(prompt=p, target=" x\n", answers=a)
+        for p, a in zip(prompts, [["Denver Broncos"], ["Denver Broncos", "Carolina"], ["Carolina"]])
+    ]
     preds: list[str] = []
-    m = evaluate(ScriptedGenerator(tok, enc, scripts), "generation", exs, enc, tok.pad_token_id, 64, 8,
-                 max_new_tokens=16, predictions=preds)  # fmt: skip
+    m = evaluate(
+        ScriptedGenerator(tok, enc, scripts),
+        "generation",
+        exs,
+        enc,
+        tok.pad_token_id,
+        64,
+        8,
+        max_new_tokens=16,
+        predictions=preds,
+    )
     assert preds[:2] == ["the Denver Broncos", "Broncos"]
     assert m["em"] == pytest.approx(1 / 3) and m["f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
     with pytest.raises(MobizoError, match="cannot generate"):
@@ -460,13 +644,34 @@ def test_greedy_generation_stops_at_newline_eos_or_budget(tiny):
 
 def test_squad_generation_end_to_end_after_learning_the_answer(tmp_path):
     """Train on " the soup\\n" (first-order, to be quick): greedy decoding then says "the soup" and stops."""
-    rows = [{"title": "Food", "context": f"Ann ate the soup at {h}.", "question": "What did Ann eat?",
-             "answers": {"text": ["the soup"], "answer_start": [8]}} for h in ("noon", "six", "ten", "one")]  # fmt: skip
+    rows = [
+        {
+            "title": "Food",
+            "context": f"Ann ate the soup at {h}.",
+            "question": "What did Ann eat?",
+            "answers": {"text": ["the soup"], "answer_start": [8]},
+        }
+        for h in ("noon", "six", "ten", "one")
+    ]
     write(tmp_path / "train", rows, "jsonl")
     write(tmp_path / "validation", rows, "parquet")
-    summary = train(TrainConfig.from_flat(task="squad", data=str(tmp_path), estimator="fo", optimizer="adamw", lr=3e-2, steps=60, train_a=True,
-                                batch_size=2, eval_every=0, save_every=0, progress=False, max_length=64,
-                                max_new_tokens=12))  # fmt: skip
+    summary = train(
+        TrainConfig.from_flat(
+            task="squad",
+            data=str(tmp_path),
+            estimator="fo",
+            optimizer="adamw",
+            lr=3e-2,
+            steps=60,
+            train_a=True,
+            batch_size=2,
+            eval_every=0,
+            save_every=0,
+            progress=False,
+            max_length=64,
+            max_new_tokens=12,
+        )
+    )
     assert summary["eval"]["f1"] == 1.0 and summary["eval"]["em"] == 1.0
 
 
@@ -480,9 +685,10 @@ def test_generation_truncates_long_prompts_from_the_left(tiny):
     engine = ScriptedGenerator(tok, enc, scripts)
     engine.key = {(): None}  # the long prompt loses its start: answer EOS for every row
     engine.scripts, engine.pos = {None: [tok.eos_token_id]}, {None: 0}
-    engine.next_token_logits = lambda ids, mask: (engine.shapes_seen.append(tuple(ids.shape)),
-                                                  torch.nn.functional.one_hot(torch.full((ids.shape[0],), tok.eos_token_id),
-                                                                              len(tok)).float())[1]  # fmt: skip
+    engine.next_token_logits = lambda ids, mask: (
+        engine.shapes_seen.append(tuple(ids.shape)),
+        torch.nn.functional.one_hot(torch.full((ids.shape[0],), tok.eos_token_id), len(tok)).float(),
+    )[1]
     texts, truncated = generate(engine, enc, [long, "hi"], tok.pad_token_id, max_length=24, max_new_tokens=8)
     assert truncated == 1 and texts == ["", ""] and engine.shapes_seen == [(2, 16)]
 
@@ -509,17 +715,22 @@ def test_eager_next_token_logits_ignore_left_padding(tiny):
 def sentencepiece_style_tokenizer():
     """A local SentencePiece-style tokenizer (``▁`` marks spaces, prepended at the start), with a
     learned ``"\\nYes"`` token that spans a prompt/answer boundary. Built offline."""
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import models as tmodels
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tmodels.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(["It was great. It was terrible. Yes No Maybe\nYes"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False))  # fmt: skip
+    tok.train_from_iterator(
+        ["It was great. It was terrible. Yes No Maybe\nYes"] * 10,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
 
 
 def test_encoder_leading_spaces_sentencepiece_and_byte_bpe(tiny):
@@ -551,8 +762,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 CHATS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Name {food}."},
-                  {"role": "assistant", "content": food}]}  # fmt: skip
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Name {food}."},
+            {"role": "assistant", "content": food},
+        ]
+    }
     for food in FOODS
 ]
 
@@ -562,23 +778,53 @@ def test_custom_prompt_completion_trains_and_keeps_the_best_adapter(tmp_path):
     write(tmp_path / "d" / "train", rows, "jsonl")
     write(tmp_path / "d" / "validation", rows[:4], "csv")
     out = tmp_path / "run"
-    cfg = TrainConfig.from_flat(task="custom", data=str(tmp_path / "d"), steps=4, batch_size=2, queries=2, lr=0.5, eps=0.05,
-                      eval_every=1, save_every=2, progress=False, out=str(out), max_length=48)  # fmt: skip
+    cfg = TrainConfig.from_flat(
+        task="custom",
+        data=str(tmp_path / "d"),
+        steps=4,
+        batch_size=2,
+        queries=2,
+        lr=0.5,
+        eps=0.05,
+        eval_every=1,
+        save_every=2,
+        progress=False,
+        out=str(out),
+        max_length=48,
+    )
     summary = train(cfg)
     assert summary["metric"] == "loss"
     recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
     best = min(recs, key=lambda r: r["eval_loss"])
     assert summary["best"] == {"step": best["step"], "metric": "loss", "value": best["eval_loss"]}
     assert len({r["eval_loss"] for r in recs}) > 1  # training moved the loss: "best" is a real choice
-    assert main(["eval", "--task", "custom", "--data", str(tmp_path / "d"), "--max-length", "48",
-                 "--adapter", str(out / "best"), "--json", str(tmp_path / "b.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "custom",
+                "--data",
+                str(tmp_path / "d"),
+                "--max-length",
+                "48",
+                "--adapter",
+                str(out / "best"),
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "b.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
     # a run stopped after step 2 and resumed to step 4 keeps the same best (remembered from metrics.jsonl)
     part = cfg.replace(steps=2, out=str(tmp_path / "part"))
     train(part)
     resumed = train(part.replace(steps=4, resume=True))
     assert resumed["best"] == summary["best"]
-    part_recs = [r for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    part_recs = [
+        r for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) if "step" in r
+    ]
     assert [r["eval_loss"] for r in part_recs] == [r["eval_loss"] for r in recs]
 
 
@@ -594,11 +840,15 @@ def test_custom_with_label_words_is_classification_and_template_alone_is_an_erro
 
 @pytest.mark.parametrize(
     "row,message",
-    [({"prompt": "a"}, "expected 'prompt' and 'completion'"), ({"prompt": "a", "completion": " "}, "empty 'completion'"),
-     ({"prompt": 3, "completion": "x"}, "'prompt' should be a string"),
-     ({"messages": [{"role": "user", "content": "hi"}]}, "must be the assistant's"),
-     ({"messages": [{"role": "user"}]}, "string 'role' and 'content'"), ({"messages": []}, "non-empty list")],
-)  # fmt: skip
+    [
+        ({"prompt": "a"}, "expected 'prompt' and 'completion'"),
+        ({"prompt": "a", "completion": " "}, "empty 'completion'"),
+        ({"prompt": 3, "completion": "x"}, "'prompt' should be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "must be the assistant's"),
+        ({"messages": [{"role": "user"}]}, "string 'role' and 'content'"),
+        ({"messages": []}, "non-empty list"),
+    ],
+)
 def test_custom_bad_records(tmp_path, row, message):
     write(tmp_path / "validation", [row], "jsonl")
     with pytest.raises(MobizoError, match=message):
@@ -615,7 +865,11 @@ def test_chat_records_use_the_chat_template(tmp_path, tiny):
     write(tmp_path / "d" / "validation", CHATS[:3], "jsonl")
     # no chat template (the tiny tokenizer): a clear error before any training
     with pytest.raises(MobizoError, match="need a tokenizer with a chat template"):
-        train(TrainConfig.from_flat(task="custom", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, progress=False))
+        train(
+            TrainConfig.from_flat(
+                task="custom", data=str(tmp_path / "d"), steps=1, batch_size=2, queries=1, progress=False
+            )
+        )
     chat_tok = copy.deepcopy(tok)
     chat_tok.chat_template = CHAT_TEMPLATE
     prompt, completion = render_chat(chat_tok, CHATS[0]["messages"])
@@ -627,6 +881,18 @@ def test_chat_records_use_the_chat_template(tmp_path, tiny):
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     chat_tok.save_pretrained(model_dir)
-    summary = train(TrainConfig.from_flat(model=str(model_dir), task="custom", data=str(tmp_path / "d"), steps=2, batch_size=2,
-                                queries=1, eval_every=0, save_every=0, progress=False, max_length=64))  # fmt: skip
+    summary = train(
+        TrainConfig.from_flat(
+            model=str(model_dir),
+            task="custom",
+            data=str(tmp_path / "d"),
+            steps=2,
+            batch_size=2,
+            queries=1,
+            eval_every=0,
+            save_every=0,
+            progress=False,
+            max_length=64,
+        )
+    )
     assert summary["metric"] == "loss" and math.isfinite(summary["eval_loss"]) and summary["eval"]["n"] == 3

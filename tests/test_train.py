@@ -4,12 +4,24 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from conftest import run_cli
-
-FAST = ["--queries", 2, "--batch-size", 4, "--max-length", 48, "--eval-examples", 16, "--no-progress",
-        "--lr", 2.0, "--eps", 0.02]  # fmt: skip
+FAST = [
+    "--queries",
+    2,
+    "--batch-size",
+    4,
+    "--max-length",
+    48,
+    "--eval-examples",
+    16,
+    "--no-progress",
+    "--lr",
+    2.0,
+    "--eps",
+    0.02,
+]
 
 
 def _adapter(d):
@@ -70,8 +82,21 @@ def test_adapter_loads_in_peft_and_matches_our_model(tmp_path, tiny_dir):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (want - plain).abs().max() > 1e-4  # the adapter changes the model
     # and `mobizo eval --adapter` scores the same as the end of training
-    code, err = run_cli(["eval", "--model", tiny_dir, "--adapter", out / "adapter", "--eval-examples", 16,
-                         "--max-length", 48, "--json", tmp_path / "e.json"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "eval",
+            "--model",
+            tiny_dir,
+            "--adapter",
+            out / "adapter",
+            "--eval-examples",
+            16,
+            "--max-length",
+            48,
+            "--json",
+            tmp_path / "e.json",
+        ]
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == summary["eval_accuracy"]
@@ -85,13 +110,23 @@ def test_the_adapter_config_is_the_lora_config_peft_would_write(tmp_path, fan_in
 
     from mobizo.checkpoint import write_adapter
 
-    state = {"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 8), "model.layers.0.self_attn.q_proj.lora_B":
-             torch.zeros(8, 4), "model.layers.0.mlp.up_proj.lora_A": torch.zeros(4, 8),
-             "model.layers.0.mlp.up_proj.lora_B": torch.zeros(16, 4)}  # fmt: skip
+    state = {
+        "model.layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 8),
+        "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(8, 4),
+        "model.layers.0.mlp.up_proj.lora_A": torch.zeros(4, 8),
+        "model.layers.0.mlp.up_proj.lora_B": torch.zeros(16, 4),
+    }
     write_adapter(tmp_path, state, 4, 8.0, "/models/base", fan_in_fan_out)
-    want = LoraConfig(r=4, lora_alpha=8.0, target_modules=["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"],
-                      lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path="/models/base")  # fmt: skip
+    want = LoraConfig(
+        r=4,
+        lora_alpha=8.0,
+        target_modules=["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"],
+        lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="/models/base",
+    )
     got = LoraConfig.from_pretrained(str(tmp_path))
     assert got.to_dict() == want.to_dict()
 
@@ -105,9 +140,30 @@ def test_zero_shot_eval_without_adapter(tmp_path, capsys):
 
 
 def test_first_order_baseline_learns(tmp_path):
-    code, err = run_cli(["train", "--estimator", "fo", "--optimizer", "adamw", "--lr", 3e-2, "--batch-size", 8,
-                         "--steps", 60, "--eval-every", 0, "--eval-examples", 64, "--max-length", 48,
-                         "--no-progress", "--out", tmp_path / "fo"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--estimator",
+            "fo",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            3e-2,
+            "--batch-size",
+            8,
+            "--steps",
+            60,
+            "--eval-every",
+            0,
+            "--eval-examples",
+            64,
+            "--max-length",
+            48,
+            "--no-progress",
+            "--out",
+            tmp_path / "fo",
+        ]
+    )
     assert code == 0, err
     recs = [json.loads(line) for line in (tmp_path / "fo" / "metrics.jsonl").read_text().splitlines()][1:]
     first = sum(r["loss"] for r in recs[:5]) / 5
@@ -118,9 +174,30 @@ def test_first_order_baseline_learns(tmp_path):
 
 def test_zo_training_learns_the_synthetic_task(tmp_path):
     """P-RGE on the random-init tiny model: validation accuracy clearly above the start."""
-    code, err = run_cli(["train", "--queries", 4, "--batch-size", 8, "--lr", 4.0, "--eps", 0.02, "--steps", 200,
-                         "--eval-every", 0, "--eval-examples", 200, "--max-length", 48, "--no-progress",
-                         "--out", tmp_path / "zo"])  # fmt: skip
+    code, err = run_cli(
+        [
+            "train",
+            "--queries",
+            4,
+            "--batch-size",
+            8,
+            "--lr",
+            4.0,
+            "--eps",
+            0.02,
+            "--steps",
+            200,
+            "--eval-every",
+            0,
+            "--eval-examples",
+            200,
+            "--max-length",
+            48,
+            "--no-progress",
+            "--out",
+            tmp_path / "zo",
+        ]
+    )
     assert code == 0, err
     s = json.loads((tmp_path / "zo" / "summary.json").read_text())
     code, _ = run_cli(["eval", "--eval-examples", 200, "--max-length", 48, "--json", tmp_path / "z.json"])
@@ -157,8 +234,21 @@ def test_bad_model_dirs_and_data(tmp_path):
     d.mkdir()
     (d / "train.jsonl").write_text('{"text": "fine", "label": "good"}\n{"text": "meh", "label": "awful"}\n')
     (d / "validation.jsonl").write_text('{"text": "ok", "label": 1}\n')
-    args = ["train", "--task", "custom-cls", "--data", d, "--template", "Review: {text} Sentiment:",
-            "--label-words", "bad,good", "--steps", 1, "--out", tmp_path / "o"]  # fmt: skip
+    args = [
+        "train",
+        "--task",
+        "custom-cls",
+        "--data",
+        d,
+        "--template",
+        "Review: {text} Sentiment:",
+        "--label-words",
+        "bad,good",
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "o",
+    ]
     code, err = run_cli(args)
     assert code == 2 and "'awful' is not one of the label words" in err and not (tmp_path / "o").exists()
     (d / "train.jsonl").write_text("")

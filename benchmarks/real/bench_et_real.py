@@ -38,9 +38,19 @@ def main() -> None:
     from mobizo.threads import apply_threads
 
     apply_threads(1)
-    cfg = trainer.TrainConfig(model=args.model, task="custom", data=args.data, template="Word: {text}\nSentiment:",
-                              label_words="negative,positive", queries=4, batch_size=8, max_length=args.max_length,
-                              eval_examples=32, eval_batch_size=8, progress=False)  # fmt: skip
+    cfg = trainer.TrainConfig(
+        model=args.model,
+        task="custom",
+        data=args.data,
+        template="Word: {text}\nSentiment:",
+        label_words="negative,positive",
+        queries=4,
+        batch_size=8,
+        max_length=args.max_length,
+        eval_examples=32,
+        eval_batch_size=8,
+        progress=False,
+    )
     run = trainer.prepare(cfg)
     zo = trainer.zo_config(cfg, run.objective, run.choices)
     out = Path(args.out)
@@ -50,8 +60,19 @@ def main() -> None:
         d = out / layout
         t0 = time.perf_counter()
         if not (d / "train.pte").is_file():
-            m = manifest_for(run.model, cfg.model, zo, 8, args.max_length, run.answer_len, 8, cfg.rank, cfg.alpha,
-                             weights_hash(run.model), shared_prompt=shared)  # fmt: skip
+            m = manifest_for(
+                run.model,
+                cfg.model,
+                zo,
+                8,
+                args.max_length,
+                run.answer_len,
+                8,
+                cfg.rank,
+                cfg.alpha,
+                weights_hash(run.model),
+                shared_prompt=shared,
+            )
             export_program(run.model, m, d)
         export_s = time.perf_counter() - t0
         eng = ExecuTorchEngine(d)
@@ -60,15 +81,27 @@ def main() -> None:
             idx = step_indices(len(run.train), 8, s, cfg.seed)
             exs = [run.train[i] for i in idx]
             groups = [[run.encoder(e.prompt, c) for c in e.candidates] for e in exs]
-            batch = collate_choices(groups, [e.label for e in exs], run.choices, run.tokenizer.pad_token_id,
-                                    args.max_length, length=args.max_length, answer_len=1, examples=8,
-                                    shared=shared)  # fmt: skip
+            batch = collate_choices(
+                groups,
+                [e.label for e in exs],
+                run.choices,
+                run.tokenizer.pad_token_id,
+                args.max_length,
+                length=args.max_length,
+                answer_len=1,
+                examples=8,
+                shared=shared,
+            )
             t = time.perf_counter()
             eng.train_step(batch, s, 0.0, 1e-3)
             if s > 1:
                 times.append(time.perf_counter() - t)
-        res["layouts"][layout] = {"export_seconds": export_s, "seconds_per_step": statistics.median(times),
-                                  "all": times, "rows": eng.manifest.rows * 8}  # fmt: skip
+        res["layouts"][layout] = {
+            "export_seconds": export_s,
+            "seconds_per_step": statistics.median(times),
+            "all": times,
+            "rows": eng.manifest.rows * 8,
+        }
         print(layout, json.dumps(res["layouts"][layout]), file=sys.stderr)
         del eng
     (out / "et.json").write_text(json.dumps(res, indent=1))

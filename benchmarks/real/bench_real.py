@@ -44,8 +44,15 @@ def main() -> None:
     import mobizo
     from mobizo import trainer
 
-    res = {"label": args.label, "mobizo": os.path.dirname(mobizo.__file__), "model": args.model, "threads": 1,
-           "queries": args.queries, "batch_size": args.batch_size, "loadavg": os.getloadavg()}  # fmt: skip
+    res = {
+        "label": args.label,
+        "mobizo": os.path.dirname(mobizo.__file__),
+        "model": args.model,
+        "threads": 1,
+        "queries": args.queries,
+        "batch_size": args.batch_size,
+        "loadavg": os.getloadavg(),
+    }
     # machine peak: best of 5 fp32 2048^3 matmuls
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(5))
@@ -54,17 +61,31 @@ def main() -> None:
     task = dict(task="custom", data=args.data, template="Word: {text}\nSentiment:", label_words="negative,positive")
     if args.task != "custom":
         task = dict(task=args.task)
-    cfg = trainer.TrainConfig(model=args.model, **task, queries=args.queries, batch_size=args.batch_size,
-                              lr=1e-3, eps=1e-3, max_length=args.max_length, eval_examples=args.eval_examples,
-                              eval_batch_size=32, progress=False)  # fmt: skip
+    cfg = trainer.TrainConfig(
+        model=args.model,
+        **task,
+        queries=args.queries,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        eps=1e-3,
+        max_length=args.max_length,
+        eval_examples=args.eval_examples,
+        eval_batch_size=32,
+        progress=False,
+    )
     t0 = time.perf_counter()
     run = trainer.prepare(cfg)
     res["prepare_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ev = trainer.run_eval(run)
     secs = time.perf_counter() - t0
-    res["eval"] = {"accuracy": ev["accuracy"], "loss": ev["loss"], "n": ev["n"], "seconds": secs,
-                   "examples_per_second": ev["n"] / secs}  # fmt: skip
+    res["eval"] = {
+        "accuracy": ev["accuracy"],
+        "loss": ev["loss"],
+        "n": ev["n"],
+        "seconds": secs,
+        "examples_per_second": ev["n"] / secs,
+    }
     print(json.dumps(res["eval"]), file=sys.stderr)
     res["steps"] = {}
     for est in args.estimators.split(","):
@@ -80,10 +101,15 @@ def main() -> None:
                     eng.train_step(batch, s, 0.0, 1e-3)
                 flops = fc.get_total_flops()
                 continue
-            times.append(_timed(lambda: eng.train_step(batch, s, 0.0, 1e-3)))
+            times.append(_timed(lambda eng=eng, batch=batch, s=s: eng.train_step(batch, s, 0.0, 1e-3)))
         med = statistics.median(times)
-        res["steps"][est] = {"seconds_per_step": med, "all": times, "batch_shape": rows, "gflop_per_step": flops / 1e9,
-                             "fraction_of_matmul_peak": flops / med / 1e9 / res["matmul_gflops"]}  # fmt: skip
+        res["steps"][est] = {
+            "seconds_per_step": med,
+            "all": times,
+            "batch_shape": rows,
+            "gflop_per_step": flops / 1e9,
+            "fraction_of_matmul_peak": flops / med / 1e9 / res["matmul_gflops"],
+        }
         print(est, json.dumps(res["steps"][est]), file=sys.stderr)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -1,6 +1,6 @@
 """Zero-shot vs fine-tuned on the word-sentiment task, through the ordinary trainer (GGUF model in).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/real/finetune.py MODEL.gguf DATA OUT --steps 300 --lr 1e-2 --eps 1e-2
+PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/real/finetune.py MODEL.gguf DATA OUT --steps 300 --lr 1e-2 --eps 1e-2
 """
 
 import argparse
@@ -20,21 +20,48 @@ ap.add_argument("--eps", type=float, default=1e-2)
 ap.add_argument("--eval-every", type=int, default=100)
 args = ap.parse_args()
 
-from mobizo.cli import _quiet_imports  # noqa: E402
+from mobizo.cli import _quiet_imports
 
 _quiet_imports()
-from mobizo.threads import apply_threads  # noqa: E402
-from mobizo.trainer import TrainConfig, train  # noqa: E402
+from mobizo.threads import apply_threads
+from mobizo.trainer import TrainConfig, train
 
 apply_threads(1)
 t0 = time.perf_counter()
-summary = train(TrainConfig(model=args.model, task="custom", data=args.data, template="Word: {text}\nSentiment:",
-                            label_words="negative,positive", estimator="prge", queries=4, batch_size=8,
-                            lr=args.lr, eps=args.eps, steps=args.steps, eval_every=args.eval_every, eval_at_start=True,
-                            eval_examples=600, max_length=32, save_every=args.eval_every, out=args.out,
-                            overwrite=True, progress=False))  # fmt: skip
+summary = train(
+    TrainConfig(
+        model=args.model,
+        task="custom",
+        data=args.data,
+        template="Word: {text}\nSentiment:",
+        label_words="negative,positive",
+        estimator="prge",
+        queries=4,
+        batch_size=8,
+        lr=args.lr,
+        eps=args.eps,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_at_start=True,
+        eval_examples=600,
+        max_length=32,
+        save_every=args.eval_every,
+        out=args.out,
+        overwrite=True,
+        progress=False,
+    )
+)
 summary["wall_seconds"] = time.perf_counter() - t0
-evals = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))][1:]
-print(json.dumps({"zero_shot": summary["eval_start"]["accuracy"], "final": summary["eval_accuracy"],
-                  "curve": [(r["step"], r["eval_accuracy"]) for r in evals if "eval_accuracy" in r],
-                  "seconds_per_step": summary["seconds_per_step"], "wall_seconds": summary["wall_seconds"]}))  # fmt: skip
+with open(os.path.join(args.out, "metrics.jsonl")) as f:
+    evals = [json.loads(line) for line in f][1:]
+print(
+    json.dumps(
+        {
+            "zero_shot": summary["eval_start"]["accuracy"],
+            "final": summary["eval_accuracy"],
+            "curve": [(r["step"], r["eval_accuracy"]) for r in evals if "eval_accuracy" in r],
+            "seconds_per_step": summary["seconds_per_step"],
+            "wall_seconds": summary["wall_seconds"],
+        }
+    )
+)

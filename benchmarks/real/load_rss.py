@@ -7,6 +7,7 @@ Prints one JSON line: way, seconds, rss_after_import_mib, peak_rss_mib (VmHWM), 
 
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -14,7 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def status() -> dict:
-    d = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    d = dict(
+        line.split(":", 1)
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(("VmRSS", "VmHWM"))
+    )
     return {k: int(v.split()[0]) // 1024 for k, v in d.items()}
 
 
@@ -43,8 +48,19 @@ def main(way: str, path: str) -> None:
     secs = time.perf_counter() - t0
     s = status()
     params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(json.dumps({"way": way, "path": path, "seconds": round(secs, 1), "rss_after_import_mib": base,
-                      "peak_rss_mib": s["VmHWM"], "rss_after_mib": s["VmRSS"], "params_mib": round(params)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "way": way,
+                "path": path,
+                "seconds": round(secs, 1),
+                "rss_after_import_mib": base,
+                "peak_rss_mib": s["VmHWM"],
+                "rss_after_mib": s["VmRSS"],
+                "params_mib": round(params),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,7 @@ def main(lex: str, out: str, n_val: int = 300, seed: int = 0) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", train), ("validation", val)):
         with open(d / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for w in split:
-                f.write(json.dumps({"text": w, "label": words[w]}) + "\n")
+            f.writelines(json.dumps({"text": w, "label": words[w]}) + "\n" for w in split)
     print(f"{len(train)} train, {len(val)} validation words in {d}")
 
 

@@ -49,9 +49,27 @@ sys.exit(main(sys.argv[1:]))
 
 
 def task(args) -> list[str]:
-    return ["--model", args.model, "--task", "custom", "--data", args.data, "--template", "Word: {text}\nSentiment:",
-            "--label-words", "negative,positive", "--max-length", "32", "--eval-examples", "600",
-            "--eval-batch-size", "32", "--threads", "1", "--no-progress"]  # fmt: skip
+    return [
+        "--model",
+        args.model,
+        "--task",
+        "custom",
+        "--data",
+        args.data,
+        "--template",
+        "Word: {text}\nSentiment:",
+        "--label-words",
+        "negative,positive",
+        "--max-length",
+        "32",
+        "--eval-examples",
+        "600",
+        "--eval-batch-size",
+        "32",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
 
 
 def run_variant(name: str, args) -> dict:
@@ -60,12 +78,45 @@ def run_variant(name: str, args) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     child = [sys.executable, "-c", CHILD.format(hqq=hqq)]
-    subprocess.run([*child, "eval", *task(args), *flags, "--json", str(d / "zero_shot.json")], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=open(d / "eval.log", "w"))  # fmt: skip
-    subprocess.run([*child, "train", *task(args), *flags, "--queries", "4", "--batch-size", "8", "--lr", "1e-2",
-                    "--eps", "1e-2", "--steps", str(args.steps), "--eval-every", "0", "--save-every", "0",
-                    "--out", str(d / "run"), "--overwrite"], env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=open(d / "train.log", "w"))  # fmt: skip
+    with open(d / "eval.log", "w") as log:
+        subprocess.run(
+            [*child, "eval", *task(args), *flags, "--json", str(d / "zero_shot.json")],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    train_log = open(d / "train.log", "w")  # noqa: SIM115 - closed below, after the run
+    subprocess.run(
+        [
+            *child,
+            "train",
+            *task(args),
+            *flags,
+            "--queries",
+            "4",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--eps",
+            "1e-2",
+            "--steps",
+            str(args.steps),
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            "--out",
+            str(d / "run"),
+            "--overwrite",
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=train_log,
+    )
+    train_log.close()
     zero = json.loads((d / "zero_shot.json").read_text())["accuracy"]
     lines = (d / "run" / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(line) for line in lines if '"eval_accuracy"' in line]

@@ -42,7 +42,7 @@ def cpu_features() -> list[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    flags = set(re.findall(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)[0].split()) if text else set()
+    flags = set(re.findall(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)[0].split()) if text else set()
     return [f for f in ISA if f in flags]
 
 
@@ -90,10 +90,18 @@ def main() -> None:
                 method.execute([x])
                 best[k] = min(best[k], time.perf_counter() - t)
         for (scheme, gs), s in best.items():
-            results.append({"rows": n, "scheme": scheme, "group_size": gs, "ms": s * 1e3,
-                            "x_fp32": s / best[("none", None)], "pte_mb": lowered[(scheme, gs)][1] / 1e6})  # fmt: skip
+            results.append(
+                {
+                    "rows": n,
+                    "scheme": scheme,
+                    "group_size": gs,
+                    "ms": s * 1e3,
+                    "x_fp32": s / best[("none", None)],
+                    "pte_mb": lowered[(scheme, gs)][1] / 1e6,
+                }
+            )
     print(f"CPU ISA: {', '.join(cpu_features()) or 'unknown'}; torch threads {torch.get_num_threads()}")
-    print("| rows | scheme | ms (best of %d) | x fp32 | .pte MB |" % args.repeats)
+    print(f"| rows | scheme | ms (best of {args.repeats}) | x fp32 | .pte MB |")
     print("|---|---|---|---|---|")
     for r in results:
         name = r["scheme"] + ("" if r["group_size"] is None else f" g{r['group_size']}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -37,18 +38,53 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one intra-op thread in every ch
 HERE = Path(__file__).resolve()
 TEMPLATE = "Word: {text}\nSentiment:"
 # ~0.52B parameters with SmolLM2's 49152-token vocabulary (tied embeddings): 26 layers of width 1280
-LARGE = dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=26, num_attention_heads=20,
-             num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+LARGE = dict(
+    hidden_size=1280,
+    intermediate_size=3584,
+    num_hidden_layers=26,
+    num_attention_heads=20,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
 
 
 def task_flags(args) -> list[str]:
     """The flags that shape the program (export and train)."""
     if args.quick:
-        return ["--task", "synthetic", "--queries", "2", "--batch-size", "4", "--max-length", "32",
-                "--eval-examples", "16", "--eval-batch-size", "8"]  # fmt: skip
-    return ["--task", "custom", "--data", args.data, "--template", TEMPLATE, "--label-words", "negative,positive",
-            "--queries", "4", "--batch-size", "8", "--max-length", str(args.max_length), "--eval-examples",
-            str(args.eval_examples), "--eval-batch-size", "32"]  # fmt: skip
+        return [
+            "--task",
+            "synthetic",
+            "--queries",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "32",
+            "--eval-examples",
+            "16",
+            "--eval-batch-size",
+            "8",
+        ]
+    return [
+        "--task",
+        "custom",
+        "--data",
+        args.data,
+        "--template",
+        TEMPLATE,
+        "--label-words",
+        "negative,positive",
+        "--queries",
+        "4",
+        "--batch-size",
+        "8",
+        "--max-length",
+        str(args.max_length),
+        "--eval-examples",
+        str(args.eval_examples),
+        "--eval-batch-size",
+        "32",
+    ]
 
 
 def step_flags(args) -> list[str]:
@@ -73,7 +109,9 @@ def mobizo(*argv, log: Path) -> float:
     with open(log, "w") as f:
         r = subprocess.run([sys.executable, "-m", "mobizo", *map(str, argv)], stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
-        sys.exit(f"mobizo {' '.join(map(str, argv[:3]))} failed (see {log}): {log.read_text().strip().splitlines()[-1:]}")
+        sys.exit(
+            f"mobizo {' '.join(map(str, argv[:3]))} failed (see {log}): {log.read_text().strip().splitlines()[-1:]}"
+        )
     return time.perf_counter() - t0
 
 
@@ -87,9 +125,15 @@ def make_large(model: str, out: Path) -> Path:
 
     src = AutoConfig.from_pretrained(model, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    cfg = LlamaConfig(vocab_size=src.vocab_size, max_position_embeddings=src.max_position_embeddings,
-                      bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
-                      rms_norm_eps=1e-5, **LARGE)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=src.vocab_size,
+        max_position_embeddings=src.max_position_embeddings,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        pad_token_id=src.pad_token_id,
+        rms_norm_eps=1e-5,
+        **LARGE,
+    )
     torch.manual_seed(0)
     net = LlamaForCausalLM(cfg).eval()
     net.save_pretrained(d, safe_serialization=True)
@@ -102,7 +146,11 @@ def make_large(model: str, out: Path) -> Path:
 
 
 def _status() -> dict:
-    d = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    d = dict(
+        line.split(":", 1)
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(("VmRSS", "VmHWM"))
+    )
     return {k: int(v.split()[0]) / 1024 for k, v in d.items()}
 
 
@@ -135,8 +183,18 @@ def et_child(program: str, model: str, flags: list[str], steps: int) -> None:
     for s in range(1, steps + 2):
         idx = step_indices(len(exs), m.batch_size, s, cfg.seed)
         groups = [[enc(exs[i].prompt, c) for c in exs[i].candidates] for i in idx]
-        batches.append(collate_choices(groups, [exs[i].label for i in idx], m.choices, tok.pad_token_id, m.max_length,
-                                       length=m.max_length, answer_len=m.answer_len, examples=m.batch_size))  # fmt: skip
+        batches.append(
+            collate_choices(
+                groups,
+                [exs[i].label for i in idx],
+                m.choices,
+                tok.pad_token_id,
+                m.max_length,
+                length=m.max_length,
+                answer_len=m.answer_len,
+                examples=m.batch_size,
+            )
+        )
     base = _status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the peak from here on is the program's
         f.write("5")
@@ -150,8 +208,18 @@ def et_child(program: str, model: str, flags: list[str], steps: int) -> None:
         times.append(time.perf_counter() - t0)
         assert torch.isfinite(torch.tensor(out.loss))
     st = _status()
-    print(json.dumps({"rss_imports_mib": base, "peak_rss_mib": st["VmHWM"], "et_rss_mib": st["VmHWM"] - base,
-                      "load_s": load_s, "step_s": statistics.median(times[1:]), "steps": steps}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rss_imports_mib": base,
+                "peak_rss_mib": st["VmHWM"],
+                "et_rss_mib": st["VmHWM"] - base,
+                "load_s": load_s,
+                "step_s": statistics.median(times[1:]),
+                "steps": steps,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ the table
@@ -164,35 +232,75 @@ def measure(model: str, label: str, scheme: str, args, out: Path, accuracy: bool
     flags = task_flags(args) + quant_flags(scheme, args)
     row = {"model": label, "scheme": scheme}
     if not (prog / "train.pte").is_file():
-        row["export_s"] = mobizo("export", "--model", model, *flags, "--out", prog, "--overwrite", "--no-progress",
-                                 log=d / "export.log")  # fmt: skip
+        row["export_s"] = mobizo(
+            "export", "--model", model, *flags, "--out", prog, "--overwrite", "--no-progress", log=d / "export.log"
+        )
     man = json.loads((prog / "manifest.json").read_text())
-    row.update(pte_mb=man["pte_bytes"] / 1e6, group_size=man.get("group_size"),
-               quantize_embeddings=man.get("quantize_embeddings", False))  # fmt: skip
-    r = subprocess.run([sys.executable, str(HERE), "--et-child", str(prog), model, str(args.time_steps), "--", *flags,
-                        *step_flags(args)],
-                       capture_output=True, text=True)  # fmt: skip
+    row.update(
+        pte_mb=man["pte_bytes"] / 1e6,
+        group_size=man.get("group_size"),
+        quantize_embeddings=man.get("quantize_embeddings", False),
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(HERE),
+            "--et-child",
+            str(prog),
+            model,
+            str(args.time_steps),
+            "--",
+            *flags,
+            *step_flags(args),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         sys.exit(f"ExecuTorch child failed for {label}/{scheme}: {r.stderr.strip().splitlines()[-1:]}")
     row.update(json.loads(r.stdout.strip().splitlines()[-1]))
     if accuracy:
         run = d / "run"
-        row["train_wall_s"] = mobizo("train", "--model", model, *flags, *step_flags(args), "--engine", "executorch",
-                                     "--program", prog,
-                                     "--steps", args.steps, "--eval-at-start", "--eval-every", 0, "--save-every", 0,
-                                     "--out", run, "--overwrite", "--no-progress", log=d / "train.log")
+        row["train_wall_s"] = mobizo(
+            "train",
+            "--model",
+            model,
+            *flags,
+            *step_flags(args),
+            "--engine",
+            "executorch",
+            "--program",
+            prog,
+            "--steps",
+            args.steps,
+            "--eval-at-start",
+            "--eval-every",
+            0,
+            "--save-every",
+            0,
+            "--out",
+            run,
+            "--overwrite",
+            "--no-progress",
+            log=d / "train.log",
+        )
         # (one intra-op thread through OMP_NUM_THREADS, set above for every child)
         s = json.loads((run / "summary.json").read_text())
         metric = s["metric"]
-        row.update(zero_shot=(s.get("eval_start") or {}).get(metric), finetuned=s.get(f"eval_{metric}"),
-                   train_s_per_step=s.get("seconds_per_step"))  # fmt: skip
+        row.update(
+            zero_shot=(s.get("eval_start") or {}).get(metric),
+            finetuned=s.get(f"eval_{metric}"),
+            train_s_per_step=s.get("seconds_per_step"),
+        )
     print(json.dumps(row), file=sys.stderr)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | scheme | .pte MB | ET RSS MiB (x fp32) | peak RSS MiB | step s (x fp32) | zero-shot | fine-tuned |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | scheme | .pte MB | ET RSS MiB (x fp32) | peak RSS MiB | step s (x fp32) | zero-shot | fine-tuned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base = {r["model"]: r for r in rows if r["scheme"] == "none"}
 
     def ratio(r, k):
@@ -203,11 +311,16 @@ def table(rows: list[dict]) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     for r in rows:
-        name = r["scheme"].partition("+")[0] + (f" g{r['group_size']}" if r.get("group_size") else "") + \
-            (" +emb" if r.get("quantize_embeddings") else "")  # fmt: skip
-        lines.append(f"| {r['model']} | {name} | {r['pte_mb']:.1f} | {r['et_rss_mib']:.0f}{ratio(r, 'et_rss_mib')} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['step_s']:.3f}{ratio(r, 'step_s')} | {acc(r.get('zero_shot'))} | "
-                     f"{acc(r.get('finetuned'))} |")  # fmt: skip
+        name = (
+            r["scheme"].partition("+")[0]
+            + (f" g{r['group_size']}" if r.get("group_size") else "")
+            + (" +emb" if r.get("quantize_embeddings") else "")
+        )
+        lines.append(
+            f"| {r['model']} | {name} | {r['pte_mb']:.1f} | {r['et_rss_mib']:.0f}{ratio(r, 'et_rss_mib')} | "
+            f"{r['peak_rss_mib']:.0f} | {r['step_s']:.3f}{ratio(r, 'step_s')} | {acc(r.get('zero_shot'))} | "
+            f"{acc(r.get('finetuned'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -221,13 +334,19 @@ def plot(rows: list[dict], path: Path) -> None:
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     width = 0.8 / len(schemes)
-    for ax, key, title in zip(axes, ("pte_mb", "et_rss_mib", "step_s", "finetuned"),
-                              (".pte size (MB)", "ExecuTorch training RSS (MiB)", "step time (s)", "accuracy")):  # fmt: skip
+    for ax, key, title in zip(
+        axes,
+        ("pte_mb", "et_rss_mib", "step_s", "finetuned"),
+        (".pte size (MB)", "ExecuTorch training RSS (MiB)", "step time (s)", "accuracy"),
+    ):
         for j, s in enumerate(schemes):
             vals = [next((r.get(key) or 0 for r in rows if r["model"] == m and r["scheme"] == s), 0) for m in models]
             ax.bar([i + j * width for i in range(len(models))], vals, width, label=s)
             if key == "finetuned":
-                zs = [next((r.get("zero_shot") or 0 for r in rows if r["model"] == m and r["scheme"] == s), 0) for m in models]
+                zs = [
+                    next((r.get("zero_shot") or 0 for r in rows if r["model"] == m and r["scheme"] == s), 0)
+                    for m in models
+                ]
                 ax.scatter([i + j * width for i in range(len(models))], zs, color="k", marker="_", s=200, zorder=3)
         ax.set_xticks([i + width * (len(schemes) - 1) / 2 for i in range(len(models))], models)
         ax.set_title(title + (" (bar: fine-tuned, dash: zero-shot)" if key == "finetuned" else ""), fontsize=9)
@@ -244,8 +363,11 @@ def main() -> None:
     ap.add_argument("model", help="Hugging Face model directory (or tiny with --quick)")
     ap.add_argument("data", help="word-sentiment data directory (make_word_sentiment.py); ignored with --quick")
     ap.add_argument("out")
-    ap.add_argument("--schemes", default="none,8da8w,8da8w+emb,8da4w,8da4w+emb",
-                    help="--quantize schemes; +emb: with --quantize-embeddings")
+    ap.add_argument(
+        "--schemes",
+        default="none,8da8w,8da8w+emb,8da4w,8da4w+emb",
+        help="--quantize schemes; +emb: with --quantize-embeddings",
+    )
     ap.add_argument("--group-size", type=int, default=None, help="4-bit schemes (default: mobizo's, 32)")
     ap.add_argument("--embeddings", action="store_true", help="--quantize-embeddings for every scheme but none")
     ap.add_argument("--large", action="store_true", help="also the ~0.5B random-weight model")

@@ -26,8 +26,11 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--template", default="Word: {text}\nSentiment:")
     ap.add_argument("--label-words", default="negative,positive")
-    ap.add_argument("--grid", default="1e-3:1e-3,1e-2:1e-3,1e-2:1e-2,3e-2:1e-2,1e-1:1e-2,3e-1:1e-2",
-                    help="comma-separated lr:eps pairs")
+    ap.add_argument(
+        "--grid",
+        default="1e-3:1e-3,1e-2:1e-3,1e-2:1e-2,3e-2:1e-2,1e-1:1e-2,3e-1:1e-2",
+        help="comma-separated lr:eps pairs",
+    )
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -46,18 +49,38 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = trainer.TrainConfig(model=args.model, task="custom", data=args.data, template=args.template,
-                              label_words=args.label_words, estimator=args.estimator, queries=args.queries,
-                              batch_size=args.batch_size, max_length=32, eval_examples=args.eval_examples,
-                              eval_batch_size=32, seed=args.seed, progress=False)  # fmt: skip
+    cfg = trainer.TrainConfig(
+        model=args.model,
+        task="custom",
+        data=args.data,
+        template=args.template,
+        label_words=args.label_words,
+        estimator=args.estimator,
+        queries=args.queries,
+        batch_size=args.batch_size,
+        max_length=32,
+        eval_examples=args.eval_examples,
+        eval_batch_size=32,
+        seed=args.seed,
+        progress=False,
+    )
     run = trainer.prepare(cfg)
     zero = {k: v for k, v in run.engine.adapter_state().items()}
     t0 = time.perf_counter()
     base = trainer.run_eval(run)
     print("zero-shot", json.dumps(base), file=sys.stderr)
-    res = {"model": args.model, "template": args.template, "label_words": args.label_words, "steps": args.steps,
-           "queries": args.queries, "batch_size": args.batch_size, "estimator": args.estimator,
-           "eval_examples": base["n"], "zero_shot": base, "runs": []}  # fmt: skip
+    res = {
+        "model": args.model,
+        "template": args.template,
+        "label_words": args.label_words,
+        "steps": args.steps,
+        "queries": args.queries,
+        "batch_size": args.batch_size,
+        "estimator": args.estimator,
+        "eval_examples": base["n"],
+        "zero_shot": base,
+        "runs": [],
+    }
     for pair in args.grid.split(","):
         lr, eps = (float(x) for x in pair.split(":"))
         run.engine.load_adapter_state(zero)
@@ -67,29 +90,44 @@ def main() -> None:
             losses.append(r.loss)
         secs = (time.perf_counter() - t0) / args.steps
         ev = trainer.run_eval(run)
-        rec = {"lr": lr, "eps": eps, "seconds_per_step": secs, "train_loss": losses,
-               "train_loss_first10": statistics.mean(losses[:10]), "train_loss_last10": statistics.mean(losses[-10:]),
-               "eval": ev}  # fmt: skip
+        rec = {
+            "lr": lr,
+            "eps": eps,
+            "seconds_per_step": secs,
+            "train_loss": losses,
+            "train_loss_first10": statistics.mean(losses[:10]),
+            "train_loss_last10": statistics.mean(losses[-10:]),
+            "eval": ev,
+        }
         res["runs"].append(rec)
-        print(f"lr {lr:g} eps {eps:g}: acc {ev['accuracy']:.3f} loss {ev['loss']:.4f} "
-              f"train {rec['train_loss_first10']:.4f} -> {rec['train_loss_last10']:.4f} ({secs:.2f} s/step)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"lr {lr:g} eps {eps:g}: acc {ev['accuracy']:.3f} loss {ev['loss']:.4f} "
+            f"train {rec['train_loss_first10']:.4f} -> {rec['train_loss_last10']:.4f} ({secs:.2f} s/step)",
+            file=sys.stderr,
+        )
         (out / "sweep.json").write_text(json.dumps(res, indent=1))
     write_report(res, out)
 
 
 def write_report(res: dict, out: Path) -> None:
     z = res["zero_shot"]
-    lines = [f"Model `{res['model']}`, template `{res['template']!r}`, label words `{res['label_words']}`; "
-             f"{res['estimator']} q={res['queries']}, batch {res['batch_size']}, {res['steps']} steps, one thread; "
-             f"eval on {res['eval_examples']} validation words.", "",
-             "| lr | eps | eval accuracy | eval loss | train loss (first 10 → last 10 steps) | s/step |",
-             "|---|---|---|---|---|---|",
-             f"| zero-shot | | {z['accuracy']:.3f} | {z['loss']:.4f} | | |"]  # fmt: skip
+    lines = [
+        (
+            f"Model `{res['model']}`, template `{res['template']!r}`, label words `{res['label_words']}`; "
+            f"{res['estimator']} q={res['queries']}, batch {res['batch_size']}, {res['steps']} steps, one thread; "
+            f"eval on {res['eval_examples']} validation words."
+        ),
+        "",
+        "| lr | eps | eval accuracy | eval loss | train loss (first 10 → last 10 steps) | s/step |",
+        "|---|---|---|---|---|---|",
+        f"| zero-shot | | {z['accuracy']:.3f} | {z['loss']:.4f} | | |",
+    ]
     for r in res["runs"]:
         e = r["eval"]
-        lines.append(f"| {r['lr']:g} | {r['eps']:g} | {e['accuracy']:.3f} | {e['loss']:.4f} | "
-                     f"{r['train_loss_first10']:.4f} → {r['train_loss_last10']:.4f} | {r['seconds_per_step']:.2f} |")
+        lines.append(
+            f"| {r['lr']:g} | {r['eps']:g} | {e['accuracy']:.3f} | {e['loss']:.4f} | "
+            f"{r['train_loss_first10']:.4f} → {r['train_loss_last10']:.4f} | {r['seconds_per_step']:.2f} |"
+        )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

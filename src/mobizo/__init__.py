@@ -32,7 +32,7 @@ _API = {
     "MobizoError": "mobizo.errors",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API]  # noqa: PLE0604 - the names of the lazily imported API
 
 
 def __getattr__(name: str):

@@ -13,8 +13,9 @@ from .config import TrainConfig
 from .errors import MobizoError
 
 
-def train(config: TrainConfig | None = None, model=None, tokenizer=None, train_examples=None, eval_examples=None,
-          **fields) -> dict:  # fmt: skip
+def train(
+    config: TrainConfig | None = None, model=None, tokenizer=None, train_examples=None, eval_examples=None, **fields
+) -> dict:
     """Fine-tune an MP-LoRA adapter; returns the run's summary (also in ``OUT/summary.json``).
 
     ``config``: a :class:`TrainConfig` (``fields`` by flat name override it, e.g. ``lr=4.0``).
@@ -31,8 +32,14 @@ def train(config: TrainConfig | None = None, model=None, tokenizer=None, train_e
     return trainer.train(cfg, model=model, tokenizer=tokenizer, train=train_examples, validation=eval_examples)
 
 
-def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = None, model=None, tokenizer=None,
-             examples=None, **fields) -> dict:  # fmt: skip
+def evaluate(
+    config: TrainConfig | None = None,
+    adapter: str | Path | None = None,
+    model=None,
+    tokenizer=None,
+    examples=None,
+    **fields,
+) -> dict:
     """Metrics of the model (with ``adapter``, a PEFT adapter directory, if given) on the task's validation
     split (or ``examples``): ``accuracy``/``f1``/``loss``..., plus ``n``, ``task``, ``metric``."""
     from .build import assemble
@@ -40,6 +47,7 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
     from .engines.eager import EagerEngine
     from .evaluation import evaluate as run_eval
     from .evaluation import main_metric
+
     cfg = (config or TrainConfig()).replace(**fields)
     state = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the model loads
     run = assemble(cfg, model=model, tokenizer=tokenizer, validation=examples, need_train=False, inject_adapter=False)
@@ -47,10 +55,25 @@ def evaluate(config: TrainConfig | None = None, adapter: str | Path | None = Non
         _apply_adapter(run.model, *state)
     engine = EagerEngine(run.model, estimator=None)  # scoring only
     d = cfg.data
-    metrics = run_eval(engine, run.task.kind, run.validation, run.encoder, run.tokenizer.pad_token_id, d.max_length,
-                       d.eval_batch_size, d.max_new_tokens, progress=cfg.run.progress)  # fmt: skip
-    return {"task": run.task.name, "kind": run.task.kind, "metric": main_metric(run.task.kind), "model": cfg.model,
-            "adapter": None if adapter is None else str(adapter), **metrics}  # fmt: skip
+    metrics = run_eval(
+        engine,
+        run.task.kind,
+        run.validation,
+        run.encoder,
+        run.tokenizer.pad_token_id,
+        d.max_length,
+        d.eval_batch_size,
+        d.max_new_tokens,
+        progress=cfg.run.progress,
+    )
+    return {
+        "task": run.task.name,
+        "kind": run.task.kind,
+        "metric": main_metric(run.task.kind),
+        "model": cfg.model,
+        "adapter": None if adapter is None else str(adapter),
+        **metrics,
+    }
 
 
 def save_adapter(model, path: str | Path) -> None:
@@ -64,7 +87,7 @@ def save_adapter(model, path: str | Path) -> None:
     ranks = {(layer.rank, layer.alpha) for _, layer in layers}
     if len(ranks) != 1:
         raise MobizoError("the model's MP-LoRA layers differ in rank or alpha; PEFT's format needs one")
-    (rank, alpha), = ranks
+    ((rank, alpha),) = ranks
     name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
     save(Path(path), adapter_state(model), rank, alpha, name, fan_in_fan_out(model))
 

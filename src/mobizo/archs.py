@@ -29,21 +29,33 @@ class Arch:
 # The attention query and value projections (the modules the LoRA/MeZO literature adapts); for a
 # fused q/k/v layer the fused layer itself (LoRA on it is the same module name in PEFT).
 ARCHS = (
-    Arch("Llama (SmolLM2, TinyLlama)", ("llama",), "LlamaForCausalLM", ("q_proj", "v_proj"),
-         "GQA, RoPE, tied embeddings (SmolLM2)"),
+    Arch(
+        "Llama (SmolLM2, TinyLlama)",
+        ("llama",),
+        "LlamaForCausalLM",
+        ("q_proj", "v_proj"),
+        "GQA, RoPE, tied embeddings (SmolLM2)",
+    ),
     Arch("Mistral", ("mistral",), "MistralForCausalLM", ("q_proj", "v_proj"), "GQA, sliding-window attention"),
     Arch("Qwen2 / Qwen2.5", ("qwen2",), "Qwen2ForCausalLM", ("q_proj", "v_proj"), "biases in q/k/v"),
     Arch("Qwen3", ("qwen3",), "Qwen3ForCausalLM", ("q_proj", "v_proj"), "QK-norm"),
     Arch("Gemma", ("gemma",), "GemmaForCausalLM", ("q_proj", "v_proj"), "MQA, tied and scaled embeddings"),
-    Arch("Gemma2", ("gemma2",), "Gemma2ForCausalLM", ("q_proj", "v_proj"),
-         "local/global attention, logit soft-capping"),
-    Arch("Gemma3 (text)", ("gemma3_text",), "Gemma3ForCausalLM", ("q_proj", "v_proj"),
-         "local/global attention, QK-norm"),
+    Arch(
+        "Gemma2", ("gemma2",), "Gemma2ForCausalLM", ("q_proj", "v_proj"), "local/global attention, logit soft-capping"
+    ),
+    Arch(
+        "Gemma3 (text)", ("gemma3_text",), "Gemma3ForCausalLM", ("q_proj", "v_proj"), "local/global attention, QK-norm"
+    ),
     Arch("Phi-3", ("phi3",), "Phi3ForCausalLM", ("qkv_proj",), "fused q/k/v"),
     Arch("GPT-2", ("gpt2",), "GPT2LMHeadModel", ("c_attn",), "Conv1D (transposed) fused q/k/v, learned positions"),
     Arch("OPT", ("opt",), "OPTForCausalLM", ("q_proj", "v_proj"), "learned positions (offset 2)"),
-    Arch("GPT-NeoX (Pythia)", ("gpt_neox",), "GPTNeoXForCausalLM", ("query_key_value",),
-         "fused q/k/v, parallel attention/MLP, partial RoPE"),
+    Arch(
+        "GPT-NeoX (Pythia)",
+        ("gpt_neox",),
+        "GPTNeoXForCausalLM",
+        ("query_key_value",),
+        "fused q/k/v, parallel attention/MLP, partial RoPE",
+    ),
 )
 
 # Model types with sensible defaults that the tests do not build (same layer names as a tested family).

@@ -143,13 +143,24 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     """:func:`mobizo.data.count_truncated` plus a warning on stderr with the count; returns the count."""
     n = count_truncated(encoder, examples, max_length, truncation, what)
     if n:
-        print(f"mobizo: warning: {n} of {len(examples)} {what} examples exceed --max-length {max_length}; "
-              "their prompts are truncated from the left", file=sys.stderr)  # fmt: skip
+        print(
+            f"mobizo: warning: {n} of {len(examples)} {what} examples exceed --max-length {max_length}; "
+            "their prompts are truncated from the left",
+            file=sys.stderr,
+        )
     return n
 
 
-def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validation=None, need_train: bool = True,
-             inject_adapter: bool = True, weights: bool = True) -> Run:
+def assemble(
+    cfg: TrainConfig,
+    model=None,
+    tokenizer=None,
+    train=None,
+    validation=None,
+    need_train: bool = True,
+    inject_adapter: bool = True,
+    weights: bool = True,
+) -> Run:
     """Validate ``cfg``, load (or take) the task's examples and the model, inject the adapter.
 
     ``model``/``tokenizer`` (a Hugging Face model object and its tokenizer) replace loading
@@ -173,7 +184,9 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     else:
         task = load_task(cfg)
     if task.kind == "generation" and d.max_new_tokens >= d.max_length:
-        raise MobizoError(f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}")
+        raise MobizoError(
+            f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}"
+        )
     if train is None:
         train = task.load("train", d.train_examples, cfg.seed) if need_train else []
     if validation is None:
@@ -182,8 +195,9 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     given = model is not None
     if model is None:
-        model, tokenizer = (None if weights else program_base(cfg)) or \
-            load_base(cfg.model, cfg.trust_remote_code, cfg.run.progress, weights)  # fmt: skip
+        model, tokenizer = (None if weights else program_base(cfg)) or load_base(
+            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights
+        )
     else:
         from .models import prepare_tokenizer
 
@@ -196,19 +210,38 @@ def assemble(cfg: TrainConfig, model=None, tokenizer=None, train=None, validatio
     from .models import TINY, base_hash
 
     # a base identified by its tensors (tiny, a model object) is hashed before quantizing: the hash names the float model
-    hashed = base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
+    hashed = (
+        base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
+    )
     targets = prepare_base(model, cfg, inject_adapter)
     encoder = Encoder(tokenizer)
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
-    truncated = {what: warn_truncated(encoder, exs, d.max_length, d.truncation, what)
-                 for what, exs in (("train", train), ("validation", validation)) if exs}  # fmt: skip
+    truncated = {
+        what: warn_truncated(encoder, exs, d.max_length, d.truncation, what)
+        for what, exs in (("train", train), ("validation", validation))
+        if exs
+    }
     objective, choices = resolve_objective(cfg.optim.objective, task.kind, train or validation)
     answer_len = max(
         len(encoder(ex.prompt, c).answer_ids) for ex in train + validation for c in (ex.candidates or [ex.answer])
     )
-    return Run(cfg, model, tokenizer, task, train, validation, encoder, targets, objective, choices, truncated,
-               answer_len, given_model=given, _base_hash=hashed)  # fmt: skip
+    return Run(
+        cfg,
+        model,
+        tokenizer,
+        task,
+        train,
+        validation,
+        encoder,
+        targets,
+        objective,
+        choices,
+        truncated,
+        answer_len,
+        given_model=given,
+        _base_hash=hashed,
+    )
 
 
 def prepare_base(model, cfg: TrainConfig, inject_adapter: bool = True) -> list[str]:
@@ -236,17 +269,30 @@ def prepare_base(model, cfg: TrainConfig, inject_adapter: bool = True) -> list[s
 def manifest_for_run(run: Run):
     """The manifest a program for ``run`` must have (what the program is checked against)."""
     from .engines.executorch import manifest_for
-
     from .quantize import quantization_for, quantization_of
 
     cfg, q = run.cfg, run.cfg.quant
     # what the model got (a model object may come quantized), else what the flags give (a weightless run)
-    quant = quantization_of(run.model) if getattr(run.model, "mobizo_quantization", None) else \
-        quantization_for(q.quantize, q.group_size, q.quantize_embeddings)  # fmt: skip
-    return manifest_for(run.model, cfg.model, run.zo_config(), cfg.optim.batch_size, cfg.data.max_length,
-                        run.answer_len, cfg.data.eval_batch_size, cfg.adapter.rank, cfg.adapter.alpha,
-                        run.base_hash(), quantization=quant, target_spec=cfg.adapter.target_modules,
-                        fixed_length=cfg.engine.fixed_length)  # fmt: skip
+    quant = (
+        quantization_of(run.model)
+        if getattr(run.model, "mobizo_quantization", None)
+        else quantization_for(q.quantize, q.group_size, q.quantize_embeddings)
+    )
+    return manifest_for(
+        run.model,
+        cfg.model,
+        run.zo_config(),
+        cfg.optim.batch_size,
+        cfg.data.max_length,
+        run.answer_len,
+        cfg.data.eval_batch_size,
+        cfg.adapter.rank,
+        cfg.adapter.alpha,
+        run.base_hash(),
+        quantization=quant,
+        target_spec=cfg.adapter.target_modules,
+        fixed_length=cfg.engine.fixed_length,
+    )
 
 
 def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
@@ -267,8 +313,15 @@ def export_program(run: Run, out_dir: Path, xnnpack: bool = True):
     from .threads import default_threads
 
     workers = run.cfg.run.threads or default_threads()  # the export's parallel lowering uses the cores too
-    export(model, manifest, Path(out_dir), xnnpack=xnnpack, progress=run.cfg.run.progress, workers=workers,
-           extra=lambda d: carry_tokenizer(run, manifest, d))  # fmt: skip
+    export(
+        model,
+        manifest,
+        Path(out_dir),
+        xnnpack=xnnpack,
+        progress=run.cfg.run.progress,
+        workers=workers,
+        extra=lambda d: carry_tokenizer(run, manifest, d),
+    )
     del model  # the skeleton's run never keeps the weights
     write_marker(out_dir, "program")
     return manifest
@@ -356,8 +409,11 @@ def keep_program(program_dir: Path, expected: dict, fixed_length: bool = False) 
     dst = _program_cache(expected, fixed_length)
     try:
         atomic_write_dir(dst, lambda d: _link_tree(Path(program_dir), d))
-        kept = sorted((p for p in dst.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime, reverse=True)  # fmt: skip
+        kept = sorted(
+            (p for p in dst.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
         for old in kept[PROGRAMS_KEPT:]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError:
@@ -384,8 +440,9 @@ def build_engine(run: Run, program_dir: Path | None = None):
         else:
             target = program_dir or Path(tempfile.mkdtemp(prefix="mobizo-program-"))
             fixed = cfg.engine.fixed_length
-            reuse = not cfg.engine.reexport and (program_matches(target, expected)
-                                                 or restore_program(target, expected, fixed))  # fmt: skip
+            reuse = not cfg.engine.reexport and (
+                program_matches(target, expected) or restore_program(target, expected, fixed)
+            )
             if not reuse:
                 export_program(run, target)
                 keep_program(target, expected, fixed)
@@ -403,11 +460,21 @@ def build_engine(run: Run, program_dir: Path | None = None):
 
         o = cfg.optim
         zo = run.zo_config() if o.estimator != "fo" else None
-        engine = EagerEngine(run.model, o.estimator, zo, o.optimizer or "sgd", o.train_a, o.weight_decay,
-                             objective=run.objective, choices=run.choices)  # fmt: skip
+        engine = EagerEngine(
+            run.model,
+            o.estimator,
+            zo,
+            o.optimizer or "sgd",
+            o.train_a,
+            o.weight_decay,
+            objective=run.objective,
+            choices=run.choices,
+        )
     if run.task.kind == "generation" and not hasattr(engine, "next_token_logits"):
-        raise MobizoError(f"task {run.task.name} evaluates by generating text, which the {engine.name} engine "
-                          "cannot do; use --engine eager")  # fmt: skip
+        raise MobizoError(
+            f"task {run.task.name} evaluates by generating text, which the {engine.name} engine "
+            "cannot do; use --engine eager"
+        )
     run.engine = engine
     return engine
 

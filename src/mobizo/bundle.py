@@ -67,7 +67,7 @@ from .schedule import lr_at
 from .util import dumps
 
 FORMAT = 1
-from .engines.executorch.manifest import MANIFEST, PROGRAM  # noqa: E402 - the files a program directory has
+from .engines.executorch.manifest import MANIFEST, PROGRAM
 
 RUN = "run.json"
 ARRAYS = {  # name -> (file, dtype)
@@ -101,8 +101,9 @@ def collate_examples(run, length: int, answer_len: int) -> BundleData:
     for ex in run.train:
         if run.objective != "answer":
             encs = [run.encoder(ex.prompt, c) for c in ex.candidates]
-            b = collate_choices([encs], [ex.label], run.choices, pad, max_length, length=length,
-                                answer_len=answer_len, examples=1)  # fmt: skip
+            b = collate_choices(
+                [encs], [ex.label], run.choices, pad, max_length, length=length, answer_len=answer_len, examples=1
+            )
             real.append(1 if b.shared else len(encs))  # a shared-prompt example is one row (labels: candidates)
             gold.append(int(b.gold[0]))
         else:
@@ -112,9 +113,12 @@ def collate_examples(run, length: int, answer_len: int) -> BundleData:
         masks.append(b.attention_mask)
         labels.append(b.labels)
     return BundleData(
-        torch.stack(ids), torch.stack(masks), torch.stack(labels), torch.tensor(real, dtype=torch.long),
+        torch.stack(ids),
+        torch.stack(masks),
+        torch.stack(labels),
+        torch.tensor(real, dtype=torch.long),
         torch.tensor(gold, dtype=torch.long) if run.objective != "answer" else None,
-    )  # fmt: skip
+    )
 
 
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
@@ -123,8 +127,9 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tenso
     return torch.tensor(rows, dtype=torch.int32).reshape(steps, batch_size)
 
 
-def adapter_files(modules: list[str], rank: int, alpha: float, base_model: str,
-                  fan_in_fan_out: bool = False) -> tuple[str, dict]:  # fmt: skip
+def adapter_files(
+    modules: list[str], rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False
+) -> tuple[str, dict]:
     """(adapter_config.json text, safetensors metadata without sha256) as ``checkpoint.write_adapter`` writes them."""
     from .checkpoint import adapter_config_text, adapter_metadata
 
@@ -172,11 +177,17 @@ def write_bundle(
     choice = objective != "answer"
     want_r = manifest.rows // manifest.batch_size
     if (T, K, B, R) != (manifest.max_length, manifest.label_width, manifest.batch_size, want_r):
-        raise MobizoError(f"bundle data of shape T={T} K={K} batch={B} rows/example={R} does not fit the program "
-                          f"(T={manifest.max_length} K={manifest.label_width} batch={manifest.batch_size} "
-                          f"rows/example={want_r})")  # fmt: skip
-    if tuple(data.attention_mask.shape) != (N, R, T) or tuple(data.labels.shape) != (N, R, K) \
-            or tuple(data.real_rows.shape) != (N,) or (choice and (data.gold is None or data.gold.shape != (N,))):
+        raise MobizoError(
+            f"bundle data of shape T={T} K={K} batch={B} rows/example={R} does not fit the program "
+            f"(T={manifest.max_length} K={manifest.label_width} batch={manifest.batch_size} "
+            f"rows/example={want_r})"
+        )
+    if (
+        tuple(data.attention_mask.shape) != (N, R, T)
+        or tuple(data.labels.shape) != (N, R, K)
+        or tuple(data.real_rows.shape) != (N,)
+        or (choice and (data.gold is None or data.gold.shape != (N,)))
+    ):
         raise MobizoError("inconsistent bundle arrays (input_ids, attention_mask, labels, real_rows, gold)")
     if N < 1 or (steps and (int(batches.min()) < 0 or int(batches.max()) >= N)):
         raise MobizoError("batch indices outside the examples (or no examples)")
@@ -197,8 +208,13 @@ def write_bundle(
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise MobizoError("lr and eps must be positive numbers")
 
-    arrays = {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels,
-              "real_rows": data.real_rows, "batches": batches}  # fmt: skip
+    arrays = {
+        "input_ids": data.input_ids,
+        "attention_mask": data.attention_mask,
+        "labels": data.labels,
+        "real_rows": data.real_rows,
+        "batches": batches,
+    }
     if choice:
         arrays["gold"] = data.gold
     if per_step:
@@ -207,8 +223,12 @@ def write_bundle(
     for name, t in arrays.items():
         file, dtype = ARRAYS[name]
         blobs[file] = _array_bytes(t, dtype)
-        specs[name] = {"file": file, "dtype": dtype, "shape": list(t.shape),
-                       "sha256": hashlib.sha256(blobs[file]).hexdigest()}  # fmt: skip
+        specs[name] = {
+            "file": file,
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "sha256": hashlib.sha256(blobs[file]).hexdigest(),
+        }
     header_line = dumps(log_header)
     run = {
         "mobizo_bundle": FORMAT,
@@ -269,12 +289,25 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
         batches = batch_indices(len(run.train), o.batch_size, o.steps, cfg.seed)
         config, meta = adapter_files(manifest.target_modules, a.rank, a.alpha, cfg.model, run.fan_in_fan_out())
         # the per-step lr of --lr-schedule / --warmup-steps goes into schedule.bin (a constant lr stays in run.json)
-        lr = o.lr if o.lr_schedule == "constant" and not o.warmup_steps else \
-            [lr_at(s, o.lr, o.steps, o.lr_schedule, o.warmup_steps) for s in range(1, o.steps + 1)]  # fmt: skip
-        return write_bundle(out, program, data, batches, lr=lr, eps=o.eps,
-                            log_header=log_header(cfg.trajectory(), run.targets), adapter_config=config,
-                            adapter_metadata=meta, save_every=cfg.run.save_every, max_bad_steps=o.max_bad_steps,
-                            overwrite=overwrite)  # fmt: skip
+        lr = (
+            o.lr
+            if o.lr_schedule == "constant" and not o.warmup_steps
+            else [lr_at(s, o.lr, o.steps, o.lr_schedule, o.warmup_steps) for s in range(1, o.steps + 1)]
+        )
+        return write_bundle(
+            out,
+            program,
+            data,
+            batches,
+            lr=lr,
+            eps=o.eps,
+            log_header=log_header(cfg.trajectory(), run.targets),
+            adapter_config=config,
+            adapter_metadata=meta,
+            save_every=cfg.run.save_every,
+            max_bad_steps=o.max_bad_steps,
+            overwrite=overwrite,
+        )
 
 
 # ---------------------------------------------------------------- reading a bundle (Python twin of the C++ side)
@@ -327,7 +360,7 @@ def gather(bundle: Bundle, step: int) -> Batch:
     a = bundle.arrays
     idx = a["batches"][step - 1].long()
     B = idx.shape[0]
-    N, R, T = a["input_ids"].shape
+    _N, R, T = a["input_ids"].shape
     ids, mask, labels = a["input_ids"][idx].clone(), a["attention_mask"][idx].clone(), a["labels"][idx].clone()
     real = a["real_rows"][idx]
     for b in range(B):  # filler rows: the next example's first row, nothing supervised (data.collate)
@@ -336,8 +369,14 @@ def gather(bundle: Bundle, step: int) -> Batch:
             ids[b, r], mask[b, r] = ids[nxt, 0], mask[nxt, 0]
             labels[b, r] = IGNORE
     gold = a["gold"][idx].clone() if "gold" in a else None
-    return Batch(ids.reshape(B * R, T), mask.reshape(B * R, T), labels.reshape(B * R, -1), int(real.sum()), gold=gold,
-                 shared=gold is not None and R == 1)  # one prompt row per example: the shared-prompt layout
+    return Batch(
+        ids.reshape(B * R, T),
+        mask.reshape(B * R, T),
+        labels.reshape(B * R, -1),
+        int(real.sum()),
+        gold=gold,
+        shared=gold is not None and R == 1,
+    )  # one prompt row per example: the shared-prompt layout
 
 
 def train_python(bundle_dir: str | Path, steps: int | None = None):

@@ -31,8 +31,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -226,10 +226,19 @@ def adapter_config(modules, rank: int, alpha: float, base_model: str, fan_in_fan
     their defaults. Written without importing PEFT: importing it costs a run ~190 MiB resident
     (transformers, ``torch._dynamo``), which a run on an ExecuTorch program otherwise never pays;
     ``PeftModel.from_pretrained`` fills the rest with its defaults (tests/test_train.py pins the two equal)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-            "lora_alpha": alpha, "target_modules": sorted(set(modules)), "lora_dropout": 0.0,
-            "fan_in_fan_out": bool(fan_in_fan_out), "init_lora_weights": True, "inference_mode": False,
-            **_UNSUPPORTED}  # fmt: skip
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(set(modules)),
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "init_lora_weights": True,
+        "inference_mode": False,
+        **_UNSUPPORTED,
+    }
 
 
 def adapter_config_text(modules, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool = False) -> str:
@@ -242,8 +251,14 @@ def adapter_metadata(rank: int, alpha: float) -> dict:
     return {"format": "pt", "r": str(rank), "lora_alpha": repr(float(alpha)), "writer": "mobizo"}
 
 
-def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, alpha: float, base_model: str,
-                  fan_in_fan_out: bool | None = None) -> None:
+def write_adapter(
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    base_model: str,
+    fan_in_fan_out: bool | None = None,
+) -> None:
     """Write a PEFT LoRA adapter (config + safetensors) into an existing directory.
 
     ``fan_in_fan_out``: the adapted layers are ``Conv1D`` (GPT-2); None: read off ``base_model``'s
@@ -256,15 +271,17 @@ def write_adapter(directory: Path, state: dict[str, torch.Tensor], rank: int, al
     if fan_in_fan_out is None:
         fan_in_fan_out = adapter_fan_in_fan_out(base_model)
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
-    (Path(directory) / CONFIG).write_text(adapter_config_text(modules, rank, alpha, base_model, fan_in_fan_out),
-                                          encoding="utf-8")
+    (Path(directory) / CONFIG).write_text(
+        adapter_config_text(modules, rank, alpha, base_model, fan_in_fan_out), encoding="utf-8"
+    )
     tensors = _peft_tensors(state)
     meta = {"format": "pt", "sha256": tensors_sha256(tensors), **adapter_metadata(rank, alpha)}
     save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
 
 
-def save_adapter(directory: Path, state, rank: int, alpha: float, base_model: str,
-                 fan_in_fan_out: bool | None = None) -> None:
+def save_adapter(
+    directory: Path, state, rank: int, alpha: float, base_model: str, fan_in_fan_out: bool | None = None
+) -> None:
     atomic_write_dir(Path(directory), lambda d: write_adapter(d, state, rank, alpha, base_model, fan_in_fan_out))
 
 
@@ -314,7 +331,7 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
     try:
         with safe_open(str(w_path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
         raise MobizoError(f"{w_path}: unreadable safetensors file ({_one_line(e)})") from e
     # Any of mobizo's metadata keys means mobizo wrote the file, so its checksum must be there too
@@ -371,8 +388,16 @@ def _one_line(e: BaseException) -> str:
 OPTIMIZER = "optimizer.pt"
 
 
-def save_checkpoint(directory: Path, adapter_state, rank, alpha, base_model, state: dict, optimizer=None,
-                    fan_in_fan_out: bool | None = None) -> None:
+def save_checkpoint(
+    directory: Path,
+    adapter_state,
+    rank,
+    alpha,
+    base_model,
+    state: dict,
+    optimizer=None,
+    fan_in_fan_out: bool | None = None,
+) -> None:
     """Adapter + ``state.json`` (+ ``optimizer.pt``, its sha256 recorded in the state), swapped in atomically."""
 
     def write(d: Path) -> None:
@@ -416,7 +441,8 @@ def read_state(d: Path, require_checksum: bool = True) -> dict:
         raise MobizoError(f"{path}: invalid run config in the checkpoint state")
     settings = state.get("settings", {})
     if not isinstance(settings, dict) or not all(
-        v is None or isinstance(v, (int, str)) for v in settings.values()  # ints, bools, paths
+        v is None or isinstance(v, (int, str))
+        for v in settings.values()  # ints, bools, paths
     ):
         raise MobizoError(f"{path}: invalid settings in the checkpoint state")
     for key in ("skipped_steps",):
@@ -444,7 +470,7 @@ def load_checkpoint(directory: Path):
                 raise MobizoError(f"{opt}: checksum mismatch (the file is corrupted)")
             try:
                 optimizer = torch.load(opt, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+            except Exception as e:  # unpickling errors come in many types
                 raise MobizoError(f"{opt}: unreadable ({_one_line(e)})") from e
     except MobizoError as e:
         raise MobizoError(f"cannot resume: {e}{hint}") from e

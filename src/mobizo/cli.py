@@ -30,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(p, C.TRAIN_FLAGS)
 
     p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
-    C.add_arguments(p, C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads"),
-                    {"seed": {"help": "seed for --eval-examples sampling"}})  # fmt: skip
+    C.add_arguments(
+        p,
+        C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads"),
+        {"seed": {"help": "seed for --eval-examples sampling"}},
+    )
     p.add_argument("--adapter", help="PEFT adapter directory (omit to score the untouched model)")
     p.add_argument("--json", help="also write the metrics as JSON to this file")
 
@@ -42,8 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the program in --out")
 
     p = sub.add_parser("bundle", help="export the step and write a bundle for the native trainer (mobizo-train)")
-    not_bundle = ("engine", "program", "reexport", "fixed_length", "dist_mode", "out", "resume", "overwrite", "eval_every",
-                  "eval_at_start")
+    not_bundle = (
+        "engine",
+        "program",
+        "reexport",
+        "fixed_length",
+        "dist_mode",
+        "out",
+        "resume",
+        "overwrite",
+        "eval_every",
+        "eval_at_start",
+    )
     C.add_arguments(p, tuple(n for n in C.TRAIN_FLAGS if n not in not_bundle))
     p.add_argument("--program", help="reuse this 'mobizo export' directory instead of exporting (checked to fit)")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -129,8 +142,10 @@ def cmd_eval(args) -> int:
     if json_path is not None and (json_path.is_dir() or not json_path.absolute().parent.is_dir()):
         raise MobizoError(f"--json {json_path}: not a writable file path")
     metrics = evaluate(cfg, adapter=args.adapter)
-    print(f"{metrics['task']} ({'zero-shot' if args.adapter is None else 'adapter ' + args.adapter}): "
-          f"{metrics['metric']} {metrics[metrics['metric']]:.4f} on {metrics['n']} examples")  # fmt: skip
+    print(
+        f"{metrics['task']} ({'zero-shot' if args.adapter is None else 'adapter ' + args.adapter}): "
+        f"{metrics['metric']} {metrics[metrics['metric']]:.4f} on {metrics['n']} examples"
+    )
     for k, v in metrics.items():
         if isinstance(v, float):
             print(f"{k}: {v:.4f}")
@@ -148,8 +163,10 @@ def cmd_export(args) -> int:
     out = Path(args.out)
     check_replaceable(out, "program", args.overwrite, entries=(PROGRAM, MANIFEST, TOKENIZER), exclusive=True)
     m = export(cfg, out, xnnpack=not args.no_xnnpack)
-    print(f"wrote {out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
-          f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}")
+    print(
+        f"wrote {out}/train.pte ({m.pte_bytes / 1e6:.1f} MB): {m.estimator} q={m.queries}, "
+        f"{m.batch_size} examples x {m.max_length} tokens, answer window {m.answer_len}, objective {m.objective}"
+    )
     took = ", ".join(f"{stage.split(' (')[0]} {s:.0f} s" for stage, s in m.export_seconds.items())
     if took:  # (status lines show them on a terminal; this line stays in a log)
         print(f"export stages: {took}")
@@ -173,8 +190,9 @@ def cmd_native(args) -> int:
         return 0
     if args.resume and args.overwrite:
         raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
-    s = native.train(args.bundle, args.out, resume=args.resume, overwrite=args.overwrite, steps=args.steps,
-                     quiet=args.no_progress)  # fmt: skip
+    s = native.train(
+        args.bundle, args.out, resume=args.resume, overwrite=args.overwrite, steps=args.steps, quiet=args.no_progress
+    )
     print(f"step {s.get('final_step')}: loss {s.get('final_loss')}; run in {args.out}")
     return 0
 
@@ -192,8 +210,14 @@ def cmd_convert(args) -> int:
 def cmd_replay(args) -> int:
     from .replay import replay
 
-    r = replay(args.log, args.out, model=args.model, upto=args.steps, overwrite=args.overwrite,
-               trust_remote_code=args.trust_remote_code)  # fmt: skip
+    r = replay(
+        args.log,
+        args.out,
+        model=args.model,
+        upto=args.steps,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"replayed {r['steps']} steps ({r['applied']} applied, {r['skipped']} skipped) into {r['out']}")
     return 0
 
@@ -211,14 +235,34 @@ def cmd_bench(args) -> int:
     except ImportError as e:  # pragma: no cover - the benchmarks ship in the same distribution
         raise MobizoError(f"the benchmarks are not installed ({e})") from e
 
-    run_bench(args.which, args.out, quick=args.quick, threads=args.threads, models=args.models, model=args.model,
-              task=args.task, data=args.data, seeds=args.seeds, steps=args.steps, progress=not args.no_progress)  # fmt: skip
+    run_bench(
+        args.which,
+        args.out,
+        quick=args.quick,
+        threads=args.threads,
+        models=args.models,
+        model=args.model,
+        task=args.task,
+        data=args.data,
+        seeds=args.seeds,
+        steps=args.steps,
+        progress=not args.no_progress,
+    )
     print(f"wrote {args.out}/results.json, {args.out}/results.md and plots")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "replay": cmd_replay, "demo": cmd_demo, "export": cmd_export,
-            "bench": cmd_bench, "bundle": cmd_bundle, "native": cmd_native, "convert": cmd_convert}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "replay": cmd_replay,
+    "demo": cmd_demo,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "bundle": cmd_bundle,
+    "native": cmd_native,
+    "convert": cmd_convert,
+}
 
 
 def _error(message: str) -> None:
@@ -249,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecursionError:
         _error("input nested too deeply to read")
         return 2
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+    except Exception as e:  # a bug: one line for the user, the traceback on request
         if os.environ.get("MOBIZO_DEBUG"):
             raise
         msg = " ".join(str(e).split())
-        print(f"mobizo: internal error: {type(e).__name__}: {msg} (set MOBIZO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"mobizo: internal error: {type(e).__name__}: {msg} (set MOBIZO_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
 
 

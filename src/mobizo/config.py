@@ -30,12 +30,30 @@ ENGINES = ("eager", "executorch")
 DIST_MODES = ("queries", "data", "federated")
 
 
-def opt(default: Any, help: str, *, choices=None, short: str | None = None, meta: str | None = None,
-        trajectory: bool = False, recovery: bool = False, setting: bool = False, minimum: float | None = None):  # fmt: skip
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices=None,
+    short: str | None = None,
+    meta: str | None = None,
+    trajectory: bool = False,
+    recovery: bool = False,
+    setting: bool = False,
+    minimum: float | None = None,
+):
     """A config field. ``trajectory``: it shapes the updates (a resumed run must keep it; ``recovery``
     ones may change, with a warning); ``setting``: a resumed run keeps it unless it is given again."""
-    md = dict(help=help, choices=choices, short=short, meta=meta, trajectory=trajectory, recovery=recovery,
-              setting=setting, minimum=minimum)  # fmt: skip
+    md = dict(
+        help=help,
+        choices=choices,
+        short=short,
+        meta=meta,
+        trajectory=trajectory,
+        recovery=recovery,
+        setting=setting,
+        minimum=minimum,
+    )
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=md)
     return field(default=default, metadata=md)
@@ -43,19 +61,32 @@ def opt(default: Any, help: str, *, choices=None, short: str | None = None, meta
 
 @dataclass
 class DataArgs:
-    task: str = opt("synthetic", "task name: synthetic, sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, qnli, wnli, "
-                    "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (README 'Tasks "
-                    "and data')", trajectory=True)  # fmt: skip
+    task: str = opt(
+        "synthetic",
+        "task name: synthetic, sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, qnli, wnli, "
+        "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (README 'Tasks "
+        "and data')",
+        trajectory=True,
+    )
     data: str | None = opt(None, "directory or file with the task's train/validation data", trajectory=True)
-    template: str | None = opt(None, 'prompt template of a custom classification task, e.g. "Review: {text} '
-                               'Sentiment:"', trajectory=True)  # fmt: skip
-    label_words: str | None = opt(None, "comma-separated label words (custom classification, or to override a "
-                                  "benchmark's), e.g. bad,good", trajectory=True)  # fmt: skip
+    template: str | None = opt(
+        None, 'prompt template of a custom classification task, e.g. "Review: {text} Sentiment:"', trajectory=True
+    )
+    label_words: str | None = opt(
+        None,
+        "comma-separated label words (custom classification, or to override a benchmark's), e.g. bad,good",
+        trajectory=True,
+    )
     max_length: int = opt(128, "max tokens per sequence (prompt + answer)", trajectory=True, minimum=2)
-    truncation: str = opt("left", "prompts longer than --max-length: cut from the left, or fail",
-                          choices=("left", "error"), trajectory=True)  # fmt: skip
-    train_examples: int | None = opt(None, "sample this many training examples (default: all)", trajectory=True,
-                                     minimum=1)  # fmt: skip
+    truncation: str = opt(
+        "left",
+        "prompts longer than --max-length: cut from the left, or fail",
+        choices=("left", "error"),
+        trajectory=True,
+    )
+    train_examples: int | None = opt(
+        None, "sample this many training examples (default: all)", trajectory=True, minimum=1
+    )
     eval_examples: int | None = opt(500, "validation examples to evaluate (0 = all)", setting=True, minimum=0)
     eval_batch_size: int = opt(32, "rows per eval forward", setting=True, minimum=1)
     max_new_tokens: int = opt(32, "generation tasks: max tokens generated per answer", setting=True, minimum=1)
@@ -65,32 +96,53 @@ class DataArgs:
 class AdapterArgs:
     rank: int = opt(8, "LoRA rank r", trajectory=True, minimum=1)
     alpha: float = opt(16.0, "LoRA alpha; the adapter is scaled by alpha/r", trajectory=True)
-    target_modules: list[str] | None = opt(None, "comma-separated module names (suffix match, or a regex); "
-                                           "default: per architecture", meta="NAMES", trajectory=True)  # fmt: skip
+    target_modules: list[str] | None = opt(  # noqa: RUF009 - opt() is a dataclasses.field
+        None,
+        "comma-separated module names (suffix match, or a regex); default: per architecture",
+        meta="NAMES",
+        trajectory=True,
+    )
 
 
 @dataclass
 class OptimArgs:
-    estimator: str = opt("prge", "prge: one forward over 2q copies; prge-outer: two forwards over q copies; mezo: "
-                         "2q sequential forwards; fo: backprop baseline on the same adapter",
-                         choices=ESTIMATORS, trajectory=True)  # fmt: skip
+    estimator: str = opt(
+        "prge",
+        "prge: one forward over 2q copies; prge-outer: two forwards over q copies; mezo: "
+        "2q sequential forwards; fo: backprop baseline on the same adapter",
+        choices=ESTIMATORS,
+        trajectory=True,
+    )
     queries: int = opt(4, "query directions q per step", short="-q", trajectory=True, minimum=1)
     # Defaults from the lr/eps sweep on SmolLM2-135M (README "Real pretrained models"): they beat zero-shot
     # there with no tuning. A randomly initialised model (the built-in tiny) needs far larger steps.
     batch_size: int = opt(8, "examples per step", trajectory=True, minimum=1)
-    data_mode: str = opt("repeat", "repeat: every direction sees the whole batch; split: direction i sees the i-th "
-                         "1/q of it", choices=("repeat", "split"), trajectory=True)  # fmt: skip
-    objective: str = opt("auto", "answer: answer-token cross-entropy; choice: cross-entropy over the candidates' "
-                         "scores; auto: choice for classification / multiple choice", choices=("auto", "answer", "choice"),
-                         trajectory=True)  # fmt: skip
+    data_mode: str = opt(
+        "repeat",
+        "repeat: every direction sees the whole batch; split: direction i sees the i-th 1/q of it",
+        choices=("repeat", "split"),
+        trajectory=True,
+    )
+    objective: str = opt(
+        "auto",
+        "answer: answer-token cross-entropy; choice: cross-entropy over the candidates' "
+        "scores; auto: choice for classification / multiple choice",
+        choices=("auto", "answer", "choice"),
+        trajectory=True,
+    )
     lr: float = opt(1e-2, "learning rate: B -= lr * mean_i(g_i z_i)", trajectory=True, recovery=True)
-    lr_schedule: str = opt("constant", "learning-rate schedule over --steps (after the warmup)",
-                           choices=("constant", "linear", "cosine"), trajectory=True)  # fmt: skip
+    lr_schedule: str = opt(
+        "constant",
+        "learning-rate schedule over --steps (after the warmup)",
+        choices=("constant", "linear", "cosine"),
+        trajectory=True,
+    )
     warmup_steps: int = opt(0, "steps of linear warmup from 0 to --lr", trajectory=True, minimum=0)
     eps: float = opt(1e-2, "perturbation scale: B +- eps z_i", trajectory=True, recovery=True)
     weight_decay: float = opt(0.0, "weight decay on B", trajectory=True, minimum=0)
-    max_grad: float | None = opt(None, "skip steps with a |projected gradient| above this (default: no bound)",
-                                 trajectory=True, recovery=True)  # fmt: skip
+    max_grad: float | None = opt(
+        None, "skip steps with a |projected gradient| above this (default: no bound)", trajectory=True, recovery=True
+    )
     max_bad_steps: int = opt(3, "stop after this many consecutive skipped steps", setting=True, minimum=1)
     steps: int = opt(1000, "total training steps (with --resume: continue up to this)", setting=True, minimum=1)
     optimizer: str | None = opt(None, "fo only: sgd (default) or adamw", choices=("sgd", "adamw"), trajectory=True)
@@ -99,32 +151,52 @@ class OptimArgs:
 
 @dataclass
 class QuantArgs:
-    quantize: str = opt("none", "quantize the frozen base's linear layers (the adapter stays float32): 8da8w / 8da4w: "
-                        "int8 / int4 weights with int8 dynamic activations (XNNPACK kernels in ExecuTorch); int8 / "
-                        "4w: weight-only (eager only); README 'Quantized base'",
-                        choices=("none", "int8", "8da8w", "8da4w", "4w"), trajectory=True)  # fmt: skip
-    group_size: int | None = opt(None, "4-bit schemes: input features per quantization scale (0 = one per output "
-                                 "channel; default 32); 8-bit schemes scale per output channel", trajectory=True,
-                                 minimum=0)  # fmt: skip
+    quantize: str = opt(
+        "none",
+        "quantize the frozen base's linear layers (the adapter stays float32): 8da8w / 8da4w: "
+        "int8 / int4 weights with int8 dynamic activations (XNNPACK kernels in ExecuTorch); int8 / "
+        "4w: weight-only (eager only); README 'Quantized base'",
+        choices=("none", "int8", "8da8w", "8da4w", "4w"),
+        trajectory=True,
+    )
+    group_size: int | None = opt(
+        None,
+        "4-bit schemes: input features per quantization scale (0 = one per output "
+        "channel; default 32); 8-bit schemes scale per output channel",
+        trajectory=True,
+        minimum=0,
+    )
     quantize_embeddings: bool = opt(False, "also quantize the input embedding table and the LM head", trajectory=True)
 
 
 @dataclass
 class EngineArgs:
-    engine: str = opt("eager", "who runs the step: eager PyTorch, or the ExecuTorch runtime", choices=ENGINES,
-                      trajectory=True)  # fmt: skip
-    program: str | None = opt(None, "--engine executorch: a program directory from 'mobizo export' (default: "
-                              "export into OUT/program, or reuse the one there when it matches)", setting=True)  # fmt: skip
+    engine: str = opt(
+        "eager", "who runs the step: eager PyTorch, or the ExecuTorch runtime", choices=ENGINES, trajectory=True
+    )
+    program: str | None = opt(
+        None,
+        "--engine executorch: a program directory from 'mobizo export' (default: "
+        "export into OUT/program, or reuse the one there when it matches)",
+        setting=True,
+    )
     reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
-    fixed_length: bool = opt(False, "--engine executorch / export: trace the program for exactly --max-length "
-                             "tokens instead of any length up to it: about half the export time, but every batch "
-                             "is then padded to --max-length (slower steps when prompts are shorter; README "
-                             "'Export: memory, time and the program cache')")  # fmt: skip
-    dist_mode: str = opt("queries", "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
-                         "directions on the same batch; data: each process runs all q directions on its shard of "
-                         "the batch; federated: each process trains on its own --data (a {rank} in the path is "
-                         "replaced by the process's rank) and only the g values are exchanged (docs/distributed.md)",
-                         choices=DIST_MODES, setting=True)  # fmt: skip
+    fixed_length: bool = opt(
+        False,
+        "--engine executorch / export: trace the program for exactly --max-length "
+        "tokens instead of any length up to it: about half the export time, but every batch "
+        "is then padded to --max-length (slower steps when prompts are shorter; README "
+        "'Export: memory, time and the program cache')",
+    )
+    dist_mode: str = opt(
+        "queries",
+        "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
+        "directions on the same batch; data: each process runs all q directions on its shard of "
+        "the batch; federated: each process trains on its own --data (a {rank} in the path is "
+        "replaced by the process's rank) and only the g values are exchanged (docs/distributed.md)",
+        choices=DIST_MODES,
+        setting=True,
+    )
 
 
 @dataclass
@@ -136,13 +208,23 @@ class RunArgs:
     eval_at_start: bool = opt(False, "also evaluate before the first step (summary's eval_start)")
     save_every: int = opt(100, "checkpoint every N steps (0 = only at the end)", setting=True, minimum=0)
     progress: bool = opt(True, "progress bars and status lines on stderr")
-    threads: int | None = opt(None, "intra-op threads of PyTorch and the ExecuTorch runtime, and the export's "
-                              "lowering workers (default: the physical cores this process may use, or "
-                              "OMP_NUM_THREADS)", minimum=1)  # fmt: skip
+    threads: int | None = opt(
+        None,
+        "intra-op threads of PyTorch and the ExecuTorch runtime, and the export's "
+        "lowering workers (default: the physical cores this process may use, or "
+        "OMP_NUM_THREADS)",
+        minimum=1,
+    )
 
 
-PARTS = {"data": DataArgs, "adapter": AdapterArgs, "optim": OptimArgs, "quant": QuantArgs, "engine": EngineArgs,
-         "run": RunArgs}  # fmt: skip
+PARTS = {
+    "data": DataArgs,
+    "adapter": AdapterArgs,
+    "optim": OptimArgs,
+    "quant": QuantArgs,
+    "engine": EngineArgs,
+    "run": RunArgs,
+}
 TOP = ("model", "seed", "trust_remote_code")
 
 
@@ -161,11 +243,11 @@ class TrainConfig:
     # ------------------------------------------------------------ flat view
 
     @classmethod
-    def from_flat(cls, **values) -> "TrainConfig":
+    def from_flat(cls, **values) -> TrainConfig:
         """``TrainConfig.from_flat(model="tiny", lr=4.0, queries=2)``: fields by their flat names."""
         return cls().replace(**values)
 
-    def replace(self, **values) -> "TrainConfig":
+    def replace(self, **values) -> TrainConfig:
         """A copy with fields replaced by their flat names (unknown names are an error)."""
         top = {k: values.pop(k) for k in TOP if k in values}
         parts = {}
@@ -193,7 +275,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------ checks
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Every value in range and every flag meaningful for the chosen estimator / engine / task."""
         flat = self.flat()
         for name, value in flat.items():
@@ -247,8 +329,16 @@ class TrainConfig:
         from .step import ZOConfig
 
         o = self.optim
-        return ZOConfig(o.estimator, o.queries, self.seed, o.data_mode, o.weight_decay,
-                        math.inf if o.max_grad is None else o.max_grad, objective, choices)  # fmt: skip
+        return ZOConfig(
+            o.estimator,
+            o.queries,
+            self.seed,
+            o.data_mode,
+            o.weight_decay,
+            math.inf if o.max_grad is None else o.max_grad,
+            objective,
+            choices,
+        )
 
 
 def _collect_fields() -> dict[str, dataclasses.Field]:
@@ -294,8 +384,13 @@ def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None
             help_text += f" (default: {','.join(default) if isinstance(default, list) else default})"
         flags = [flag(name)] + ([md["short"]] if md.get("short") else [])
         if name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                                help="no progress bars or status lines")  # fmt: skip
+            parser.add_argument(
+                "--no-progress",
+                dest="progress",
+                action="store_false",
+                default=None,
+                help="no progress bars or status lines",
+            )
             continue
         if isinstance(default, bool):
             parser.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
@@ -309,8 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None
             typ = float
         else:
             typ = str
-        parser.add_argument(*flags, dest=name, type=typ, default=None, choices=md.get("choices"),
-                            metavar=md.get("meta"), help=help_text)  # fmt: skip
+        parser.add_argument(
+            *flags, dest=name, type=typ, default=None, choices=md.get("choices"), metavar=md.get("meta"), help=help_text
+        )
 
 
 def given(args: argparse.Namespace, names=None) -> dict:
@@ -332,6 +428,13 @@ MODEL_FLAGS = ("model", "trust_remote_code") + tuple(f.name for f in dataclasses
 DATA_FLAGS = tuple(f.name for f in dataclasses.fields(DataArgs))
 ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
 STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")
-TRAIN_FLAGS = MODEL_FLAGS + ("seed",) + DATA_FLAGS + ADAPTER_FLAGS + tuple(f.name for f in dataclasses.fields(OptimArgs)) \
-    + tuple(f.name for f in dataclasses.fields(EngineArgs)) + tuple(f.name for f in dataclasses.fields(RunArgs))
+TRAIN_FLAGS = (
+    MODEL_FLAGS
+    + ("seed",)
+    + DATA_FLAGS
+    + ADAPTER_FLAGS
+    + tuple(f.name for f in dataclasses.fields(OptimArgs))
+    + tuple(f.name for f in dataclasses.fields(EngineArgs))
+    + tuple(f.name for f in dataclasses.fields(RunArgs))
+)
 EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads", "fixed_length")

@@ -251,14 +251,14 @@ def _load_tokenizer(p: Path, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(
             str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except Exception as e:  # noqa: BLE001 - any loader failure is a bad file
+    except Exception as e:  # any loader failure is a bad file
         raise MobizoError(f"cannot build the tokenizer of {p}: {type(e).__name__}: {_first_line(e)}") from e
     return tok
 
 
 def _load_config(p: Path):
-    from transformers import AutoConfig
     import transformers.modeling_gguf_pytorch_utils as mod
+    from transformers import AutoConfig
 
     parsed = mod.load_gguf_checkpoint(str(p), return_tensors=False)
     cfg = dict(parsed["config"])
@@ -323,11 +323,12 @@ def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False)
             if h.architecture in _legacy_archs():
                 config = _load_config(p)[0]
             else:
-                config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True,
-                                                    trust_remote_code=trust_remote_code)  # fmt: skip
+                config = AutoConfig.from_pretrained(
+                    str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
+                )
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise MobizoError(f"cannot build the model of {p}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
     return model.eval(), tokenizer
@@ -340,13 +341,13 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
 
     try:
         config, raw_config = _load_config(p)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MobizoError(f"cannot read the model config of {p}: {type(e).__name__}: {_first_line(e)}") from e
     _trim_heap()  # hand the metadata parser's freed memory back before the weights arrive
     try:
         with no_init_weights():  # parameters are allocated, not initialised: each page is written once, below
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MobizoError(
             f"{p}: transformers cannot build a causal LM for GGUF architecture {h.architecture!r}: "
             f"{type(e).__name__}: {_first_line(e)}"
@@ -368,13 +369,16 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
         target = targets[name]
         if tuple(t.shape) != tuple(target.shape):
             if t.numel() != target.numel():
-                raise MobizoError(f"{p}: tensor for {name} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+                raise MobizoError(
+                    f"{p}: tensor for {name} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}"
+                )
             t = t.reshape(target.shape)
         with torch.no_grad():
             target.copy_(t)
         written.add(name)
 
     plain = type(processor).process is TensorProcessor.process  # a processor that renames/permutes nothing
+
     def put_rows(name: str, start: int, rows: np.ndarray) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -386,8 +390,13 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
     for info in h.tensors:
         qtype = gguf.GGMLQuantizationType(info.qtype)
         target = targets.get(mapping.get(info.name, ""))
-        if (plain and target is not None and len(info.shape) == 2 and tuple(target.shape) == info.shape
-                and target.numel() > _CHUNK):  # fmt: skip
+        if (
+            plain
+            and target is not None
+            and len(info.shape) == 2
+            and tuple(target.shape) == info.shape
+            and target.numel() > _CHUNK
+        ):
             # a big tensor (the embedding): dequantize a slab of rows at a time straight into the model,
             # never the whole float tensor plus the dequantizer's temporaries at once
             data = _tensor_data(blob, h, info, gguf)
@@ -401,7 +410,9 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
             weights = gguf.dequantize(_tensor_data(blob, h, info, gguf), qtype)
         except NotImplementedError as e:
             raise MobizoError(f"{p}: cannot dequantize tensor {info.name}: {e}") from e
-        result = processor.process(weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+        result = processor.process(
+            weights=weights, name=info.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
         if result.name in mapping and mapping[result.name] in targets:
             put(mapping[result.name], result.weights)
         for name in list(parsed["tensors"]):  # processors that assemble tensors themselves (MoE experts)
@@ -418,7 +429,8 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
     missing = [n for n, t in model.state_dict().items() if n not in written and t.data_ptr() not in seen]
     if missing:
         raise MobizoError(
-            f"{p}: the file has no tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{p}: the file has no tensor for {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     return model
 
@@ -456,10 +468,14 @@ def _load_packed(p: Path, dtype: torch.dtype, trust_remote_code: bool):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p.parent), gguf_file=p.name, dtype=dtype, local_files_only=True,
-            quantization_config=GgufConfig(dequantize=True), trust_remote_code=trust_remote_code,
-        )  # fmt: skip
-    except Exception as e:  # noqa: BLE001
+            str(p.parent),
+            gguf_file=p.name,
+            dtype=dtype,
+            local_files_only=True,
+            quantization_config=GgufConfig(dequantize=True),
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as e:
         raise MobizoError(f"cannot load the model from {p}: {type(e).__name__}: {_first_line(e)}") from e
     return _plain(model)
 
@@ -482,8 +498,12 @@ def _plain(model):
     return model
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                 overwrite: bool = False) -> Path:  # fmt: skip
+def convert_gguf(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
     """Write ``gguf_path`` as a Hugging Face checkpoint in ``out_dir`` (config, safetensors, tokenizer).
 
     Refuses a non-empty ``out_dir`` unless ``overwrite``; the directory appears complete or not at all.

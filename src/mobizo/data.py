@@ -130,8 +130,10 @@ def check_candidates(encoder: Encoder, examples, what: str = "examples") -> None
                 which = f"candidate {cand!r}" if ex.candidates else f"answer {cand!r}"
                 if "prompt" in str(e):
                     which = f"prompt {ex.prompt[:40]!r}"
-                raise MobizoError(f"{what} example {n + 1}: {which} tokenizes to no tokens with this tokenizer "
-                                  "(give label words / answers with visible text)") from None  # fmt: skip
+                raise MobizoError(
+                    f"{what} example {n + 1}: {which} tokenizes to no tokens with this tokenizer "
+                    "(give label words / answers with visible text)"
+                ) from None
 
 
 def collate(
@@ -234,8 +236,9 @@ def collate_choices(
     return batch
 
 
-def count_truncated(encoder: Encoder, examples: list[Example], max_length: int, truncation: str = "left",
-                    what: str = "examples") -> int:
+def count_truncated(
+    encoder: Encoder, examples: list[Example], max_length: int, truncation: str = "left", what: str = "examples"
+) -> int:
     """How many examples' prompts must lose tokens on the left to fit ``max_length`` with their answer(s).
 
     Encodes everything once (bad text fails fast). An answer that cannot fit is always an error; a
@@ -246,7 +249,9 @@ def count_truncated(encoder: Encoder, examples: list[Example], max_length: int, 
         encs = [encoder(ex.prompt, c) for c in ex.candidates] or [encoder.example(ex)]
         for e in encs:
             if len(e.answer_ids) + 1 > max_length:
-                raise MobizoError(f"{what}: an answer of {len(e.answer_ids)} tokens does not fit --max-length {max_length}")
+                raise MobizoError(
+                    f"{what}: an answer of {len(e.answer_ids)} tokens does not fit --max-length {max_length}"
+                )
         if any(len(e.prompt_ids) + len(e.answer_ids) > max_length for e in encs):
             long += 1
             if truncation == "error":

@@ -46,8 +46,15 @@ def run_demo(out: str | None = None, steps: int | None = None, engines=None, pro
         root = Path(out) if out else Path(tmp)
         legs = []
         for engine in engines:
-            cfg = TrainConfig.from_flat(**DEMO, steps=steps, engine=engine, eval_at_start=True, progress=progress,
-                              out=str(root / engine), overwrite=True)  # fmt: skip
+            cfg = TrainConfig.from_flat(
+                **DEMO,
+                steps=steps,
+                engine=engine,
+                eval_at_start=True,
+                progress=progress,
+                out=str(root / engine),
+                overwrite=True,
+            )
             s = train(cfg)
             legs.append(
                 {

@@ -29,6 +29,7 @@ Every step's record has ``dist_bytes`` (the bytes this rank contributes to the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -97,20 +98,26 @@ def check_config(cfg, world: int) -> None:
     """What a distributed run needs from the config (one-line errors before anything is loaded)."""
     o, mode = cfg.optim, cfg.engine.dist_mode
     if o.estimator == "fo":
-        raise MobizoError(f"distributed training (WORLD_SIZE={world}) runs the zeroth-order estimators, not "
-                          "--estimator fo")  # fmt: skip
+        raise MobizoError(
+            f"distributed training (WORLD_SIZE={world}) runs the zeroth-order estimators, not --estimator fo"
+        )
     if cfg.engine.engine != "eager":
-        raise MobizoError(f"distributed training (WORLD_SIZE={world}) runs --engine eager (an exported program has a "
-                          "fixed q and batch)")  # fmt: skip
+        raise MobizoError(
+            f"distributed training (WORLD_SIZE={world}) runs --engine eager (an exported program has a "
+            "fixed q and batch)"
+        )
     if mode == "queries" and o.queries % world:
-        raise MobizoError(f"--dist-mode queries splits the q directions over the processes: --queries {o.queries} "
-                          f"must be divisible by the world size {world}")  # fmt: skip
+        raise MobizoError(
+            f"--dist-mode queries splits the q directions over the processes: --queries {o.queries} "
+            f"must be divisible by the world size {world}"
+        )
     if mode == "data":
         unit = world * (o.queries if o.data_mode == "split" else 1)
         if o.batch_size % unit:
             what = f"{world} processes" + (f" x --queries {o.queries} (split)" if o.data_mode == "split" else "")
-            raise MobizoError(f"--dist-mode data shards the batch: --batch-size {o.batch_size} must be divisible by "
-                              f"{what}")  # fmt: skip
+            raise MobizoError(
+                f"--dist-mode data shards the batch: --batch-size {o.batch_size} must be divisible by {what}"
+            )
 
 
 def local_data(template: str | None, rank: int) -> str | None:
@@ -134,7 +141,7 @@ class Group:
         self.sent, self.waited = 0, 0.0  # bytes and seconds of this rank's last step collective
 
     @classmethod
-    def join(cls) -> "Group":
+    def join(cls) -> Group:
         """Join (or, when the caller made one, use) the process group of torchrun's environment."""
         import torch.distributed as dist
 
@@ -142,32 +149,35 @@ class Group:
             return cls(created=False)
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise MobizoError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {', '.join(missing)} not set: start the "
-                              "processes with torchrun (docs/distributed.md)")  # fmt: skip
+            raise MobizoError(
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {', '.join(missing)} not set: start the "
+                "processes with torchrun (docs/distributed.md)"
+            )
         timeout = timeout_seconds()
         try:
             dist.init_process_group(os.environ.get(BACKEND_ENV, "gloo"), timeout=timedelta(seconds=timeout))
-        except Exception as e:  # noqa: BLE001 - store/backend errors of every kind
+        except Exception as e:  # store/backend errors of every kind
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            raise DistError(f"rank {os.environ['RANK']}: could not join the process group at {where} "
-                            f"({_reason(e)})") from e  # fmt: skip
+            raise DistError(
+                f"rank {os.environ['RANK']}: could not join the process group at {where} ({_reason(e)})"
+            ) from e
         return cls(created=True)
 
     def close(self) -> None:
         if self.created and self.dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # a peer already gone; nothing left to release
                 self.dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a peer already gone; nothing left to release
-                pass
 
     def _call(self, what: str, fn):
         try:
             return fn()
         except DistError:
             raise
-        except Exception as e:  # noqa: BLE001 - gloo/nccl raise RuntimeError, DistBackendError, DistNetworkError...
-            raise DistError(f"rank {self.rank}: {what} failed ({_reason(e)}): another process stopped, hung past "
-                            f"{TIMEOUT_ENV}={self.timeout:g}s or is unreachable") from e  # fmt: skip
+        except Exception as e:  # gloo/nccl raise RuntimeError, DistBackendError, DistNetworkError...
+            raise DistError(
+                f"rank {self.rank}: {what} failed ({_reason(e)}): another process stopped, hung past "
+                f"{TIMEOUT_ENV}={self.timeout:g}s or is unreachable"
+            ) from e
 
     # ------------------------------------------------------------ the step's collectives (scalars)
 
@@ -297,23 +307,33 @@ class DistEngine:
             zs = zo.noise(step_t)
             if self.mode == "queries":
                 k = q // g.world
-                plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold,
-                                        directions=range(g.rank * k, (g.rank + 1) * k), shared=batch.shared)  # fmt: skip
+                plus, minus = zo.losses(
+                    zs,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.labels,
+                    eps_t,
+                    batch.gold,
+                    directions=range(g.rank * k, (g.rank + 1) * k),
+                    shared=batch.shared,
+                )
                 got = g.gather(step, torch.cat([plus, minus]))
                 plus, minus = got[:, :k].reshape(-1).float(), got[:, k:].reshape(-1).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             elif self.mode == "data":
                 mine = shard_rows(batch, g.rank, g.world, q, self.split)
-                plus, minus = zo.losses(zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold,
-                                        shared=mine.shared)  # fmt: skip
+                plus, minus = zo.losses(
+                    zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold, shared=mine.shared
+                )
                 count = direction_counts(mine, q, self.split, self.objective)
                 tot = g.reduce(step, torch.cat([plus.double() * count, minus.double() * count, count]))
                 denom = tot[2 * q :].clamp(min=1)
                 plus, minus = (tot[:q] / denom).float(), (tot[q : 2 * q] / denom).float()
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
             else:  # federated: own data, same directions; the update uses the mean g over ranks
-                plus, minus = zo.losses(zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold,
-                                        shared=batch.shared)  # fmt: skip
+                plus, minus = zo.losses(
+                    zs, batch.input_ids, batch.attention_mask, batch.labels, eps_t, batch.gold, shared=batch.shared
+                )
                 got = g.gather(step, (plus - minus) / (2 * eps_t))
                 losses, grads = zo.update(zs, plus, minus, lr_t, eps_t, grads=got.mean(0).float())
                 extra["rank_grads"] = got.float().tolist()
@@ -350,7 +370,7 @@ def _no_writes_rundir(path):
 
 
 class _NoLog:
-    kept: list = []
+    kept: tuple = ()
 
     def append(self, record):
         pass
@@ -406,8 +426,10 @@ def _check_flags(cfg, given_per_rank: list[dict], federated: bool) -> None:
             if k not in exempt and v != mine[k]:
                 from .config import flag
 
-                raise MobizoError(f"rank {r} was started with {flag(k)} {v!r}, rank 0 runs {mine[k]!r} (every "
-                                  "process needs the same flags)")  # fmt: skip
+                raise MobizoError(
+                    f"rank {r} was started with {flag(k)} {v!r}, rank 0 runs {mine[k]!r} (every "
+                    "process needs the same flags)"
+                )
 
 
 def train(cfg, given=None, on_step=None, **objects) -> dict:
@@ -429,8 +451,9 @@ def _on_sigterm(group: Group):
     """torchrun stops the surviving processes with SIGTERM when one fails: stop with a clear line, not a trace."""
 
     def handler(signum, frame):
-        raise DistError(f"rank {group.rank}: terminated by the launcher (SIGTERM), most likely because another "
-                        "process failed")  # fmt: skip
+        raise DistError(
+            f"rank {group.rank}: terminated by the launcher (SIGTERM), most likely because another process failed"
+        )
 
     try:
         return signal.signal(signal.SIGTERM, handler)
@@ -474,10 +497,17 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
     run, fingerprint = group.agreed(build)
     for r, other in enumerate(group.objects(fingerprint)):
         if other != fingerprint:
-            what = "adapted layers" if other[0] != fingerprint[0] else "base weights" if other[1] != fingerprint[1] \
-                else "frozen LoRA A"  # fmt: skip
-            raise MobizoError(f"rank {rank}: rank {r} has different {what} than rank {rank} (every process needs the "
-                              "same --model, --seed and adapter flags)")  # fmt: skip
+            what = (
+                "adapted layers"
+                if other[0] != fingerprint[0]
+                else "base weights"
+                if other[1] != fingerprint[1]
+                else "frozen LoRA A"
+            )
+            raise MobizoError(
+                f"rank {rank}: rank {r} has different {what} than rank {rank} (every process needs the "
+                "same --model, --seed and adapter flags)"
+            )
 
     out = RunDir(run_cfg.run.out) if rank == 0 else _no_writes_rundir(run_cfg.run.out)
 
@@ -503,8 +533,10 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
         done = run.engine.completed if run.engine.completed is not None else start["step"]
         msg = f"{e}; {done} steps done"
         if rank == 0:
-            msg += (f"; the last checkpoint (step {trainer.last_good_ckpt}) in {out / 'checkpoint'} is complete: "
-                    "restart with --resume")  # fmt: skip
+            msg += (
+                f"; the last checkpoint (step {trainer.last_good_ckpt}) in {out / 'checkpoint'} is complete: "
+                "restart with --resume"
+            )
             trainer.step = done
             try:
                 out.write_summary(trainer._summary("failed", msg))

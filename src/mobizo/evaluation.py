@@ -102,8 +102,16 @@ def _bar(total: int, progress: bool | None, desc: str):
     return bar(total, desc, progress is None or progress, unit="ex")  # on an interactive terminal only
 
 
-def score_pairs(engine, encoder: Encoder, pairs: list[tuple[str, str]], pad_id: int, max_length: int, batch_size: int,
-                progress: bool | None = False, bar=None):  # fmt: skip
+def score_pairs(
+    engine,
+    encoder: Encoder,
+    pairs: list[tuple[str, str]],
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    progress: bool | None = False,
+    bar=None,
+):
     """(sum of answer cross-entropy, answer token count) for each (prompt, answer) pair."""
     shapes = engine.shapes
     rows = shapes.eval_rows or batch_size
@@ -142,8 +150,15 @@ def can_share_prompt(engine, encoder: Encoder, examples: list[Example]) -> bool:
     return all(len(encoder(ex.prompt, c).answer_ids) == 1 for ex in examples for c in ex.candidates)
 
 
-def score_choices(engine, encoder: Encoder, examples: list[Example], pad_id: int, max_length: int, batch_size: int,
-                  progress: bool | None = False):  # fmt: skip
+def score_choices(
+    engine,
+    encoder: Encoder,
+    examples: list[Example],
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    progress: bool | None = False,
+):
     """(examples, max candidates) CE sums and token counts (0 for a missing candidate), one prompt row
     per example (:func:`can_share_prompt` must hold)."""
     shapes = engine.shapes
@@ -155,8 +170,16 @@ def score_choices(engine, encoder: Encoder, examples: list[Example], pad_id: int
     counts = torch.zeros(len(examples), n_choices, dtype=torch.float64)
     with _bar(len(examples), progress, "eval") as bar:
         for chunk in _chunks(order, rows):
-            batch = collate_choices([groups[i] for i in chunk], [examples[i].label for i in chunk], n_choices, pad_id,
-                                    max_length, length=shapes.length, examples=shapes.eval_rows, shared=True)  # fmt: skip
+            batch = collate_choices(
+                [groups[i] for i in chunk],
+                [examples[i].label for i in chunk],
+                n_choices,
+                pad_id,
+                max_length,
+                length=shapes.length,
+                examples=shapes.eval_rows,
+                shared=True,
+            )
             s, c = engine.score_choices(batch)
             sums[chunk] = s[: len(chunk)].double()
             counts[chunk] = c[: len(chunk)].double()
@@ -270,8 +293,9 @@ def evaluate(
     if not examples:
         raise MobizoError("nothing to evaluate: no examples")
     t0 = time.perf_counter()
-    metrics = _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, max_new_tokens, predictions,
-                        progress)  # fmt: skip
+    metrics = _evaluate(
+        engine, kind, examples, encoder, pad_id, max_length, batch_size, max_new_tokens, predictions, progress
+    )
     seconds = time.perf_counter() - t0
     metrics["seconds"] = seconds
     metrics["examples_per_second"] = len(examples) / seconds if seconds > 0 else float("inf")
@@ -283,8 +307,9 @@ def _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, m
     if kind in ("classification", "multiple_choice"):
         if can_share_prompt(engine, encoder, examples):
             table, ctable = score_choices(engine, encoder, examples, pad_id, max_length, batch_size, progress)
-            per_example = [(table[i, : len(ex.candidates)], ctable[i, : len(ex.candidates)])
-                           for i, ex in enumerate(examples)]  # fmt: skip
+            per_example = [
+                (table[i, : len(ex.candidates)], ctable[i, : len(ex.candidates)]) for i, ex in enumerate(examples)
+            ]
         else:
             pairs = [(ex.prompt, cand) for ex in examples for cand in ex.candidates]
             sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size, progress)
@@ -311,9 +336,15 @@ def _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, m
     loss = float(sums.sum() / counts.sum().clamp(min=1))
     if kind == "generation":
         texts, truncated = generate(
-            engine, encoder, [e.prompt for e in examples], pad_id, max_length, max_new_tokens, batch_size,
+            engine,
+            encoder,
+            [e.prompt for e in examples],
+            pad_id,
+            max_length,
+            max_new_tokens,
+            batch_size,
             progress=progress,
-        )  # fmt: skip
+        )
         f1 = em = 0.0
         for ex, text in zip(examples, texts):
             f, e = answer_scores(text, ex.answers or [ex.answer.strip()])

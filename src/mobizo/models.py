@@ -94,7 +94,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         model, tokenizer = load_gguf(p, dtype, trust_remote_code)
         return model, prepare_tokenizer(tokenizer)
     if not p.exists():
-        raise MobizoError(f"model {path} does not exist (a Hugging Face model directory, a .gguf file, or tiny for the built-in model)")
+        raise MobizoError(
+            f"model {path} does not exist (a Hugging Face model directory, a .gguf file, or tiny for the built-in model)"
+        )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json) or a GGUF file")
     if not any(p.glob("*.safetensors")):
@@ -106,7 +108,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         model = AutoModelForCausalLM.from_pretrained(
             p, local_files_only=True, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # any loader failure is a bad model dir
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
     return model.eval(), prepare_tokenizer(tokenizer)
@@ -117,7 +119,7 @@ def _tokenizer(p: Path, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any loader failure is a bad model dir
+    except Exception as e:
         raise MobizoError(f"cannot load the tokenizer from {p}: {type(e).__name__}: {_first_line(e)}") from e
 
 
@@ -128,13 +130,17 @@ def load_fast_tokenizer(directory: Path):
 
     try:
         return prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MobizoError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {_first_line(e)}") from e
 
 
 # texts every carried tokenizer must encode as the run's own does (plus the run's examples)
-TOKENIZER_PROBES = ("Review: a truly great movie! Sentiment: good", " hello\n\tworld  ", "Ünïcödé — 数字 123 😀",
-                    "<s> </s> <pad> <|endoftext|>")  # fmt: skip
+TOKENIZER_PROBES = (
+    "Review: a truly great movie! Sentiment: good",
+    " hello\n\tworld  ",
+    "Ünïcödé — 数字 123 😀",
+    "<s> </s> <pad> <|endoftext|>",
+)
 
 
 def save_run_tokenizer(tokenizer, directory: Path, texts=()) -> bool:
@@ -148,8 +154,11 @@ def save_run_tokenizer(tokenizer, directory: Path, texts=()) -> bool:
     try:
         tokenizer.save_pretrained(str(directory))
         back = load_fast_tokenizer(directory)
-        same = all(back(t, add_special_tokens=s)["input_ids"] == tokenizer(t, add_special_tokens=s)["input_ids"]
-                   for t in (*TOKENIZER_PROBES, *texts) for s in (True, False))  # fmt: skip
+        same = all(
+            back(t, add_special_tokens=s)["input_ids"] == tokenizer(t, add_special_tokens=s)["input_ids"]
+            for t in (*TOKENIZER_PROBES, *texts)
+            for s in (True, False)
+        )
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side", "chat_template"):
             same = same and getattr(back, attr, None) == getattr(tokenizer, attr, None)
     except Exception:  # noqa: BLE001 - any failure means: not carried
@@ -180,7 +189,7 @@ def load_skeleton(path: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MobizoError(f"cannot build the model of {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
     return model.eval(), prepare_tokenizer(tokenizer)
@@ -242,8 +251,9 @@ def check_max_length(model, max_length: int, flag: str = "--max-length") -> None
     limit = max_positions(model)
     if limit is not None and max_length > limit:
         name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-        raise MobizoError(f"{flag} {max_length} is longer than the {limit} positions of model {name}; "
-                          f"use {flag} {limit} or less")  # fmt: skip
+        raise MobizoError(
+            f"{flag} {max_length} is longer than the {limit} positions of model {name}; use {flag} {limit} or less"
+        )
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +118,7 @@ def inject(model: nn.Module, targets: Iterable[str] | None, rank: int, alpha: fl
         kind = type(model.get_submodule(bad[0])).__name__
         raise MobizoError(f"target modules must be nn.Linear (or Conv1D) layers; {bad[0]} is {kind}")
     if not names:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None}
-        )
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if archs.layer_features(m) is not None})
         raise MobizoError(
             f"--target-modules {','.join(targets)} matched no layer of the model (its linear layers: {', '.join(linear)})"
         )

@@ -38,8 +38,9 @@ def source_dir() -> Path:
     env = os.environ.get("MOBIZO_NATIVE_SRC")
     d = Path(env) if env else Path(__file__).resolve().parents[2] / "native"
     if not (d / "CMakeLists.txt").is_file():
-        raise MobizoError(f"the mobizo-train sources are not at {d} (set MOBIZO_NATIVE_SRC to the repository's "
-                          "native/ directory)")
+        raise MobizoError(
+            f"the mobizo-train sources are not at {d} (set MOBIZO_NATIVE_SRC to the repository's native/ directory)"
+        )
     return d
 
 
@@ -48,10 +49,11 @@ def _executorch_dir() -> Path:
         import executorch
     except ImportError as e:
         raise MobizoError("building mobizo-train needs the executorch wheel (pip install executorch)") from e
-    d = Path(list(executorch.__path__)[0])
+    d = Path(next(iter(executorch.__path__)))
     if not (d / "share" / "cmake" / "executorch-config.cmake").is_file():
-        raise MobizoError(f"{d} has no share/cmake/executorch-config.cmake (this executorch wheel cannot build "
-                          "C++ programs)")
+        raise MobizoError(
+            f"{d} has no share/cmake/executorch-config.cmake (this executorch wheel cannot build C++ programs)"
+        )
     return d
 
 
@@ -140,8 +142,16 @@ def build(out_dir: str | Path | None = None, force: bool = False, verbose: bool 
         if not force and binary.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
             return binary
         cmake, ninja = _cmake(), _ninja()
-        configure = [cmake, "-S", str(src), "-B", str(bdir), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_PREFIX_PATH={et / 'share' / 'cmake'}", f"-DCMAKE_CXX_COMPILER={cxx}"]  # fmt: skip
+        configure = [
+            cmake,
+            "-S",
+            str(src),
+            "-B",
+            str(bdir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={et / 'share' / 'cmake'}",
+            f"-DCMAKE_CXX_COMPILER={cxx}",
+        ]
         if force:
             for entry in bdir.iterdir():
                 if entry.name != ".lock":
@@ -155,8 +165,9 @@ def build(out_dir: str | Path | None = None, force: bool = False, verbose: bool 
                 f.flush()
                 r = subprocess.run(cmd, stdout=None if verbose else f, stderr=None if verbose else subprocess.STDOUT)
                 if r.returncode != 0:
-                    raise MobizoError(f"building mobizo-train failed ({' '.join(cmd[:2])} exited {r.returncode}; "
-                                      f"see {log})")  # fmt: skip
+                    raise MobizoError(
+                        f"building mobizo-train failed ({' '.join(cmd[:2])} exited {r.returncode}; see {log})"
+                    )
         if not binary.is_file():
             raise MobizoError(f"building mobizo-train produced no {binary} (see {log})")
         stamp.write_text(key + "\n")
@@ -189,7 +200,7 @@ def train(
     r = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("mobizo-train: error: ")]
-        msg = lines[-1][len("mobizo-train: error: "):] if lines else (r.stderr.strip().splitlines() or [""])[-1]
+        msg = lines[-1][len("mobizo-train: error: ") :] if lines else (r.stderr.strip().splitlines() or [""])[-1]
         raise MobizoError(msg or f"mobizo-train exited with code {r.returncode}")
     if r.stderr and not quiet:
         sys.stderr.write(r.stderr)

@@ -34,8 +34,15 @@ def bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str
     """A tqdm bar on stderr (disabled: a no-op object with the same methods)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not interactive(enabled), dynamic_ncols=True, unit=unit,
-                file=sys.stderr)  # fmt: skip
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not interactive(enabled),
+        dynamic_ncols=True,
+        unit=unit,
+        file=sys.stderr,
+    )
 
 
 class Stages:

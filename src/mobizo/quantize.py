@@ -75,13 +75,17 @@ def check_scheme(scheme: str, group_size: int | None, embeddings: bool, executor
     if group_size is not None and group_size < 0:
         raise MobizoError(f"--group-size must be >= 0 (0 = one scale per output channel), got {group_size}")
     if BITS[scheme] == 8 and group_size not in (None, 0):
-        raise MobizoError(f"--quantize {scheme} quantizes per output channel (XNNPACK has no grouped 8-bit "
-                          "kernel); --group-size applies to 4w and 8da4w")  # fmt: skip
+        raise MobizoError(
+            f"--quantize {scheme} quantizes per output channel (XNNPACK has no grouped 8-bit "
+            "kernel); --group-size applies to 4w and 8da4w"
+        )
     if executorch:
         if scheme not in DYNAMIC:
-            raise MobizoError(f"--quantize {scheme} is weight-only, which ExecuTorch's XNNPACK cannot run quantized "
-                              "(its weights would be stored dequantized, as float32); use 8da8w or 8da4w for the "
-                              "ExecuTorch program, or --engine eager")  # fmt: skip
+            raise MobizoError(
+                f"--quantize {scheme} is weight-only, which ExecuTorch's XNNPACK cannot run quantized "
+                "(its weights would be stored dequantized, as float32); use 8da8w or 8da4w for the "
+                "ExecuTorch program, or --engine eager"
+            )
         gs = group_size_for(scheme, group_size)
         if gs and gs % 32:
             raise MobizoError(f"--group-size {gs}: XNNPACK's 4-bit kernels need a multiple of 32 (or 0 = per channel)")
@@ -112,18 +116,23 @@ def quantized_linears(model: nn.Module, embeddings: bool) -> list[tuple[str, nn.
     return out
 
 
-def check_quantize(model: nn.Module, scheme: str, group_size: int | None, embeddings: bool,
-                   executorch: bool = False) -> None:  # fmt: skip
+def check_quantize(
+    model: nn.Module, scheme: str, group_size: int | None, embeddings: bool, executorch: bool = False
+) -> None:
     """Refuse, with one line and before any long work, a scheme the model's layers do not allow."""
     check_scheme(scheme, group_size, embeddings, executorch)
     if scheme == "none":
         return
     from . import archs
 
-    conv = sorted(n for n, m in model.named_modules() if archs.layer_features(m) is not None and not isinstance(m, nn.Linear))
+    conv = sorted(
+        n for n, m in model.named_modules() if archs.layer_features(m) is not None and not isinstance(m, nn.Linear)
+    )
     if conv:
-        raise MobizoError(f"--quantize: {type(model).__name__} has Conv1D (GPT-2 style) layers, e.g. {conv[0]}, "
-                          "which torchao does not quantize; use --quantize none")  # fmt: skip
+        raise MobizoError(
+            f"--quantize: {type(model).__name__} has Conv1D (GPT-2 style) layers, e.g. {conv[0]}, "
+            "which torchao does not quantize; use --quantize none"
+        )
     linears = quantized_linears(model, embeddings)
     if not linears:
         raise MobizoError(f"--quantize {scheme}: {type(model).__name__} has no nn.Linear layers to quantize")
@@ -134,8 +143,10 @@ def check_quantize(model: nn.Module, scheme: str, group_size: int | None, embedd
     if gs:
         for name, m in linears:
             if m.in_features % gs:
-                raise MobizoError(f"--group-size {gs} does not divide the {m.in_features} input features of "
-                                  f"{name} (--quantize {scheme}); use a divisor of it, or 0 = per channel")  # fmt: skip
+                raise MobizoError(
+                    f"--group-size {gs} does not divide the {m.in_features} input features of "
+                    f"{name} (--quantize {scheme}); use a divisor of it, or 0 = per channel"
+                )
     if embeddings:
         emb = _embedding(model)
         if not isinstance(emb, nn.Embedding):
@@ -160,8 +171,9 @@ def torchao_config(scheme: str, group_size: int | None):
     return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
 
 
-def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None, embeddings: bool = False,
-                  executorch: bool = False) -> nn.Module:  # fmt: skip
+def quantize_base(
+    model: nn.Module, scheme: str, group_size: int | None = None, embeddings: bool = False, executorch: bool = False
+) -> nn.Module:
     """Quantize ``model``'s frozen base in place (see the module docstring); returns it.
 
     Call it after loading and before :func:`mobizo.mplora.inject`. ``executorch``: also refuse
@@ -174,7 +186,9 @@ def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None, 
         want = {"quantize": scheme, "group_size": group_size_for(scheme, group_size), "quantize_embeddings": embeddings}
         if done == want:
             return model  # already quantized this way (a model object passed in twice)
-        raise MobizoError(f"the model is already quantized ({done['quantize']}); load it afresh for --quantize {scheme}")
+        raise MobizoError(
+            f"the model is already quantized ({done['quantize']}); load it afresh for --quantize {scheme}"
+        )
     check_quantize(model, scheme, group_size, embeddings, executorch)
     if scheme == "none":
         return model
@@ -210,14 +224,19 @@ def quantize_base(model: nn.Module, scheme: str, group_size: int | None = None, 
 
 def quantization_for(scheme: str, group_size: int | None, embeddings: bool) -> dict:
     """The manifest's record of a scheme (what :func:`quantize_base` applies for these flags)."""
-    return {"quantize": scheme, "group_size": group_size_for(scheme, group_size),
-            "quantize_embeddings": bool(embeddings) and scheme != "none"}  # fmt: skip
+    return {
+        "quantize": scheme,
+        "group_size": group_size_for(scheme, group_size),
+        "quantize_embeddings": bool(embeddings) and scheme != "none",
+    }
 
 
 def quantization_of(model: nn.Module) -> dict:
     """What :func:`quantize_base` did to ``model`` (``quantize: none`` when nothing)."""
-    return dict(getattr(model, "mobizo_quantization", None) or
-                {"quantize": "none", "group_size": None, "quantize_embeddings": False})  # fmt: skip
+    return dict(
+        getattr(model, "mobizo_quantization", None)
+        or {"quantize": "none", "group_size": None, "quantize_embeddings": False}
+    )
 
 
 class QuantEmbedding(nn.Module):
@@ -237,7 +256,7 @@ class QuantEmbedding(nn.Module):
         self.padding_idx = padding_idx
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, bits: int, group_size: int | None) -> "QuantEmbedding":
+    def from_float(cls, emb: nn.Embedding, bits: int, group_size: int | None) -> QuantEmbedding:
         w = emb.weight.detach().float()
         n, dim = w.shape
         group = group_size or dim

@@ -39,9 +39,14 @@ def read_log(path: str | Path) -> tuple[dict, list[dict]]:
                 f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
             )
         raise MobizoError(f"{p}: empty log")
-    if not (header.get("mobizo_log") == 1 and isinstance(header.get("config"), dict)
-            and isinstance(header.get("layers"), list)):  # fmt: skip
-        raise MobizoError(f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)")
+    if not (
+        header.get("mobizo_log") == 1
+        and isinstance(header.get("config"), dict)
+        and isinstance(header.get("layers"), list)
+    ):
+        raise MobizoError(
+            f"{p}: the first line is not a mobizo log header (the log is from an older mobizo or not a log)"
+        )
     if header["config"].get("estimator") not in ZO_ESTIMATORS:
         raise MobizoError(
             f"{p}: replay needs a zeroth-order run ({', '.join(ZO_ESTIMATORS)}), "
@@ -104,8 +109,13 @@ def replay(
         targets = cfg.get("target_modules")
     except (KeyError, TypeError, ValueError) as e:
         raise MobizoError(f"{log}: incomplete run config in the header ({e})") from e
-    if not (1 <= queries <= 1 << 16 and 1 <= rank <= 1 << 16 and 0 <= seed < 2**63) or not math.isfinite(alpha) \
-            or alpha <= 0 or not math.isfinite(wd) or wd < 0:
+    if (
+        not (1 <= queries <= 1 << 16 and 1 <= rank <= 1 << 16 and 0 <= seed < 2**63)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+        or not math.isfinite(wd)
+        or wd < 0
+    ):
         raise MobizoError(f"{log}: invalid run config in the header")
     if upto is not None:
         if upto < 0 or upto > len(records):

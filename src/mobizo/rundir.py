@@ -105,8 +105,9 @@ def check_target(path: Path, what: str = "--out") -> None:
         raise MobizoError(f"cannot create {what} {path}: {parent} is not writable")
 
 
-def check_replaceable(path: Path, kind: str, overwrite: bool, what: str = "--out", entries=ENTRIES,
-                      exclusive: bool = False) -> None:
+def check_replaceable(
+    path: Path, kind: str, overwrite: bool, what: str = "--out", entries=ENTRIES, exclusive: bool = False
+) -> None:
     """A non-empty ``path`` may only be replaced with ``overwrite`` and only if it carries the marker of ``kind``.
     ``exclusive``: the whole directory is swapped, so it must hold nothing but mobizo's ``entries``."""
     check_target(path, what)
@@ -119,7 +120,9 @@ def check_replaceable(path: Path, kind: str, overwrite: bool, what: str = "--out
         raise MobizoError(f"--overwrite: {path} is not a mobizo {kind} directory (no {MARKER} marker); not touching it")
     foreign = sorted(e.name for e in path.iterdir() if not is_mobizo_entry(e.name, entries))
     if exclusive and foreign:
-        raise MobizoError(f"--overwrite: {path} also holds {foreign[0]!r}, which mobizo did not write; not replacing it")
+        raise MobizoError(
+            f"--overwrite: {path} also holds {foreign[0]!r}, which mobizo did not write; not replacing it"
+        )
 
 
 class RunDir:

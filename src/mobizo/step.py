@@ -105,7 +105,7 @@ def answer_losses(model: nn.Module, input_ids, attention_mask, labels):
     return ce.sum(-1), valid.sum(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_takes(cls: type) -> frozenset[str] | None:
     """Keyword arguments ``cls.forward`` names, or None when it takes ``**kwargs`` (then: anything)."""
     try:
@@ -296,7 +296,9 @@ class ZOStep(nn.Module):
         plus, minus = self.losses(zs, input_ids, attention_mask, labels, eps, gold, shared=shared)
         return self.update(zs, plus, minus, lr, eps)
 
-    def losses(self, zs, input_ids, attention_mask, labels, eps, gold=None, directions=None, shared: bool | None = None):
+    def losses(
+        self, zs, input_ids, attention_mask, labels, eps, gold=None, directions=None, shared: bool | None = None
+    ):
         """(L+, L-): the per-copy losses of ``directions`` (a range of direction indices; default all q),
         each (len(directions),), without touching B. ``zs``: :meth:`noise` of the step (all q directions).
         A subset runs only its own copies (:mod:`mobizo.distributed` splits the q directions over ranks)."""

@@ -9,6 +9,7 @@ the user set it. On a machine that other jobs share, fewer threads than cores ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .errors import MobizoError
@@ -53,14 +54,12 @@ def apply_threads(threads: int | None = None, runtime: bool = True) -> int:
     torch.set_num_threads(n)
     if not runtime:
         return n
-    try:
-        from .util import quiet_stderr
+    from .util import quiet_stderr
 
-        with quiet_stderr():  # the runtime's cpuinfo probes print on first import
-            from executorch.extension.pybindings import _C as portable_lib  # (not portable_lib: it imports all of exir)
+    # the runtime's cpuinfo probes print on first import; no ExecuTorch runtime: PyTorch's setting is what counts
+    with contextlib.suppress(Exception), quiet_stderr():
+        from executorch.extension.pybindings import _C as portable_lib  # (not portable_lib: it imports all of exir)
 
-            if portable_lib._threadpool_get_thread_count() != n:
-                portable_lib._unsafe_reset_threadpool(n)
-    except Exception:  # noqa: BLE001 - no ExecuTorch runtime: PyTorch's setting is what counts
-        pass
+        if portable_lib._threadpool_get_thread_count() != n:
+            portable_lib._unsafe_reset_threadpool(n)
     return n

@@ -20,8 +20,8 @@ from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
-from .schedule import lr_at
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
+from .schedule import lr_at
 from .step import step_is_good
 
 
@@ -37,18 +37,38 @@ def make_batch(run: Run, step: int):
     if run.objective != "answer":
         exs = [run.train[i] for i in idx]
         return collate_choices(
-            [[run.encoder(e.prompt, c) for c in e.candidates] for e in exs], [e.label for e in exs], run.choices,
-            run.tokenizer.pad_token_id, cfg.data.max_length, length=shapes.length, answer_len=shapes.answer_len,
+            [[run.encoder(e.prompt, c) for c in e.candidates] for e in exs],
+            [e.label for e in exs],
+            run.choices,
+            run.tokenizer.pad_token_id,
+            cfg.data.max_length,
+            length=shapes.length,
+            answer_len=shapes.answer_len,
             examples=shapes.rows,
-        )  # fmt: skip
-    return collate([run.encoder.example(run.train[i]) for i in idx], run.tokenizer.pad_token_id, cfg.data.max_length,
-                   length=shapes.length, answer_len=shapes.answer_len, rows=shapes.rows)  # fmt: skip
+        )
+    return collate(
+        [run.encoder.example(run.train[i]) for i in idx],
+        run.tokenizer.pad_token_id,
+        cfg.data.max_length,
+        length=shapes.length,
+        answer_len=shapes.answer_len,
+        rows=shapes.rows,
+    )
 
 
 def run_eval(run: Run, progress: bool = False) -> dict:
     d = run.cfg.data
-    return evaluate(run.engine, run.task.kind, run.validation, run.encoder, run.tokenizer.pad_token_id, d.max_length,
-                    d.eval_batch_size, d.max_new_tokens, progress=progress)  # fmt: skip
+    return evaluate(
+        run.engine,
+        run.task.kind,
+        run.validation,
+        run.encoder,
+        run.tokenizer.pad_token_id,
+        d.max_length,
+        d.eval_batch_size,
+        d.max_new_tokens,
+        progress=progress,
+    )
 
 
 def step_good(res, max_grad: float | None) -> bool:
@@ -67,7 +87,9 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
     state = out.read_state()
     saved = state.get("config") or {}
     settings = state.get("settings") if isinstance(state.get("settings"), dict) else {}
-    updates = {k: v for k, v in settings.items() if k in FIELDS and FIELDS[k].metadata.get("setting") and k not in given}
+    updates = {
+        k: v for k, v in settings.items() if k in FIELDS and FIELDS[k].metadata.get("setting") and k not in given
+    }
     for k, v in saved.items():
         if k not in FIELDS or not FIELDS[k].metadata.get("trajectory"):
             continue
@@ -81,8 +103,10 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
     cfg = cfg.replace(**updates)
     saved_steps = settings.get("steps")
     if cfg.optim.lr_schedule != "constant" and saved_steps is not None and cfg.optim.steps != saved_steps:
-        raise MobizoError(f"--resume: with --lr-schedule {cfg.optim.lr_schedule} --steps shapes every step's lr; the run "
-                          f"in {out.path} used --steps {saved_steps}")  # fmt: skip
+        raise MobizoError(
+            f"--resume: with --lr-schedule {cfg.optim.lr_schedule} --steps shapes every step's lr; the run "
+            f"in {out.path} used --steps {saved_steps}"
+        )
     return cfg
 
 
@@ -99,8 +123,9 @@ def _restore(run: Run, out: RunDir) -> dict:
     if saved and _fixed({k: saved.get(k, DEFAULTS[k]) for k in cfg.trajectory()}) != _fixed(cfg.trajectory()):
         raise MobizoError(f"--resume: the checkpoint in {out.path} belongs to a different run configuration")
     if state["step"] > cfg.optim.steps:
-        raise MobizoError(f"--resume: the checkpoint in {out.path} is at step {state['step']}, past --steps "
-                          f"{cfg.optim.steps}")  # fmt: skip
+        raise MobizoError(
+            f"--resume: the checkpoint in {out.path} is at step {state['step']}, past --steps {cfg.optim.steps}"
+        )
     run.engine.load_adapter_state(adapter)
     run.engine.load_optimizer_state(opt_state)
     return {"step": state["step"], "skipped_steps": state.get("skipped_steps", 0), "last_loss": state.get("last_loss")}
@@ -184,12 +209,21 @@ class Trainer:
                 rec = self._train_step(step)
                 if step == o.steps or (r.eval_every and step % r.eval_every == 0):
                     self.last_eval, self.last_eval_step = run_eval(self.run), step
-                    rec.update({f"eval_{k}": v for k, v in self.last_eval.items()
-                                if k not in ("n", "truncated", "seconds", "examples_per_second")})  # fmt: skip
+                    rec.update(
+                        {
+                            f"eval_{k}": v
+                            for k, v in self.last_eval.items()
+                            if k not in ("n", "truncated", "seconds", "examples_per_second")
+                        }
+                    )
                     self._consider_best(step, self.last_eval)
                 progress.update(1)
-                progress.set_postfix({"loss": f"{self.last_loss:.4f}",
-                                      **({self.metric: f"{self.last_eval[self.metric]:.4f}"} if self.last_eval else {})})  # fmt: skip
+                progress.set_postfix(
+                    {
+                        "loss": f"{self.last_loss:.4f}",
+                        **({self.metric: f"{self.last_eval[self.metric]:.4f}"} if self.last_eval else {}),
+                    }
+                )
                 self.log.append(rec)
                 if self.on_step is not None:
                     self.on_step(step, rec)
@@ -207,8 +241,14 @@ class Trainer:
                 self._consider_best(self.step, self.last_eval)
         result = self._summary("completed")
         self._checkpoint(self.step)
-        self.out.save_adapter(ADAPTER, self.run.engine.adapter_state(), cfg.adapter.rank, cfg.adapter.alpha, cfg.model,
-                              self.fan_in_fan_out)  # fmt: skip
+        self.out.save_adapter(
+            ADAPTER,
+            self.run.engine.adapter_state(),
+            cfg.adapter.rank,
+            cfg.adapter.alpha,
+            cfg.model,
+            self.fan_in_fan_out,
+        )
         self.out.write_summary(result)
         return result
 
@@ -222,8 +262,15 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.total_time += dt
         self.n_timed += 1
-        rec = {"step": step, "loss": res.loss, "projected_grads": res.projected_grads, "lr": lr, "eps": o.eps,
-               "seconds": dt, **res.extra}  # fmt: skip
+        rec = {
+            "step": step,
+            "loss": res.loss,
+            "projected_grads": res.projected_grads,
+            "lr": lr,
+            "eps": o.eps,
+            "seconds": dt,
+            **res.extra,
+        }
         if step_good(res, cfg.optim.max_grad):
             self.bad_run = 0
             self.last_loss = res.loss
@@ -238,10 +285,23 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         self.log.sync()  # the log always covers the checkpoint, even after a power cut
         cfg = self.cfg
-        state = {"step": step, "config": cfg.trajectory(), "mobizo_version": __version__, "skipped_steps": self.skipped,
-                 "last_loss": self.last_loss, "settings": cfg.settings()}  # fmt: skip
-        self.out.save_checkpoint(self.run.engine.adapter_state(), cfg.adapter.rank, cfg.adapter.alpha, cfg.model, state,
-                                 self.run.engine.optimizer_state(), self.fan_in_fan_out)  # fmt: skip
+        state = {
+            "step": step,
+            "config": cfg.trajectory(),
+            "mobizo_version": __version__,
+            "skipped_steps": self.skipped,
+            "last_loss": self.last_loss,
+            "settings": cfg.settings(),
+        }
+        self.out.save_checkpoint(
+            self.run.engine.adapter_state(),
+            cfg.adapter.rank,
+            cfg.adapter.alpha,
+            cfg.model,
+            state,
+            self.run.engine.optimizer_state(),
+            self.fan_in_fan_out,
+        )
         self.last_good_ckpt = step
 
     def _consider_best(self, step: int, metrics: dict) -> None:
@@ -251,7 +311,9 @@ class Trainer:
             return
         self.best = {"step": step, "metric": self.metric, "value": metrics[self.metric], "score": score}
         a = self.cfg.adapter
-        self.out.save_adapter(BEST, self.run.engine.adapter_state(), a.rank, a.alpha, self.cfg.model, self.fan_in_fan_out)
+        self.out.save_adapter(
+            BEST, self.run.engine.adapter_state(), a.rank, a.alpha, self.cfg.model, self.fan_in_fan_out
+        )
 
     def _best_so_far(self, records: list[dict]) -> dict | None:
         """The best periodic eval among the kept records (resume), if its ``best/`` adapter exists."""
@@ -300,4 +362,3 @@ class Trainer:
         )
         self.out.write_summary(self._summary("stopped", msg))
         raise BadSteps(msg)
-

@@ -70,8 +70,6 @@ def quiet_stderr():
         os.close(devnull)
 
 
-
-
 def jsonable(obj):
     """``obj`` with every non-finite float replaced by ``None``: strict JSON has no NaN or Infinity."""
     if isinstance(obj, float):

@@ -12,13 +12,25 @@ import time
 from pathlib import Path
 
 from mobizo.errors import MobizoError
+
 from .common import environment, set_threads, write_json
 
 SECTIONS = ("speed", "memory", "convergence")
 
 
-def run_bench(which: str, out: str, quick: bool = False, threads: int = 1, models=None, model=None, task=None,
-              data=None, seeds=None, steps=None, progress: bool = True) -> dict:  # fmt: skip
+def run_bench(
+    which: str,
+    out: str,
+    quick: bool = False,
+    threads: int = 1,
+    models=None,
+    model=None,
+    task=None,
+    data=None,
+    seeds=None,
+    steps=None,
+    progress: bool = True,
+) -> dict:
     if which not in SECTIONS + ("all",):
         raise MobizoError(f"unknown benchmark {which!r} (choose from {', '.join(SECTIONS)}, all)")
     if threads < 1:
@@ -67,19 +79,31 @@ def write_reports(root: Path, results: dict) -> None:
     from . import convergence, memory, speed
 
     env = results["environment"]
-    md = ["# mobizo benchmarks", "",
-          f"`{' '.join(['mobizo'] + [a for a in env['argv'][1:]])}` — {env['time']}, {env['cpu']}, {env['cores']} cores, "
-          f"{env['threads']} thread(s), load average at start {env['loadavg_at_start']}, torch {env['torch']}, "
-          f"executorch {env['executorch']}, mobizo {env['mobizo']}" + (" (--quick: smoke-test grid)" if results['quick'] else "") + ".", ""]  # fmt: skip
-    plots = {"speed": (speed, "speed.png"), "memory": (memory, "memory.png"), "convergence": (convergence, "convergence.png")}
+    md = [
+        "# mobizo benchmarks",
+        "",
+        f"`{' '.join(['mobizo'] + [a for a in env['argv'][1:]])}` — {env['time']}, {env['cpu']}, {env['cores']} cores, "
+        f"{env['threads']} thread(s), load average at start {env['loadavg_at_start']}, torch {env['torch']}, "
+        f"executorch {env['executorch']}, mobizo {env['mobizo']}"
+        + (" (--quick: smoke-test grid)" if results["quick"] else "")
+        + ".",
+        "",
+    ]
+    plots = {
+        "speed": (speed, "speed.png"),
+        "memory": (memory, "memory.png"),
+        "convergence": (convergence, "convergence.png"),
+    }
     for s, (mod, png) in plots.items():
         if s not in results:
             continue
         md.append(mod.markdown(results[s]))
         env_s = results[s].get("environment")
         if env_s and env_s.get("argv") != env.get("argv"):
-            md.append(f"(This section: `{' '.join(['mobizo'] + env_s['argv'][1:])}` at {env_s['time']}, "
-                      f"load average {env_s['loadavg_at_start']}.)\n")
+            md.append(
+                f"(This section: `{' '.join(['mobizo'] + env_s['argv'][1:])}` at {env_s['time']}, "
+                f"load average {env_s['loadavg_at_start']}.)\n"
+            )
         mod.plot(results[s], root / png)
         md += [f"![{s}]({png})", ""]
     write_json(root / "results.json", results)

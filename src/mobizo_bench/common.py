@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -61,8 +61,9 @@ def build_model(name: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    config = LlamaConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         **LLAMA_100M)  # fmt: skip
+    config = LlamaConfig(
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **LLAMA_100M
+    )
     return random_model(LlamaForCausalLM, config, 100, "llama-100m-random"), tok
 
 
@@ -91,8 +92,9 @@ def speed_batch(tok, rows: int, length: int = LENGTH):
     return collate([enc.example(e) for e in exs[:rows]], tok.pad_token_id, length, length=length, answer_len=1)
 
 
-def interleaved(contenders: dict[str, Callable[[int], object]], rounds: int, warmup: int = 1,
-                bar=None) -> dict[str, list[float]]:  # fmt: skip
+def interleaved(
+    contenders: dict[str, Callable[[int], object]], rounds: int, warmup: int = 1, bar=None
+) -> dict[str, list[float]]:
     """Seconds per call of every contender, run A B C A B C ... so machine noise hits all alike."""
     names = list(contenders)
     for w in range(warmup):
@@ -140,8 +142,9 @@ def step_flops(model, batch, copies: int) -> float:
     step = ZOStep(model, ZOConfig("prge", 1))
     saved = [layer.lora_B.clone() for _, layer in _lora(model)]
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        step(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(0), torch.tensor(0.0),
-             torch.tensor(1e-3))  # fmt: skip
+        step(
+            batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(0), torch.tensor(0.0), torch.tensor(1e-3)
+        )
     with torch.no_grad():
         for (_, layer), b in zip(_lora(model), saved):
             layer.lora_B.copy_(b)
@@ -177,16 +180,25 @@ def environment(threads: int) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"mobizo": __version__, "torch": torch.__version__, "executorch": ver("executorch"),
-            "transformers": ver("transformers"), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "threads": threads, "loadavg_at_start": load,
-            "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    return {
+        "mobizo": __version__,
+        "torch": torch.__version__,
+        "executorch": ver("executorch"),
+        "transformers": ver("transformers"),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "loadavg_at_start": load,
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
     def fmt(v):
         if isinstance(v, float):
-            if v != v:
+            if math.isnan(v):
                 return "n/a"
             return f"{v:#.3g}".rstrip(".") if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v)

@@ -51,16 +51,44 @@ def plan(quick: bool, model="tiny", task="synthetic", data=None, seeds=None, ste
 
 
 def contenders(p: ConvPlan) -> list[dict]:
-    out = [dict(name=f"prge q={q}", estimator="prge", queries=q, batch_size=SEQUENCES_PER_STEP // q, lr=ZO_LR, eps=ZO_EPS,
-                optimizer="sgd") for q in p.queries]  # fmt: skip
+    out = [
+        dict(
+            name=f"prge q={q}",
+            estimator="prge",
+            queries=q,
+            batch_size=SEQUENCES_PER_STEP // q,
+            lr=ZO_LR,
+            eps=ZO_EPS,
+            optimizer="sgd",
+        )
+        for q in p.queries
+    ]
     if p.fo:
-        out.append(dict(name="FO (AdamW)", estimator="fo", queries=1, batch_size=SEQUENCES_PER_STEP, lr=FO_LR, eps=ZO_EPS,
-                        optimizer="adamw"))  # fmt: skip
+        out.append(
+            dict(
+                name="FO (AdamW)",
+                estimator="fo",
+                queries=1,
+                batch_size=SEQUENCES_PER_STEP,
+                lr=FO_LR,
+                eps=ZO_EPS,
+                optimizer="adamw",
+            )
+        )
     return out
 
 
-def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="synthetic", data=None, seeds=None,
-                    steps=None, bar_enabled: bool = True) -> dict:  # fmt: skip
+def run_convergence(
+    out: Path,
+    quick: bool,
+    threads: int,
+    model="tiny",
+    task="synthetic",
+    data=None,
+    seeds=None,
+    steps=None,
+    bar_enabled: bool = True,
+) -> dict:
     from mobizo.build import build_run
     from mobizo.config import TrainConfig
     from mobizo.trainer import make_batch, run_eval
@@ -74,15 +102,40 @@ def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="sy
         for c in cons:
             for seed in p.seeds:
                 bar.set_description(f"bench convergence: prepare {c['name']} seed {seed}")
-                cfg = TrainConfig.from_flat(model=p.model, task=p.task, data=p.data, estimator=c["estimator"], queries=c["queries"],
-                                  batch_size=c["batch_size"], lr=c["lr"], eps=c["eps"], optimizer=c["optimizer"] if c["estimator"] == "fo" else None,
-                                  steps=p.steps, rank=8, alpha=16.0, target_modules=["q_proj", "v_proj"], seed=seed,
-                                  max_length=p.max_length, eval_every=0, save_every=0, eval_examples=p.eval_examples,
-                                  progress=False)  # fmt: skip
+                cfg = TrainConfig.from_flat(
+                    model=p.model,
+                    task=p.task,
+                    data=p.data,
+                    estimator=c["estimator"],
+                    queries=c["queries"],
+                    batch_size=c["batch_size"],
+                    lr=c["lr"],
+                    eps=c["eps"],
+                    optimizer=c["optimizer"] if c["estimator"] == "fo" else None,
+                    steps=p.steps,
+                    rank=8,
+                    alpha=16.0,
+                    target_modules=["q_proj", "v_proj"],
+                    seed=seed,
+                    max_length=p.max_length,
+                    eval_every=0,
+                    save_every=0,
+                    eval_examples=p.eval_examples,
+                    progress=False,
+                )
                 run = build_run(cfg)
                 ev = run_eval(run)
-                runs.append({"contender": c["name"], "seed": seed, "run": run, "cfg": cfg, "loss": [], "seconds": [],
-                             "evals": [{"step": 0, "seconds": 0.0, **_ev(ev)}]})  # fmt: skip
+                runs.append(
+                    {
+                        "contender": c["name"],
+                        "seed": seed,
+                        "run": run,
+                        "cfg": cfg,
+                        "loss": [],
+                        "seconds": [],
+                        "evals": [{"step": 0, "seconds": 0.0, **_ev(ev)}],
+                    }
+                )
                 bar.update(1)
         bar.set_description("bench convergence: training")
         for step in range(1, p.steps + 1):
@@ -100,15 +153,43 @@ def run_convergence(out: Path, quick: bool, threads: int, model="tiny", task="sy
     finally:
         bar.close()
     metric = runs[0]["run"].task.kind
-    result = {"plan": {"queries": p.queries, "seeds": p.seeds, "steps": p.steps, "eval_every": p.eval_every,
-                       "eval_examples": p.eval_examples, "model": p.model, "task": p.task, "data": p.data,
-                       "max_length": p.max_length, "sequences_per_step": SEQUENCES_PER_STEP, "threads": threads,
-                       "zo": {"lr": ZO_LR, "eps": ZO_EPS, "estimator": "prge", "rank": 8, "alpha": 16,
-                              "target_modules": ["q_proj", "v_proj"], "objective": runs[0]["run"].objective},
-                       "fo": {"optimizer": "adamw", "lr": FO_LR, "batch_size": SEQUENCES_PER_STEP}},
-              "task_kind": metric, "contenders": cons,
-              "runs": [{"contender": r["contender"], "seed": r["seed"], "loss": r["loss"], "seconds": r["seconds"],
-                        "evals": r["evals"]} for r in runs]}  # fmt: skip
+    result = {
+        "plan": {
+            "queries": p.queries,
+            "seeds": p.seeds,
+            "steps": p.steps,
+            "eval_every": p.eval_every,
+            "eval_examples": p.eval_examples,
+            "model": p.model,
+            "task": p.task,
+            "data": p.data,
+            "max_length": p.max_length,
+            "sequences_per_step": SEQUENCES_PER_STEP,
+            "threads": threads,
+            "zo": {
+                "lr": ZO_LR,
+                "eps": ZO_EPS,
+                "estimator": "prge",
+                "rank": 8,
+                "alpha": 16,
+                "target_modules": ["q_proj", "v_proj"],
+                "objective": runs[0]["run"].objective,
+            },
+            "fo": {"optimizer": "adamw", "lr": FO_LR, "batch_size": SEQUENCES_PER_STEP},
+        },
+        "task_kind": metric,
+        "contenders": cons,
+        "runs": [
+            {
+                "contender": r["contender"],
+                "seed": r["seed"],
+                "loss": r["loss"],
+                "seconds": r["seconds"],
+                "evals": r["evals"],
+            }
+            for r in runs
+        ],
+    }
     result["summary"] = summary(result)
     return result
 
@@ -136,30 +217,71 @@ def summary(result) -> list[dict]:
         last_loss = np.array([np.mean(r["loss"][-tail:]) for r in rs])
         sps = np.array([np.median(r["seconds"]) for r in rs])
         total = np.array([sum(r["seconds"]) for r in rs])
-        out.append({"contender": c["name"], "q": c["queries"] if c["estimator"] != "fo" else None,
-                    "batch": c["batch_size"], "metric": metric, "final_mean": float(final.mean()),
-                    "final_std": float(final.std()), "final_min": float(final.min()), "final_max": float(final.max()),
-                    "best_mean": float(best.mean()), "train_loss_last10pct": float(last_loss.mean()),
-                    "seconds_per_step": float(np.median(sps)), "train_seconds": float(total.mean()),
-                    "seeds": len(rs)})  # fmt: skip
+        out.append(
+            {
+                "contender": c["name"],
+                "q": c["queries"] if c["estimator"] != "fo" else None,
+                "batch": c["batch_size"],
+                "metric": metric,
+                "final_mean": float(final.mean()),
+                "final_std": float(final.std()),
+                "final_min": float(final.min()),
+                "final_max": float(final.max()),
+                "best_mean": float(best.mean()),
+                "train_loss_last10pct": float(last_loss.mean()),
+                "seconds_per_step": float(np.median(sps)),
+                "train_seconds": float(total.mean()),
+                "seeds": len(rs),
+            }
+        )
     return out
 
 
 def markdown(res: dict) -> str:
     p = res["plan"]
     metric = res["summary"][0]["metric"] if res["summary"] else "accuracy"
-    lines = ["## Convergence", "",
-             f"Task `{p['task']}` on `{p['model']}`, {p['steps']} steps, seeds {p['seeds']}, "
-             f"{p['sequences_per_step']} sequences per step (q x batch), eval on {p['eval_examples']} validation "
-             f"examples every {p['eval_every']} steps. ZO: prge, lr {p['zo']['lr']}, eps {p['zo']['eps']}, rank 8, "
-             f"alpha 16, q_proj/v_proj, objective {p['zo']['objective']}. FO: AdamW lr {p['fo']['lr']}, batch "
-             f"{p['fo']['batch_size']}, same adapter (LoRA-FA). Runs interleaved step by step; "
-             f"{p['threads']} thread(s).", ""]  # fmt: skip
-    rows = [[s["contender"], s["batch"], f"{s['final_mean']:.3f} ± {s['final_std']:.3f}",
-             f"{s['final_min']:.3f} – {s['final_max']:.3f}", s["best_mean"], s["train_loss_last10pct"],
-             s["seconds_per_step"], s["train_seconds"]] for s in res["summary"]]  # fmt: skip
-    lines += [md_table(["run", "batch", f"final {metric} (mean ± std)", "min – max", f"best {metric} (mean)",
-                        "train loss (last 10%)", "s/step", "train s"], rows), ""]  # fmt: skip
+    lines = [
+        "## Convergence",
+        "",
+        (
+            f"Task `{p['task']}` on `{p['model']}`, {p['steps']} steps, seeds {p['seeds']}, "
+            f"{p['sequences_per_step']} sequences per step (q x batch), eval on {p['eval_examples']} validation "
+            f"examples every {p['eval_every']} steps. ZO: prge, lr {p['zo']['lr']}, eps {p['zo']['eps']}, rank 8, "
+            f"alpha 16, q_proj/v_proj, objective {p['zo']['objective']}. FO: AdamW lr {p['fo']['lr']}, batch "
+            f"{p['fo']['batch_size']}, same adapter (LoRA-FA). Runs interleaved step by step; "
+            f"{p['threads']} thread(s)."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            s["contender"],
+            s["batch"],
+            f"{s['final_mean']:.3f} ± {s['final_std']:.3f}",
+            f"{s['final_min']:.3f} – {s['final_max']:.3f}",
+            s["best_mean"],
+            s["train_loss_last10pct"],
+            s["seconds_per_step"],
+            s["train_seconds"],
+        ]
+        for s in res["summary"]
+    ]
+    lines += [
+        md_table(
+            [
+                "run",
+                "batch",
+                f"final {metric} (mean ± std)",
+                "min – max",
+                f"best {metric} (mean)",
+                "train loss (last 10%)",
+                "s/step",
+                "train s",
+            ],
+            rows,
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -200,15 +322,19 @@ def plot(res: dict, path: Path) -> None:
     axes[0, 0].set(xlabel="step", ylabel=f"train loss (moving avg {window})", title="train loss vs step")
     axes[0, 1].set(xlabel="training seconds (excl. eval)", ylabel="train loss", title="train loss vs wall-clock")
     axes[1, 0].set(xlabel="step", ylabel=f"validation {metric}", title=f"validation {metric} vs step")
-    axes[1, 1].set(xlabel="training seconds (excl. eval)", ylabel=f"validation {metric}",
-                   title=f"validation {metric} vs wall-clock")  # fmt: skip
+    axes[1, 1].set(
+        xlabel="training seconds (excl. eval)",
+        ylabel=f"validation {metric}",
+        title=f"validation {metric} vs wall-clock",
+    )
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     p = res["plan"]
-    fig.suptitle(f"{p['task']} on {p['model']}: {p['sequences_per_step']} sequences/step, mean and min–max over "
-                 f"{len(p['seeds'])} seeds")  # fmt: skip
+    fig.suptitle(
+        f"{p['task']} on {p['model']}: {p['sequences_per_step']} sequences/step, mean and min–max over "
+        f"{len(p['seeds'])} seeds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

@@ -20,16 +20,27 @@ from .common import LENGTH, adapted_model, md_table, progress, speed_batch, thre
 from .programs import ensure_fo, ensure_zo
 
 MODES = ("eager-infer", "et-infer", "eager-zo", "et-zo", "eager-fo", "eager-fo-lora", "et-fo")
-LABELS = {"eager-infer": "eager inference", "et-infer": "ExecuTorch inference", "eager-zo": "eager ZO (prge)",
-          "et-zo": "ExecuTorch ZO (prge)", "eager-fo": "eager FO (LoRA-FA)", "eager-fo-lora": "eager FO (full LoRA)",
-          "et-fo": "ExecuTorch FO (LoRA-FA)"}  # fmt: skip
+LABELS = {
+    "eager-infer": "eager inference",
+    "et-infer": "ExecuTorch inference",
+    "eager-zo": "eager ZO (prge)",
+    "et-zo": "ExecuTorch ZO (prge)",
+    "eager-fo": "eager FO (LoRA-FA)",
+    "eager-fo-lora": "eager FO (full LoRA)",
+    "et-fo": "ExecuTorch FO (LoRA-FA)",
+}
 
 
 def plan(quick: bool, models=None) -> dict:
     if quick:
         return {"models": ["tiny"], "q": 4, "batch": 1, "length": LENGTH, "steps": 2}
-    return {"models": [m for m in (models or ["tiny", "100m"]) if m in ("tiny", "100m")], "q": 4, "batch": 1,
-            "length": LENGTH, "steps": 3}  # fmt: skip
+    return {
+        "models": [m for m in (models or ["tiny", "100m"]) if m in ("tiny", "100m")],
+        "q": 4,
+        "batch": 1,
+        "length": LENGTH,
+        "steps": 3,
+    }
 
 
 def run_worker(spec: dict, threads: int) -> dict:
@@ -54,8 +65,10 @@ def run_memory(out: Path, quick: bool, threads: int, models=None, bar_enabled: b
             model, tok = adapted_model(m)
             zo, s1 = ensure_zo(programs, model, m, "prge", p["q"], p["batch"], p["length"])
             fo, s2 = ensure_fo(programs, model, m, p["batch"], p["length"])
-            exports += [{"model": m, "program": zo.name, "export_seconds": s1},
-                        {"model": m, "program": fo.name, "export_seconds": s2}]  # fmt: skip
+            exports += [
+                {"model": m, "program": zo.name, "export_seconds": s1},
+                {"model": m, "program": fo.name, "export_seconds": s2},
+            ]
             b = speed_batch(tok, p["batch"], p["length"])
             batch_file = work / f"batch-{m}-b{p['batch']}-t{p['length']}.pt"
             torch.save({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}, batch_file)
@@ -64,12 +77,23 @@ def run_memory(out: Path, quick: bool, threads: int, models=None, bar_enabled: b
             bar.update(1)
             for mode in MODES:
                 bar.set_description(f"bench memory: {m} {mode}")
-                spec = {"mode": mode, "model": m, "q": p["q"], "batch": p["batch"], "steps": p["steps"],
-                        "threads": threads, "batch_file": str(batch_file),
-                        "program": str(fo if mode == "et-fo" else zo)}  # fmt: skip
+                spec = {
+                    "mode": mode,
+                    "model": m,
+                    "q": p["q"],
+                    "batch": p["batch"],
+                    "steps": p["steps"],
+                    "threads": threads,
+                    "batch_file": str(batch_file),
+                    "program": str(fo if mode == "et-fo" else zo),
+                }
                 r = run_worker(spec, threads)
-                r.update(model=m, label=LABELS[mode], above_imports_mb=r["peak_rss_mb"] - r["baseline_rss_mb"],
-                         pte_mb=pte_bytes["fo" if mode == "et-fo" else "zo"] / 2**20 if mode.startswith("et") else None)  # fmt: skip
+                r.update(
+                    model=m,
+                    label=LABELS[mode],
+                    above_imports_mb=r["peak_rss_mb"] - r["baseline_rss_mb"],
+                    pte_mb=pte_bytes["fo" if mode == "et-fo" else "zo"] / 2**20 if mode.startswith("et") else None,
+                )
                 records.append(r)
                 bar.update(1)
     finally:
@@ -87,8 +111,15 @@ def _get(records, model, mode):
     return None
 
 
-PAIRS = (("et-zo", "et-infer"), ("et-fo", "et-zo"), ("eager-zo", "eager-infer"), ("eager-fo", "eager-zo"),
-         ("eager-fo-lora", "eager-zo"), ("et-zo", "eager-zo"), ("et-infer", "eager-infer"))  # fmt: skip
+PAIRS = (
+    ("et-zo", "et-infer"),
+    ("et-fo", "et-zo"),
+    ("eager-zo", "eager-infer"),
+    ("eager-fo", "eager-zo"),
+    ("eager-fo-lora", "eager-zo"),
+    ("et-zo", "eager-zo"),
+    ("et-infer", "eager-infer"),
+)
 
 
 def ratios(records) -> list[dict]:
@@ -97,9 +128,16 @@ def ratios(records) -> list[dict]:
         for a, b in PAIRS:
             ra, rb = _get(records, m, a), _get(records, m, b)
             if ra and rb:
-                out.append({"model": m, "ratio": f"{LABELS[a]} / {LABELS[b]}", "a": a, "b": b,
-                            "peak": ra["peak_rss_mb"] / rb["peak_rss_mb"],
-                            "above_imports": ra["above_imports_mb"] / max(rb["above_imports_mb"], 1e-9)})  # fmt: skip
+                out.append(
+                    {
+                        "model": m,
+                        "ratio": f"{LABELS[a]} / {LABELS[b]}",
+                        "a": a,
+                        "b": b,
+                        "peak": ra["peak_rss_mb"] / rb["peak_rss_mb"],
+                        "above_imports": ra["above_imports_mb"] / max(rb["above_imports_mb"], 1e-9),
+                    }
+                )
     return out
 
 
@@ -108,12 +146,24 @@ def targets(rats) -> list[dict]:
     for r in rats:
         if (r["a"], r["b"]) == ("et-zo", "et-infer"):
             for k in ("peak", "above_imports"):
-                out.append({"target": f"{r['model']}: ExecuTorch ZO peak RSS <= 1.25x ExecuTorch inference ({k.replace('_', ' ')})",
-                            "value": r[k], "need": 1.25, "holds": r[k] <= 1.25})  # fmt: skip
+                out.append(
+                    {
+                        "target": f"{r['model']}: ExecuTorch ZO peak RSS <= 1.25x ExecuTorch inference ({k.replace('_', ' ')})",
+                        "value": r[k],
+                        "need": 1.25,
+                        "holds": r[k] <= 1.25,
+                    }
+                )
         if (r["a"], r["b"]) == ("et-fo", "et-zo"):
             for k in ("peak", "above_imports"):
-                out.append({"target": f"{r['model']}: ExecuTorch FO peak RSS >= 2x ExecuTorch ZO ({k.replace('_', ' ')})",
-                            "value": r[k], "need": 2.0, "holds": r[k] >= 2.0})  # fmt: skip
+                out.append(
+                    {
+                        "target": f"{r['model']}: ExecuTorch FO peak RSS >= 2x ExecuTorch ZO ({k.replace('_', ' ')})",
+                        "value": r[k],
+                        "need": 2.0,
+                        "holds": r[k] >= 2.0,
+                    }
+                )
     return out
 
 
@@ -121,16 +171,47 @@ def markdown(res: dict) -> str:
     from .speed import targets_md
 
     p = res["plan"]
-    lines = ["## Memory", "",
-             f"Peak RSS (VmHWM) of one subprocess per row: {p['steps']} steps, prge q={p['q']}, batch {p['batch']}, "
-             f"length {p['length']}, {p['threads']} thread(s). 'above imports' subtracts the RSS the process had "
-             "after importing what it needs (Python, torch, the runtime), before loading a model or program; "
-             "'peak while stepping' is the high-water mark after loading (reset via /proc/self/clear_refs): "
-             "building the eager model is the largest moment of the eager processes.", ""]  # fmt: skip
-    rows = [[r["model"], r["label"], r["peak_rss_mb"], r["baseline_rss_mb"], r["above_imports_mb"],
-             r.get("steps_peak_rss_mb"), r["pte_mb"], r["seconds_per_step"]] for r in res["records"]]  # fmt: skip
-    lines += [md_table(["model", "process", "peak RSS MB", "after imports MB", "above imports MB",
-                        "peak while stepping MB", ".pte MB", "s/step"], rows), ""]  # fmt: skip
+    lines = [
+        "## Memory",
+        "",
+        (
+            f"Peak RSS (VmHWM) of one subprocess per row: {p['steps']} steps, prge q={p['q']}, batch {p['batch']}, "
+            f"length {p['length']}, {p['threads']} thread(s). 'above imports' subtracts the RSS the process had "
+            "after importing what it needs (Python, torch, the runtime), before loading a model or program; "
+            "'peak while stepping' is the high-water mark after loading (reset via /proc/self/clear_refs): "
+            "building the eager model is the largest moment of the eager processes."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            r["model"],
+            r["label"],
+            r["peak_rss_mb"],
+            r["baseline_rss_mb"],
+            r["above_imports_mb"],
+            r.get("steps_peak_rss_mb"),
+            r["pte_mb"],
+            r["seconds_per_step"],
+        ]
+        for r in res["records"]
+    ]
+    lines += [
+        md_table(
+            [
+                "model",
+                "process",
+                "peak RSS MB",
+                "after imports MB",
+                "above imports MB",
+                "peak while stepping MB",
+                ".pte MB",
+                "s/step",
+            ],
+            rows,
+        ),
+        "",
+    ]
     rows = [[r["model"], r["ratio"], r["peak"], r["above_imports"]] for r in res["ratios"]]
     lines += ["Ratios:", "", md_table(["model", "ratio", "peak RSS", "above imports"], rows), ""]
     lines += targets_md(res["targets"])
@@ -151,8 +232,13 @@ def plot(res: dict, path: Path) -> None:
         base = [r["baseline_rss_mb"] for r in rs]
         above = [r["above_imports_mb"] for r in rs]
         ax.barh(labels, base, color="lightgray", label="after imports")
-        ax.barh(labels, above, left=base, color=["tab:blue" if r["mode"].startswith("et") else "tab:orange" for r in rs],
-                label="above imports")  # fmt: skip
+        ax.barh(
+            labels,
+            above,
+            left=base,
+            color=["tab:blue" if r["mode"].startswith("et") else "tab:orange" for r in rs],
+            label="above imports",
+        )
         ax.invert_yaxis()
         ax.set_xlabel("peak RSS (MB)")
         ax.set_title(f"{m}: peak RSS per process")

@@ -65,14 +65,14 @@ def main(spec: dict) -> dict:
         import tokenizers  # noqa: F401
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
+        import mobizo.engines.eager
+        import mobizo.models
         import mobizo_bench.common  # noqa: F401
-        import mobizo.engines.eager  # noqa: F401
-        import mobizo.models  # noqa: F401
     else:
-        import executorch.extension.training  # noqa: F401
+        import executorch.extension.training
         import executorch.runtime  # noqa: F401
 
-        import mobizo.engines.executorch  # noqa: F401
+        import mobizo.engines.executorch
         import mobizo.engines.executorch.fo  # noqa: F401
         from mobizo_bench.common import set_threads
 
@@ -81,20 +81,20 @@ def main(spec: dict) -> dict:
     batch = _batch(spec["batch_file"])
     times = []
     if mode.startswith("eager"):
-        from mobizo_bench.common import adapted_model
         from mobizo.engines.eager import EagerEngine
         from mobizo.step import ZOConfig, answer_losses
+        from mobizo_bench.common import adapted_model
 
         model, _ = adapted_model(spec["model"])
         if mode == "eager-infer":
-            run = lambda i: answer_losses(model, batch.input_ids, batch.attention_mask, batch.labels)  # noqa: E731
+            run = lambda i: answer_losses(model, batch.input_ids, batch.attention_mask, batch.labels)
             ctx = torch.no_grad
         else:
             if mode == "eager-zo":
                 eng = EagerEngine(model, "prge", ZOConfig("prge", int(spec["q"])))
             else:
                 eng = EagerEngine(model, "fo", optimizer="sgd", train_a=mode == "eager-fo-lora")
-            run = lambda i: eng.train_step(batch, i + 1, 1e-3, 1e-2)  # noqa: E731
+            run = lambda i: eng.train_step(batch, i + 1, 1e-3, 1e-2)
             ctx = _null
         load_peak, loaded, can_reset = peak_rss_mb(), _rss_mb(), reset_peak()
         with ctx():
@@ -142,9 +142,17 @@ def main(spec: dict) -> dict:
         raise SystemExit(f"unknown mode {mode}")
     steps_peak = peak_rss_mb() if can_reset else None
     peak = max(load_peak, steps_peak) if can_reset else peak_rss_mb()
-    return {"mode": mode, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "final_rss_mb": _rss_mb(),
-            "load_peak_rss_mb": load_peak, "loaded_rss_mb": loaded, "steps_peak_rss_mb": steps_peak,
-            "seconds_per_step": sorted(times)[len(times) // 2] if times else None, "pid": os.getpid()}  # fmt: skip
+    return {
+        "mode": mode,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline,
+        "final_rss_mb": _rss_mb(),
+        "load_peak_rss_mb": load_peak,
+        "loaded_rss_mb": loaded,
+        "steps_peak_rss_mb": steps_peak,
+        "seconds_per_step": sorted(times)[len(times) // 2] if times else None,
+        "pid": os.getpid(),
+    }
 
 
 class _null:

@@ -9,6 +9,7 @@ from mobizo.engines.executorch import MANIFEST, PROGRAM, export_program, manifes
 from mobizo.engines.executorch.fo import FO_MANIFEST, FO_PROGRAM, FOManifest, export_fo_program
 from mobizo.models import weights_hash
 from mobizo.step import ZOConfig
+
 from .common import ALPHA, LENGTH, RANK
 
 
@@ -20,18 +21,24 @@ def fo_dir(root: Path, model_name: str, batch: int, length: int = LENGTH, train_
     return Path(root) / f"{model_name}-fo{'-lora' if train_a else ''}-b{batch}-t{length}"
 
 
-def ensure_zo(root: Path, model, model_name: str, estimator: str, q: int, batch: int, length: int = LENGTH) -> tuple[Path, float]:
+def ensure_zo(
+    root: Path, model, model_name: str, estimator: str, q: int, batch: int, length: int = LENGTH
+) -> tuple[Path, float]:
     """The ZO program directory (exported unless present) and the export seconds (0 if cached)."""
     d = zo_dir(root, model_name, estimator, q, batch, length)
     if (d / PROGRAM).is_file() and (d / MANIFEST).is_file():
         return d, 0.0
     t0 = time.perf_counter()
-    m = manifest_for(model, model_name, ZOConfig(estimator, q), batch, length, 1, batch, RANK, ALPHA, weights_hash(model))
+    m = manifest_for(
+        model, model_name, ZOConfig(estimator, q), batch, length, 1, batch, RANK, ALPHA, weights_hash(model)
+    )
     export_program(model, m, d)
     return d, time.perf_counter() - t0
 
 
-def ensure_fo(root: Path, model, model_name: str, batch: int, length: int = LENGTH, train_a: bool = False) -> tuple[Path, float]:
+def ensure_fo(
+    root: Path, model, model_name: str, batch: int, length: int = LENGTH, train_a: bool = False
+) -> tuple[Path, float]:
     d = fo_dir(root, model_name, batch, length, train_a)
     if (d / FO_PROGRAM).is_file() and (d / FO_MANIFEST).is_file():
         return d, 0.0
@@ -56,7 +63,11 @@ def ensure_gemm(root: Path, n: int = 2048) -> Path:
     lin = torch.nn.Linear(n, n, bias=False).eval()
     with torch.no_grad(), quiet_stderr():
         ep = torch.export.export(lin, (torch.randn(n, n),), strict=False)
-        data = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner(configs=[LinearConfig])]).to_executorch().buffer
+        data = (
+            to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner(configs=[LinearConfig])])
+            .to_executorch()
+            .buffer
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)

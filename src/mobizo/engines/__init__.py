@@ -15,7 +15,9 @@ class Shapes:
     answer_len: int | None = None
     rows: int | None = None
     eval_rows: int | None = None
-    shared: bool | None = None  # choice batches: None = either layout, True = shared prompt only, False = per candidate only
+    shared: bool | None = (
+        None  # choice batches: None = either layout, True = shared prompt only, False = per candidate only
+    )
     choices: int | None = None  # candidates per example a fixed-shape shared-prompt program scores
 
 

@@ -61,9 +61,7 @@ class EagerEngine:
                 batch.gold,
                 shared=batch.shared,
             )
-        return StepOutput(
-            loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist()
-        )
+        return StepOutput(loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist())
 
     @torch.no_grad()
     def score(self, batch):
@@ -80,7 +78,7 @@ class EagerEngine:
         last = torch.tensor([input_ids.shape[1] - 1])
         return lm_logits(self.model, input_ids, attention_mask, last)[:, -1].float()
 
-    def decoder(self, input_ids, attention_mask) -> "KVDecoder":
+    def decoder(self, input_ids, attention_mask) -> KVDecoder:
         """Greedy decoding state with a KV cache, started on left-padded prompts (see :class:`KVDecoder`)."""
         return KVDecoder(self.model, input_ids, attention_mask)
 
@@ -116,8 +114,14 @@ class KVDecoder:
         self.cache = DynamicCache()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.next_pos = attention_mask.sum(-1, keepdim=True)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = out.past_key_values
         self.logits = out.logits[:, -1].float()
 
@@ -125,8 +129,14 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.reshape(-1, 1).to(torch.long)
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.next_pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=self.mask,
+            position_ids=self.next_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.cache = out.past_key_values
         self.next_pos = self.next_pos + 1
         self.logits = out.logits[:, -1].float()

@@ -5,7 +5,7 @@ Importing this package registers every built-in task (:func:`mobizo.tasks.base.r
 
 from ..errors import MobizoError
 from . import benchmarks, custom, synthetic  # noqa: F401 - registration
-from .base import ALIASES, KINDS, TASKS, Example, Task, canonical_name, register
+from .base import KINDS, TASKS, Example, Task, canonical_name, register
 
 __all__ = ["KINDS", "TASKS", "Example", "Task", "get_task", "register"]
 
@@ -17,4 +17,3 @@ def get_task(name: str, data: str | None = None, **options) -> Task:
     if key not in TASKS:
         raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
     return TASKS[key](data=data, **options)
-

@@ -109,9 +109,7 @@ def parse_label(value: Any, names, where: str, noun: str = "classes") -> int:
     (exact, else case-insensitive). The one label parser of every task."""
     names = list(names)
     original = value
-    if isinstance(value, bool):
-        value = int(value)
-    elif isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool) or isinstance(value, float) and value.is_integer():
         value = int(value)
     elif isinstance(value, str):
         v = value.strip()
@@ -127,7 +125,9 @@ def parse_label(value: Any, names, where: str, noun: str = "classes") -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise MobizoError(f"{where}: label {original!r} is not one of the {noun} {names} (nor a class index)")
     if value < 0:
-        raise MobizoError(f"{where}: label {original!r} means 'no label' (an unlabelled test split?); use a labelled split")
+        raise MobizoError(
+            f"{where}: label {original!r} means 'no label' (an unlabelled test split?); use a labelled split"
+        )
     if value >= len(names):
         raise MobizoError(f"{where}: label {original!r} is out of range for {len(names)} {noun} {names}")
     return value

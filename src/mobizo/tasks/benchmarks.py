@@ -318,8 +318,7 @@ class QQP(ClassificationTask):
 
     def prompt(self, rec):
         return (
-            f"{rec.text('question1')}\n{rec.text('question2')}\n"
-            "Do these two questions ask the same thing? Yes or No?\n"
+            f"{rec.text('question1')}\n{rec.text('question2')}\nDo these two questions ask the same thing? Yes or No?\n"
         )
 
 
@@ -367,8 +366,7 @@ class COPA(MultipleChoiceTask):
 
     def build(self, rec):
         premise = rec.text("premise").rstrip()
-        if premise.endswith("."):
-            premise = premise[:-1]
+        premise = premise.removesuffix(".")
         kind = rec.text("question").strip().lower()
         if kind not in ("cause", "effect"):
             raise MobizoError(f"{rec.where}: question {kind!r} should be 'cause' or 'effect'")

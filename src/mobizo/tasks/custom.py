@@ -102,7 +102,9 @@ class CustomClassification(Task):
             if "label" not in rec:
                 raise MobizoError(f"{where}: missing 'label' field")
             prompt = render(self.template, rec, where)
-            out.append(Example(prompt=prompt, candidates=candidates, label=label_index(rec["label"], self.words, where)))
+            out.append(
+                Example(prompt=prompt, candidates=candidates, label=label_index(rec["label"], self.words, where))
+            )
         return out
 
 
@@ -141,7 +143,7 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, str]:
     try:
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as e:  # noqa: BLE001 - jinja raises many types
+    except Exception as e:  # jinja raises many types
         raise MobizoError(f"{what}: the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
     if not full.startswith(prompt) or len(full) == len(prompt):
         raise MobizoError(

@@ -32,8 +32,7 @@ def find_split(data: str | Path, split: str) -> Path:
     if (root / "dataset_dict.json").is_file():
         return root  # a DatasetDict saved with save_to_disk; read_records picks the split
     raise MobizoError(
-        f"no {split} split in {root}: expected one of "
-        + ", ".join(f"{n}{s}" for n in names[:2] for s in SUFFIXES)
+        f"no {split} split in {root}: expected one of " + ", ".join(f"{n}{s}" for n in names[:2] for s in SUFFIXES)
     )
 
 
@@ -101,7 +100,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+    except Exception as e:  # pyarrow raises several types for bad files
         raise MobizoError(f"{path}: cannot read Parquet: {e}") from e
 
 
@@ -112,7 +111,7 @@ def _read_saved_dataset(path: Path, split: str | None) -> list[dict]:
         raise MobizoError("reading a save_to_disk folder needs the 'datasets' package") from e
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise MobizoError(f"{path}: cannot load saved dataset: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         names = [n for n in SPLIT_ALIASES.get(split or "train", (split,)) if n in ds]

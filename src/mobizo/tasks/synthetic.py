@@ -52,8 +52,10 @@ def tokenizer_corpus() -> list[str]:
     corpus += [
         "The quick brown fox jumps over the lazy dog. Question: Answer: True False yes no Yes No",
         "Premise: Hypothesis: Passage: Context: Title: Sentence 1: Sentence 2: because so what",
-        "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-        "must be in want of a wife. However little known the feelings or views of such a man may be.",
+        (
+            "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+            "must be in want of a wife. However little known the feelings or views of such a man may be."
+        ),
         "positive negative neutral correct incorrect entailment contradiction not_entailment",
     ] * 20
     return corpus

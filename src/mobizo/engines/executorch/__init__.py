@@ -7,10 +7,33 @@
 """
 
 from .export import export_program, plain_attention, xnnpack_partitioner
-from .manifest import (MANIFEST, PROGRAM, Manifest, ProgramBase, adapter_layout, check_manifest, identity, manifest_for,
-                       read_manifest, versions)
+from .manifest import (
+    MANIFEST,
+    PROGRAM,
+    Manifest,
+    ProgramBase,
+    adapter_layout,
+    check_manifest,
+    identity,
+    manifest_for,
+    read_manifest,
+    versions,
+)
 from .runtime import ExecuTorchEngine
 
-__all__ = ["MANIFEST", "PROGRAM", "ExecuTorchEngine", "Manifest", "ProgramBase", "adapter_layout", "check_manifest",
-           "export_program", "identity", "manifest_for", "plain_attention", "read_manifest", "versions",
-           "xnnpack_partitioner"]
+__all__ = [
+    "MANIFEST",
+    "PROGRAM",
+    "ExecuTorchEngine",
+    "Manifest",
+    "ProgramBase",
+    "adapter_layout",
+    "check_manifest",
+    "export_program",
+    "identity",
+    "manifest_for",
+    "plain_attention",
+    "read_manifest",
+    "versions",
+    "xnnpack_partitioner",
+]

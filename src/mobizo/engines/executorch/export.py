@@ -170,8 +170,10 @@ def plain_attention(model: nn.Module):
 
 
 # An operator as errors name it: ``aten::nonzero``, ``my_lib::op``, ``aten.nonzero.default``, ``torch.ops.aten.x``.
-_OPERATOR = re.compile(r"\b(?:torch\.ops\.)?((?:aten|prims|quantized_decomposed|[a-z_][a-z0-9_]*)::[A-Za-z_]\w*"
-                       r"(?:\.\w+)?|(?:aten|prims|quantized_decomposed)\.[A-Za-z_]\w*(?:\.\w+)?)")
+_OPERATOR = re.compile(
+    r"\b(?:torch\.ops\.)?((?:aten|prims|quantized_decomposed|[a-z_][a-z0-9_]*)::[A-Za-z_]\w*"
+    r"(?:\.\w+)?|(?:aten|prims|quantized_decomposed)\.[A-Za-z_]\w*(?:\.\w+)?)"
+)
 
 
 def failure_site(e: BaseException, model: nn.Module) -> str:
@@ -253,15 +255,25 @@ _THEIR_OPS = ("convolution", "batch_norm", "upsample", "prelu", "scaled_dot_prod
 _PASS_OPS = {
     # convolution, batch norm, upsampling, PReLU, padding, SDPA (the step is traced with plain
     # attention): never in a decoder step, so one list serves them all
-    **dict.fromkeys(("ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
-                     "InsertPadQDQPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "ChannelsLastTaggedReshapePass"),
-                    _THEIR_OPS),
+    **dict.fromkeys(
+        (
+            "ConvertToUpsampleBilinear2d",
+            "ConvertToSDPAPass",
+            "FuseBatchNormPass",
+            "DecomposeBatchNorm",
+            "InsertPadQDQPass",
+            "Conv1dUnsqueezePass",
+            "PReLUReshapePass",
+            "ChannelsLastTaggedReshapePass",
+        ),
+        _THEIR_OPS,
+    ),
     "DecomposeConcatenate": ("aten.cat",),  # splits concatenations of more than 5 tensors
     "RemoveGetItemPass": ("max_pool2d_with_indices", "aten.max.dim"),  # their index outputs
     "FuseActivationPass": ("aten.relu", "aten.hardtanh"),  # folds these into the op before them
     "PropagateCustomMetaPass": ("quantize",),  # copies metadata onto quantize/dequantize nodes
     "RemoveRedundantCopyPass": ("_to_copy",),  # drops pairs of layout copies
-}  # fmt: skip
+}
 
 
 @contextlib.contextmanager
@@ -305,15 +317,20 @@ def _no_symbols(gm) -> bool:
     from torch.utils import _pytree as pytree
 
     sym = (torch.SymInt, torch.SymFloat, torch.SymBool)
-    return not any(isinstance(v, sym) for g in _graphs(gm) for n in g.nodes for v in pytree.tree_leaves(n.meta.get("val")))
+    return not any(
+        isinstance(v, sym) for g in _graphs(gm) for n in g.nodes for v in pytree.tree_leaves(n.meta.get("val"))
+    )
 
 
 # Passes of ExecuTorch's ATen -> edge conversion that re-trace the whole method on fake tensors to
 # rewrite ops a method may not hold; each is skipped for a method without them. (Each is a local
 # rewrite of those ops only: ``t`` to ``t_copy``; view ops to their copies; symbolic ints, floats and
 # bools passed as tensors to ``scalar_tensor``. A fixed-length step has no symbolic values at all.)
-_IDLE_EDGE_PASSES = {"NormalizeTransposePass": _no_transpose, "ReplaceBrokenOpsWithFunctionalOpsPass": _no_views,
-                     "SymToTensorPass": _no_symbols}  # fmt: skip
+_IDLE_EDGE_PASSES = {
+    "NormalizeTransposePass": _no_transpose,
+    "ReplaceBrokenOpsWithFunctionalOpsPass": _no_views,
+    "SymToTensorPass": _no_symbols,
+}
 
 
 @contextlib.contextmanager
@@ -336,8 +353,10 @@ def lean_edge_passes():
 
     def get_passes(config):
         pre, post = original(config)
-        pre = [unless_idle(p, _IDLE_EDGE_PASSES[p.__name__]) if getattr(p, "__name__", None) in _IDLE_EDGE_PASSES else p
-               for p in pre]  # fmt: skip
+        pre = [
+            unless_idle(p, _IDLE_EDGE_PASSES[p.__name__]) if getattr(p, "__name__", None) in _IDLE_EDGE_PASSES else p
+            for p in pre
+        ]
         return pre, post
 
     prog._get_aten_to_edge_passes = get_passes
@@ -388,11 +407,25 @@ def quick_partitioning():
 
 
 # torch.fx.passes.tools_common.legalize_graph's own list (a local there): nodes it sorts first
-_PRIORITIZED_OPS = (operator.add, operator.mul, operator.sub, operator.floordiv, operator.truediv, operator.mod,
-                    operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
-                    torch.ops.aten.sym_constrain_range.default, torch.ops.aten.sym_constrain_range_for_size.default,
-                    torch.ops.aten._assert_async.msg, torch.ops.aten.scalar_tensor.default,
-                    torch.ops.aten._assert_scalar.default)  # fmt: skip
+_PRIORITIZED_OPS = (
+    operator.add,
+    operator.mul,
+    operator.sub,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+    operator.le,
+    operator.lt,
+    operator.ge,
+    operator.gt,
+    operator.eq,
+    operator.ne,
+    torch.ops.aten.sym_constrain_range.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch.ops.aten._assert_async.msg,
+    torch.ops.aten.scalar_tensor.default,
+    torch.ops.aten._assert_scalar.default,
+)
 
 
 def _legalize_in_place(gm):
@@ -497,8 +530,11 @@ def fewer_decompositions():
     import executorch.exir.program._program as prog
     from torch.export import ExportedProgram
 
-    can_skip_original, generate, contains = (prog._can_skip_using_EDGE_DO_NOT_DECOMP,
-                                             prog._gen_edge_manager_for_partitioners, prog.contains_any_call_fn_target_op)  # fmt: skip
+    can_skip_original, generate, contains = (
+        prog._can_skip_using_EDGE_DO_NOT_DECOMP,
+        prog._gen_edge_manager_for_partitioners,
+        prog.contains_any_call_fn_target_op,
+    )
     decompose = ExportedProgram.run_decompositions
     waiting: dict[int, object] | None = None  # graph modules of methods not yet functionalized, while generating
 
@@ -527,7 +563,10 @@ def fewer_decompositions():
             waiting = None
 
     prog._can_skip_using_EDGE_DO_NOT_DECOMP, prog._gen_edge_manager_for_partitioners = can_skip, gen_edge_manager
-    prog.contains_any_call_fn_target_op, ExportedProgram.run_decompositions = contains_any_call_fn_target_op, run_decompositions
+    prog.contains_any_call_fn_target_op, ExportedProgram.run_decompositions = (
+        contains_any_call_fn_target_op,
+        run_decompositions,
+    )
     try:
         yield
     finally:
@@ -556,7 +595,9 @@ def quick_delegate_shapes():
 
     def outputs_of(lowered_module):
         ep = lowered_module.original_module
-        if ep.call_spec.out_spec is None or any(s.kind != OutputKind.USER_OUTPUT for s in ep.graph_signature.output_specs):
+        if ep.call_spec.out_spec is None or any(
+            s.kind != OutputKind.USER_OUTPUT for s in ep.graph_signature.output_specs
+        ):
             return None
         vals = [n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in ep.graph.output_node().args[0]]
         if not all(type(v) is FakeTensor for v in vals):
@@ -645,8 +686,10 @@ def parallel_preprocess(workers: int):
         global _JOBS
         jobs = [(name, i) for name, progs in edge_programs.items() for i in range(len(progs))]
         if len(jobs) < 2:
-            return {name: [cls.preprocess(p, s) for p, s in zip(progs, compile_specs[name])]
-                    for name, progs in edge_programs.items()}  # fmt: skip
+            return {
+                name: [cls.preprocess(p, s) for p, s in zip(progs, compile_specs[name])]
+                for name, progs in edge_programs.items()
+            }
         _JOBS = (cls, edge_programs, compile_specs)
         try:
             ctx = multiprocessing.get_context("fork")
@@ -691,8 +734,15 @@ def _length_dims(m: Manifest, n_inputs: int):
     return ({1: t}, {1: t}) + (None,) * (n_inputs - 2)
 
 
-def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack: bool = True,
-                   progress: bool = False, workers: int = 1, extra=None) -> Manifest:
+def export_program(
+    model: nn.Module,
+    manifest: Manifest,
+    out_dir: Path,
+    xnnpack: bool = True,
+    progress: bool = False,
+    workers: int = 1,
+    extra=None,
+) -> Manifest:
     """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
 
     ``progress``: a status line per stage (trace, lower, serialize, write) on stderr; ``workers``:
@@ -714,8 +764,11 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # a shared-prompt train_step never packs the LM head (mobizo.step.candidate_logits): score need not either
     found = plain_head(model) if manifest.shared_prompt else None
     unpacked_head = found is not None
-    head_names = {n for n, p in model.named_parameters(prefix="model", remove_duplicate=False)
-                  if found is not None and p is found[2].weight}  # fmt: skip
+    head_names = {
+        n
+        for n, p in model.named_parameters(prefix="model", remove_duplicate=False)
+        if found is not None and p is found[2].weight
+    }
     stage = Stages("export", progress)
     stage("tracing the step (torch.export)")
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
@@ -724,27 +777,35 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
         # torch.export prints a partial graph on stderr when it fails: the error below says what failed
         def trace():
             return {
-                "train_step": torch.export.export(step, train_args, dynamic_shapes=_length_dims(manifest, len(train_args)),
-                                                  strict=False),
-                "score": torch.export.export(ScoreMethod(model, manifest.shared_prompt, unpacked_head),
-                                             _example_inputs(manifest, manifest.eval_rows),
-                                             dynamic_shapes=_length_dims(manifest, 3), strict=False),
+                "train_step": torch.export.export(
+                    step, train_args, dynamic_shapes=_length_dims(manifest, len(train_args)), strict=False
+                ),
+                "score": torch.export.export(
+                    ScoreMethod(model, manifest.shared_prompt, unpacked_head),
+                    _example_inputs(manifest, manifest.eval_rows),
+                    dynamic_shapes=_length_dims(manifest, 3),
+                    strict=False,
+                ),
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }
 
-        with (torch.no_grad(), plain_attention(model), lean_provenance(),
-              contextlib.redirect_stderr(io.StringIO()) as chatter):
+        with (
+            torch.no_grad(),
+            plain_attention(model),
+            lean_provenance(),
+            contextlib.redirect_stderr(io.StringIO()) as chatter,
+        ):
             try:
                 programs = trace()
-            except Exception:  # noqa: BLE001 - a model whose code pins the sequence length: a fixed-length program
+            except Exception:  # a model whose code pins the sequence length: a fixed-length program
                 if not manifest.dynamic_length:
                     raise
                 manifest.dynamic_length = False
                 _restore(model, saved)
                 programs = trace()
         sys.stderr.write(chatter.getvalue())
-    except Exception as e:  # noqa: BLE001 - surface export failures as one line
+    except Exception as e:  # surface export failures as one line
         stage.done(failed=True)
         raise MobizoError(f"torch.export failed{failure_site(e, model)}: {_first_line(e)}") from e
     finally:
@@ -753,6 +814,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     # bmm/softmax/permute/pow are several times slower than eager PyTorch), except those
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
+
     def lora_b(name: str) -> bool:
         return name.endswith(".lora_B")
 
@@ -768,8 +830,16 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))
     try:
-        with (spilled_named_data(spill), lean_xnnpack_passes(), parallel_preprocess(workers), quick_partitioning(),
-              lean_provenance(), fewer_decompositions(), quick_delegate_shapes(), lean_edge_passes()):
+        with (
+            spilled_named_data(spill),
+            lean_xnnpack_passes(),
+            parallel_preprocess(workers),
+            quick_partitioning(),
+            lean_provenance(),
+            fewer_decompositions(),
+            quick_delegate_shapes(),
+            lean_edge_passes(),
+        ):
             try:
                 edge = to_edge_transform_and_lower(
                     programs, partitioner=partitioner, compile_config=EdgeCompileConfig(_check_ir_validity=False)
@@ -786,7 +856,7 @@ def export_program(model: nn.Module, manifest: Manifest, out_dir: Path, xnnpack:
                 )
                 del edge
                 gc.collect()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 stage.done(failed=True)
                 raise MobizoError(f"lowering to ExecuTorch failed{failure_site(e, model)}: {_first_line(e)}") from e
             manifest.xnnpack = xnnpack

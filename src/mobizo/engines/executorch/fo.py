@@ -40,8 +40,8 @@ from torch import nn
 from ...errors import MobizoError
 from ...mplora import lora_layers, make_trainable
 from ...step import AnswerLoss
-from .. import Shapes, StepOutput
 from ...util import dumps, quiet_stderr
+from .. import Shapes, StepOutput
 from .export import plain_attention, xnnpack_partitioner
 from .manifest import versions
 
@@ -109,16 +109,21 @@ def export_fo_program(
         raise MobizoError("a shared-prompt FO program needs the choice objective and one-token candidates")
     loss = AnswerLoss(fo_model, m.objective, m.choices, shared_prompt=m.shared_prompt)
     width = m.choices if m.shared_prompt else m.answer_len
-    args = (torch.ones((m.rows, m.max_length), dtype=torch.long), torch.ones((m.rows, m.max_length), dtype=torch.long),
-            torch.ones((m.rows, width), dtype=torch.long))  # fmt: skip
+    args = (
+        torch.ones((m.rows, m.max_length), dtype=torch.long),
+        torch.ones((m.rows, m.max_length), dtype=torch.long),
+        torch.ones((m.rows, width), dtype=torch.long),
+    )
     if m.objective != "answer":
         args += (torch.zeros(m.rows if m.shared_prompt else m.rows // m.choices, dtype=torch.long),)
     try:
         with plain_attention(fo_model):
             ep = torch.export.export(loss, args, strict=False)
         ep = _export_forward_backward(ep)
-    except Exception as e:  # noqa: BLE001 - one line for the user
-        raise MobizoError(f"ExecuTorch FO export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    except Exception as e:  # one line for the user
+        raise MobizoError(
+            f"ExecuTorch FO export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     _identity_empty_permuted(ep.graph_module)
     trainable = {n for n, p in loss.named_parameters() if p.requires_grad}
     compile_config = EdgeCompileConfig(_check_ir_validity=False)
@@ -182,7 +187,7 @@ class ExecuTorchFOEngine:
         try:
             with quiet_stderr():
                 self.module = load(src)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise MobizoError(f"ExecuTorch cannot load the FO program: {e}") from e
         self.shapes = Shapes(length=m.max_length, answer_len=m.answer_len, rows=m.rows)
         self.estimator = "fo"
@@ -211,7 +216,7 @@ class ExecuTorchFOEngine:
             (loss,) = self.module.forward_backward(METHOD, self._args(batch))
         except MobizoError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise MobizoError(f"ExecuTorch FO forward_backward failed: {e}") from e
         if self._opt is None or lr != self._lr:
             self._opt = get_sgd_optimizer(self.module.named_parameters(), lr, 0, 0, self.weight_decay, False)

@@ -83,17 +83,29 @@ class Manifest:
         return self.choices if self.shared_prompt else self.answer_len
 
     def zo_config(self) -> ZOConfig:
-        return ZOConfig(self.estimator, self.queries, self.seed, self.data_mode, self.weight_decay,
-                        math.inf if self.max_grad is None else self.max_grad,
-                        self.objective, self.choices)  # fmt: skip
+        return ZOConfig(
+            self.estimator,
+            self.queries,
+            self.seed,
+            self.data_mode,
+            self.weight_decay,
+            math.inf if self.max_grad is None else self.max_grad,
+            self.objective,
+            self.choices,
+        )
 
 
 def versions() -> dict:
-    import executorch  # noqa: F401
     from importlib.metadata import version
 
-    return {"mobizo": __version__, "torch": torch.__version__, "executorch": version("executorch"),
-            "python": platform.python_version()}  # fmt: skip
+    import executorch  # noqa: F401
+
+    return {
+        "mobizo": __version__,
+        "torch": torch.__version__,
+        "executorch": version("executorch"),
+        "python": platform.python_version(),
+    }
 
 
 def read_manifest(program_dir: Path) -> Manifest:
@@ -135,7 +147,7 @@ class ProgramBase:
     fan_in_fan_out: bool = False
 
     @classmethod
-    def of(cls, m: Manifest) -> "ProgramBase":
+    def of(cls, m: Manifest) -> ProgramBase:
         return cls(dict(m.adapter_shapes), m.fan_in_fan_out)
 
 
@@ -146,9 +158,22 @@ def adapter_layout(model) -> tuple[dict[str, list[int]], bool]:
     return {n: list(layer.lora_B.shape) for n, layer in lora_layers(model)}, fan_in_fan_out(model)
 
 
-def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer_len, eval_rows, rank, alpha, base_hash,
-                 shared_prompt: bool | None = None, quantization: dict | None = None,
-                 target_spec: list[str] | None = None, fixed_length: bool = False):  # fmt: skip
+def manifest_for(
+    model,
+    model_name,
+    zo: ZOConfig,
+    batch_size,
+    max_length,
+    answer_len,
+    eval_rows,
+    rank,
+    alpha,
+    base_hash,
+    shared_prompt: bool | None = None,
+    quantization: dict | None = None,
+    target_spec: list[str] | None = None,
+    fixed_length: bool = False,
+):
     """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
     candidate one token: ``answer_len == 1``). ``model``: with MP-LoRA layers, or a :class:`ProgramBase`.
     ``fixed_length``: trace for exactly ``max_length`` tokens (a quicker export, no symbolic length)."""
@@ -184,12 +209,19 @@ def manifest_for(model, model_name, zo: ZOConfig, batch_size, max_length, answer
     )
 
 
-
 def identity(m: Manifest) -> dict:
     """The manifest fields a run must agree on."""
     d = asdict(m)
     # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the run
-    for k in ("model", "xnnpack", "dynamic_length", "tokenizer", "versions", "export_seconds", "pte_sha256",
-              "pte_bytes"):
+    for k in (
+        "model",
+        "xnnpack",
+        "dynamic_length",
+        "tokenizer",
+        "versions",
+        "export_seconds",
+        "pte_sha256",
+        "pte_bytes",
+    ):
         d.pop(k)
     return d

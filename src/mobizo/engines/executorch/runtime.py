@@ -31,8 +31,12 @@ class _BackendOption(ctypes.Structure):
     """``executorch::runtime::BackendOption`` (runtime/backend/options.h): ``char key[64]`` then
     ``std::variant<bool, int, std::array<char, 256>>`` (256-byte storage, then its index byte)."""
 
-    _fields_ = [("key", ctypes.c_char * 64), ("value", ctypes.c_ubyte * 256), ("index", ctypes.c_ubyte),
-                ("pad", ctypes.c_ubyte * 3)]  # fmt: skip
+    _fields_ = [
+        ("key", ctypes.c_char * 64),
+        ("value", ctypes.c_ubyte * 256),
+        ("index", ctypes.c_ubyte),
+        ("pad", ctypes.c_ubyte * 3),
+    ]
 
 
 def share_packed_weights() -> bool:
@@ -60,7 +64,9 @@ def share_packed_weights() -> bool:
         on.value[0] = 1
         if calls["set"](b"XnnpackBackend", ctypes.byref(on), 1) == 0:
             back = _BackendOption(key=b"weight_cache_enabled", index=0)
-            _SHARED = calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.value[0] == 1
+            _SHARED = (
+                calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.value[0] == 1
+            )
     except (OSError, AttributeError, AssertionError, ImportError):
         pass
     return _SHARED
@@ -101,8 +107,9 @@ class ExecuTorchEngine:
 
     name = "executorch"
 
-    def __init__(self, program_dir: Path, expected: dict | None = None, verified: bool = False,
-                 fixed_length: bool = False):  # fmt: skip
+    def __init__(
+        self, program_dir: Path, expected: dict | None = None, verified: bool = False, fixed_length: bool = False
+    ):
         """Load ``program_dir`` (``train.pte`` + ``manifest.json``). ``expected``: manifest fields
         (see :func:`.manifest.identity`) the program must have been built with; checked before loading.
         ``verified``: the caller has just checked the ``.pte``'s sha256 (skip reading it again).
@@ -137,12 +144,18 @@ class ExecuTorchEngine:
                 self._method(name)
         except MobizoError:
             raise
-        except Exception as e:  # noqa: BLE001 - runtime errors surface as one line
+        except Exception as e:  # runtime errors surface as one line
             raise MobizoError(f"ExecuTorch cannot load {pte}: {e}") from e
         self.names = list(m.adapter_shapes)
         # a dynamic-length program takes each batch padded to its own longest row (up to max_length)
-        self.shapes = Shapes(length=None if m.dynamic_length and not fixed_length else m.max_length, answer_len=m.answer_len, rows=m.batch_size, eval_rows=m.eval_rows,
-                             shared=m.shared_prompt, choices=m.choices if m.shared_prompt else None)  # fmt: skip
+        self.shapes = Shapes(
+            length=None if m.dynamic_length and not fixed_length else m.max_length,
+            answer_len=m.answer_len,
+            rows=m.batch_size,
+            eval_rows=m.eval_rows,
+            shared=m.shared_prompt,
+            choices=m.choices if m.shared_prompt else None,
+        )
         self.estimator = m.estimator
         self._scored = False  # score ran since the last train_step (see train_step)
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
@@ -162,15 +175,17 @@ class ExecuTorchEngine:
     def _run(self, method: str, args):
         try:
             return self._method(method)(list(args))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise MobizoError(f"ExecuTorch {method} failed: {e}") from e
 
     def _check(self, batch, rows: int) -> None:
         m = self.manifest
         if bool(getattr(batch, "shared", False)) != m.shared_prompt:
             layouts = ("one row per candidate", "one shared prompt row per example")
-            raise MobizoError(f"batch has {layouts[bool(getattr(batch, 'shared', False))]}, the program takes "
-                              f"{layouts[m.shared_prompt]} (re-export it)")  # fmt: skip
+            raise MobizoError(
+                f"batch has {layouts[bool(getattr(batch, 'shared', False))]}, the program takes "
+                f"{layouts[m.shared_prompt]} (re-export it)"
+            )
         rows_in, t = batch.input_ids.shape
         fits = t <= m.max_length if m.dynamic_length else t == m.max_length
         if rows_in != rows or not fits or batch.labels.shape[1] != m.label_width:
@@ -194,8 +209,13 @@ class ExecuTorchEngine:
         if self._scored:  # the pages an eval read (score's unpacked LM head: the whole matrix) are not
             release_program_pages(self.dir / PROGRAM)  # the step's: let them go before it adds its own
             self._scored = False
-        args = [*self._inputs(batch), batch.labels, torch.tensor(step, dtype=torch.long),
-                torch.tensor(lr, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32)]  # fmt: skip
+        args = [
+            *self._inputs(batch),
+            batch.labels,
+            torch.tensor(step, dtype=torch.long),
+            torch.tensor(lr, dtype=torch.float32),
+            torch.tensor(eps, dtype=torch.float32),
+        ]
         if self.manifest.objective != "answer":
             args.append(batch.gold)
         losses, grads = self._run("train_step", args)
@@ -228,9 +248,13 @@ class ExecuTorchEngine:
             raise MobizoError("adapter does not fit this program (different adapted modules)")
         for k, v in state.items():
             if tuple(v.shape) != tuple(current[k].shape):
-                raise MobizoError(f"adapter tensor {k} has shape {tuple(v.shape)}, the program needs {tuple(current[k].shape)}")
+                raise MobizoError(
+                    f"adapter tensor {k} has shape {tuple(v.shape)}, the program needs {tuple(current[k].shape)}"
+                )
             if k.endswith("lora_A") and not torch.equal(v.to(torch.float32), current[k]):
-                raise MobizoError(f"adapter tensor {k} differs from the program's frozen A (different --seed or adapter)")
+                raise MobizoError(
+                    f"adapter tensor {k} differs from the program's frozen A (different --seed or adapter)"
+                )
         self._set_b([state[f"{n}.lora_B"] for n in self.names])
 
     def optimizer_state(self):
