@@ -470,7 +470,7 @@ def build_engine(run: Run, program_dir: Path | None = None):
             objective=run.objective,
             choices=run.choices,
         )
-    if run.task.kind == "generation" and not hasattr(engine, "next_token_logits"):
+    if run.task.kind == "generation" and not (hasattr(engine, "decoder") or hasattr(engine, "next_token_logits")):
         raise MobizoError(
             f"task {run.task.name} evaluates by generating text, which the {engine.name} engine "
             "cannot do; use --engine eager"

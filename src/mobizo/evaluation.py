@@ -227,6 +227,7 @@ def generate(
             ids, truncated = ids[len(ids) - budget :], truncated + 1
         seqs.append(list(ids))
     order = _by_length(engine, [len(s) for s in seqs])
+    batch_size = min(batch_size, getattr(engine, "max_decode_rows", None) or batch_size)
     new: list[list[int]] = [[] for _ in prompts]
 
     def left_pad(rows: list[int]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..errors import MobizoError
@@ -114,15 +116,17 @@ class KVDecoder:
         self.cache = DynamicCache()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.next_pos = attention_mask.sum(-1, keepdim=True)
+        # the cache is updated in place; transformers names the argument ``cache`` since 5.x (``past_key_values``
+        # before, still accepted with a deprecation warning)
+        self.cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_arg: self.cache},
         )
-        self.cache = out.past_key_values
         self.logits = out.logits[:, -1].float()
 
     @torch.no_grad()
@@ -133,11 +137,10 @@ class KVDecoder:
             input_ids=tokens,
             attention_mask=self.mask,
             position_ids=self.next_pos,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_arg: self.cache},
         )
-        self.cache = out.past_key_values
         self.next_pos = self.next_pos + 1
         self.logits = out.logits[:, -1].float()
         return self.logits

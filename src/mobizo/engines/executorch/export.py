@@ -47,6 +47,8 @@ from ...mplora import lora_layers
 from ...progress import Stages
 from ...step import ZOStep, plain_head, row_losses
 from ...util import dumps, file_sha256
+from .generate import KV_PREFIX, GenerateMethod
+from .generate import example_inputs as gen_inputs
 from .manifest import MANIFEST, PROGRAM, Manifest, versions
 
 
@@ -790,6 +792,24 @@ def export_program(
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
             }
 
+        def trace_generation(programs) -> None:
+            """``prefill`` / ``decode`` (:mod:`.generate`); a model whose generation cannot be traced gets a
+            program that trains without them (one notice line), not a failed export."""
+            if not manifest.generate:
+                return
+            gen = GenerateMethod(model, manifest.max_length)
+            try:
+                programs["prefill"] = torch.export.export(gen, gen_inputs(manifest.prefill_chunk), strict=False)
+                programs["decode"] = torch.export.export(gen, gen_inputs(1), strict=False)
+            except Exception as e:  # noqa: BLE001 - reported in one line, the training methods stand
+                programs.pop("prefill", None)
+                manifest.generate, manifest.prefill_chunk = False, 0
+                print(
+                    f"mobizo: notice: no generation methods in this program: torch.export failed"
+                    f"{failure_site(e, model)}: {_first_line(e)}",
+                    file=sys.stderr,
+                )
+
         with (
             torch.no_grad(),
             plain_attention(model),
@@ -804,6 +824,7 @@ def export_program(
                 manifest.dynamic_length = False
                 _restore(model, saved)
                 programs = trace()
+            trace_generation(programs)
         sys.stderr.write(chatter.getvalue())
     except Exception as e:  # surface export failures as one line
         stage.done(failed=True)
@@ -815,17 +836,17 @@ def export_program(
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
 
-    def lora_b(name: str) -> bool:
-        return name.endswith(".lora_B")
+    def mutable(name: str) -> bool:  # B, and the generation methods' KV cache
+        return name.endswith(".lora_B") or name.startswith(KV_PREFIX)
 
-    def lora_b_or_head(name: str) -> bool:  # the head's weight under every name it has (tied: the embedding's)
-        return lora_b(name) or name in head_names
+    def mutable_or_head(name: str) -> bool:  # the head's weight under every name it has (tied: the embedding's)
+        return mutable(name) or name in head_names
 
     partitioner = {}
     if xnnpack:
-        partitioner = {m: [xnnpack_partitioner(lora_b)] for m in programs}
+        partitioner = {m: [xnnpack_partitioner(mutable)] for m in programs}
         if unpacked_head:
-            partitioner["score"] = [xnnpack_partitioner(lora_b_or_head)]
+            partitioner["score"] = [xnnpack_partitioner(mutable_or_head)]
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the spilled weights live beside the program, not in /tmp
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.weights-", dir=out_dir.parent))

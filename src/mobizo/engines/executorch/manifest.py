@@ -63,6 +63,10 @@ class Manifest:
     # this mobizo version determines target_modules: a run on the program is checked against it
     target_spec: list[str] | None = None
     fan_in_fan_out: bool = False  # the adapted layers are Conv1D (GPT-2): PEFT's flag in the adapter config
+    # ``prefill`` / ``decode`` methods (generation over a KV cache of max_length positions, see .generate);
+    # prefill_chunk: prompt tokens per prefill call
+    generate: bool = False
+    prefill_chunk: int = 0
     # the run's tokenizer, saved beside the program (a directory name; "" when not carried): a run on
     # the program loads it instead of the model's config and tokenizer (see ProgramBase)
     tokenizer: str = ""
@@ -173,10 +177,14 @@ def manifest_for(
     quantization: dict | None = None,
     target_spec: list[str] | None = None,
     fixed_length: bool = False,
+    generate: bool = True,
 ):
     """``shared_prompt=None``: share the prompt exactly when it is exact (choice objective, every
     candidate one token: ``answer_len == 1``). ``model``: with MP-LoRA layers, or a :class:`ProgramBase`.
-    ``fixed_length``: trace for exactly ``max_length`` tokens (a quicker export, no symbolic length)."""
+    ``fixed_length``: trace for exactly ``max_length`` tokens (a quicker export, no symbolic length).
+    ``generate``: add the ``prefill`` / ``decode`` methods."""
+    from .generate import prefill_chunk
+
     shapes, fan = adapter_layout(model)
     if shared_prompt is None:
         shared_prompt = zo.objective != "answer" and answer_len == 1
@@ -205,6 +213,8 @@ def manifest_for(
         fan_in_fan_out=fan,
         shared_prompt=shared_prompt,
         dynamic_length=max_length > 2 and not fixed_length,
+        generate=generate,
+        prefill_chunk=prefill_chunk(max_length) if generate else 0,
         **(quantization or {}),
     )
 
@@ -212,11 +222,14 @@ def manifest_for(
 def identity(m: Manifest) -> dict:
     """The manifest fields a run must agree on."""
     d = asdict(m)
-    # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the run
+    # the weights' sha256 names the model; dynamic_length is how the export could trace it, not a choice of the
+    # run; whether it generates is checked where generation is asked for (it does not change training)
     for k in (
         "model",
         "xnnpack",
         "dynamic_length",
+        "generate",
+        "prefill_chunk",
         "tokenizer",
         "versions",
         "export_seconds",

@@ -257,8 +257,60 @@ class ExecuTorchEngine:
                 )
         self._set_b([state[f"{n}.lora_B"] for n in self.names])
 
+    # -------------------------------------------------------------- generation (prefill / decode)
+
+    max_decode_rows = 1  # one KV cache: one sequence at a time
+
+    @property
+    def max_positions(self) -> int:
+        """Positions of the program's KV cache: a prompt and its continuation must fit them."""
+        return self.manifest.max_length
+
+    def decoder(self, input_ids, attention_mask) -> ProgramDecoder:
+        """Greedy/sampled decoding of one unpadded row through ``prefill`` / ``decode`` (see
+        :mod:`mobizo.generation`), with the adapter as it is now."""
+        if not self.manifest.generate:
+            raise MobizoError(
+                f"the program in {self.dir} has no generation methods (exported by an earlier mobizo, or this "
+                "model's generation could not be traced); re-export it"
+            )
+        if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
+            raise MobizoError("the ExecuTorch program generates one unpadded sequence at a time")
+        return ProgramDecoder(self, input_ids[0].tolist())
+
     def optimizer_state(self):
         return None
 
     def load_optimizer_state(self, state) -> None:
         pass
+
+
+class ProgramDecoder:
+    """One sequence through the program's ``prefill`` (chunks of ``prefill_chunk`` prompt tokens, the last
+    right-padded) and ``decode`` (one token) methods; the interface of :class:`mobizo.engines.eager.KVDecoder`
+    for one row."""
+
+    def __init__(self, engine: ExecuTorchEngine, ids: list[int]):
+        m = engine.manifest
+        if not ids or len(ids) >= m.max_length:
+            raise MobizoError(f"a prompt of {len(ids)} tokens does not fit the program's {m.max_length} positions")
+        self.engine, self.position = engine, len(ids)
+        chunk = m.prefill_chunk
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            tokens = torch.tensor([part + [0] * (chunk - len(part))], dtype=torch.long)
+            logits = engine._run("prefill", [tokens, torch.tensor(start), torch.tensor(len(part) - 1)])[0]
+        self.logits = logits.reshape(1, -1).clone()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.position >= self.engine.manifest.max_length:
+            raise MobizoError(f"the sequence reached the program's {self.engine.manifest.max_length} positions")
+        token = tokens.reshape(1, 1).to(torch.long)
+        logits = self.engine._run("decode", [token, torch.tensor(self.position), torch.tensor(0)])[0]
+        self.position += 1
+        self.logits = logits.reshape(1, -1).clone()
+        return self.logits
+
+    def keep(self, rows: list[int]) -> None:
+        if list(rows) != [0]:
+            raise MobizoError("the ExecuTorch program decodes one sequence")
