@@ -1,5 +1,5 @@
 """Step time of distributed mobizo training at N = 1, 2, ... processes (1 intra-op thread each), and the bytes
-each process puts on the wire per step. Prints a markdown table (docs/distributed.md has the measured one).
+each process puts on the wire per step. Prints a markdown table (docs/scaling-out.md has the measured one).
 
     PYTHONPATH=src python benchmarks/dist_scaling.py [--models tiny,100m] [--procs 1,2] [--modes queries,data,federated]
                                                      [--steps 30] [--queries 4] [--batch-size 8] [--max-length 64]

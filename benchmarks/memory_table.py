@@ -1,4 +1,4 @@
-"""Peak RSS of every way mobizo trains one model, side by side in one run (README "Memory").
+"""Peak RSS of every way mobizo trains one model, side by side in one run (docs/executorch.md, "Measured peak memory").
 
     python benchmarks/memory_table.py --model DIR [--model DIR2 ...] --work /tmp/memtable [--length 256]
 

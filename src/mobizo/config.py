@@ -64,8 +64,7 @@ class DataArgs:
     task: str = opt(
         "synthetic",
         "task name: synthetic, sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, qnli, wnli, "
-        "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (README 'Tasks "
-        "and data')",
+        "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (docs/tasks.md)",
         trajectory=True,
     )
     data: str | None = opt(None, "directory or file with the task's train/validation data", trajectory=True)
@@ -114,7 +113,7 @@ class OptimArgs:
         trajectory=True,
     )
     queries: int = opt(4, "query directions q per step", short="-q", trajectory=True, minimum=1)
-    # Defaults from the lr/eps sweep on SmolLM2-135M (README "Real pretrained models"): they beat zero-shot
+    # Defaults from the lr/eps sweep on SmolLM2-135M (docs/real-models.md): they beat zero-shot
     # there with no tuning. A randomly initialised model (the built-in tiny) needs far larger steps.
     batch_size: int = opt(8, "examples per step", trajectory=True, minimum=1)
     data_mode: str = opt(
@@ -155,7 +154,7 @@ class QuantArgs:
         "none",
         "quantize the frozen base's linear layers (the adapter stays float32): 8da8w / 8da4w: "
         "int8 / int4 weights with int8 dynamic activations (XNNPACK kernels in ExecuTorch); int8 / "
-        "4w: weight-only (eager only); README 'Quantized base'",
+        "4w: weight-only (eager only); docs/quantization.md",
         choices=("none", "int8", "8da8w", "8da4w", "4w"),
         trajectory=True,
     )
@@ -185,15 +184,15 @@ class EngineArgs:
         False,
         "--engine executorch / export: trace the program for exactly --max-length "
         "tokens instead of any length up to it: about half the export time, but every batch "
-        "is then padded to --max-length (slower steps when prompts are shorter; README "
-        "'Export: memory, time and the program cache')",
+        "is then padded to --max-length (slower steps when prompts are shorter; "
+        "docs/executorch.md)",
     )
     dist_mode: str = opt(
         "queries",
         "under torchrun (WORLD_SIZE > 1): queries: each process runs its share of the q "
         "directions on the same batch; data: each process runs all q directions on its shard of "
         "the batch; federated: each process trains on its own --data (a {rank} in the path is "
-        "replaced by the process's rank) and only the g values are exchanged (docs/distributed.md)",
+        "replaced by the process's rank) and only the g values are exchanged (docs/scaling-out.md)",
         choices=DIST_MODES,
         setting=True,
     )

@@ -4,7 +4,7 @@
 starts N processes; :func:`mobizo.trainer.train` sees ``WORLD_SIZE > 1`` and runs :func:`train`
 here. A ZO direction z_i is a pure function of (seed, step, layer, i) (:mod:`mobizo.perturb`), so
 every process regenerates every z locally and only a few floats per step cross the network.
-``--dist-mode`` chooses what each process computes (docs/distributed.md has the details):
+``--dist-mode`` chooses what each process computes (docs/scaling-out.md has the details):
 
 * ``queries``: rank r runs directions [r q/N, (r+1) q/N) on the whole batch (P-RGE batching inside
   the rank); the (L+, L-) pairs are all-gathered and every rank applies the full update with
@@ -151,7 +151,7 @@ class Group:
         if missing:
             raise MobizoError(
                 f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {', '.join(missing)} not set: start the "
-                "processes with torchrun (docs/distributed.md)"
+                "processes with torchrun (docs/scaling-out.md)"
             )
         timeout = timeout_seconds()
         try:

@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
     """
     from . import distributed
 
-    if distributed.world_size() > 1:  # launched by torchrun with several processes (docs/distributed.md)
+    if distributed.world_size() > 1:  # launched by torchrun with several processes (docs/scaling-out.md)
         return distributed.train(cfg, given, on_step, **objects)
     cfg.validate()
     if cfg.engine.fixed_length and cfg.engine.engine != "executorch":  # (valid for `mobizo export`, not here)

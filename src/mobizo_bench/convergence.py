@@ -18,7 +18,7 @@ import numpy as np
 from .common import md_table, progress, set_threads
 
 SEQUENCES_PER_STEP = 16
-# Settings found to work on tiny + synthetic (see README): P-RGE lr 4, eps 0.02; FO AdamW lr 1e-2.
+# Settings found to work on tiny + synthetic (benchmarks/README.md): P-RGE lr 4, eps 0.02; FO AdamW lr 1e-2.
 ZO_LR, ZO_EPS, FO_LR = 4.0, 0.02, 1e-2
 
 

@@ -1,4 +1,7 @@
-"""README headline tables from a ``results.json``: ``python -m mobizo_bench.headline DIR/results.json``."""
+"""The headline tables of benchmarks/README.md from a ``results.json``.
+
+Usage: ``python -m mobizo_bench.headline DIR/results.json``.
+"""
 
 from __future__ import annotations
 

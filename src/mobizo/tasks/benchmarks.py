@@ -9,7 +9,7 @@ answer follows the prompt and is the only supervised text.
 
 Where MeZO has no causal-LM template (MRPC, QQP, QNLI, WNLI) the template is
 the PromptSource-style "... Yes or No?\\n" question MeZO uses for its other
-pair tasks; README "Tasks and data" lists every template.
+pair tasks; docs/tasks.md lists every template.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def question(q: str) -> str:
 class BenchmarkTask(Task):
     """A task with a fixed template over the HF column layout; subclasses implement :meth:`build`."""
 
-    hf_dataset: ClassVar[str] = ""  # where the layout comes from, for messages and the README
+    hf_dataset: ClassVar[str] = ""  # where the layout comes from, for messages and docs/tasks.md
     columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, data=None, template: str | None = None, label_words=None, **options):
@@ -382,7 +382,7 @@ class COPA(MultipleChoiceTask):
 @register
 class WinoGrande(MultipleChoiceTask):
     """The blank splits the sentence: the text before it is the prompt, each option plus the rest
-    of the sentence is a candidate (see README for how this relates to MeZO's template)."""
+    of the sentence is a candidate (see docs/tasks.md for how this relates to MeZO's template)."""
 
     name = "winogrande"
     hf_dataset = "winogrande (winogrande_xl / _debiased)"
