@@ -59,9 +59,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_dir
 from .data import IGNORE, Batch, collate, collate_choices, step_indices
 from .errors import MobizoError
+from .fsio import atomic_write_dir
 from .rundir import MARKER, check_replaceable
 from .schedule import lr_at
 from .util import dumps

@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .api import evaluate
-    from .checkpoint import atomic_write_text
+    from .fsio import atomic_write_text
     from .util import dumps
 
     cfg, _ = config_from(args)

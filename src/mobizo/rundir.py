@@ -19,7 +19,8 @@ Rules, checked by :meth:`RunDir.check` before any work starts:
 * ``program/`` is removed only if the new run does not use it (it is reused when it matches, see
   :mod:`mobizo.build`).
 
-Every file is written atomically (:mod:`mobizo.checkpoint`) and in strict JSON.
+Every file is written atomically (:mod:`mobizo.fsio`) and in strict JSON; adapters and checkpoints in
+the formats of :mod:`mobizo.checkpoint`.
 """
 
 from __future__ import annotations
@@ -31,17 +32,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import (
-    atomic_write_text,
-    clean_stale,
-    clear_entries,
-    load_checkpoint,
-    read_state,
-    resolve_dir,
-    save_adapter,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, read_state, save_adapter, save_checkpoint
 from .errors import MobizoError
+from .fsio import atomic_write_text, clean_stale, clear_entries, resolve_dir
 from .util import dumps
 
 MARKER = ".mobizo"
