@@ -110,7 +110,7 @@ def weights_mib(model: str) -> float:
     total = 0
     for f in sorted(Path(model).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for k in st:
+            for k in st.keys():  # noqa: SIM118 - not iterable in safetensors 0.8
                 sl = st.get_slice(k)
                 n = 1
                 for s in sl.get_shape():

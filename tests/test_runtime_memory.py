@@ -148,7 +148,7 @@ def test_the_frozen_weights_are_packed_once_across_methods(wide):
 
     f = next(model_dir.glob("*.safetensors"))
     with safe_open(str(f), "pt") as st:  # the XNNPACK-run linears: every projection, and the LM head
-        linear = sum(st.get_tensor(k).numel() * 4 for k in st if k.endswith("proj.weight"))
+        linear = sum(st.get_tensor(k).numel() * 4 for k in st.keys() if k.endswith("proj.weight"))  # noqa: SIM118
         head = st.get_tensor("lm_head.weight").numel() * 4
 
     def probe(mode):

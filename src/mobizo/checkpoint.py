@@ -177,7 +177,7 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
     try:
         with safe_open(str(w_path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not iterable in safetensors 0.8
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
         raise MobizoError(f"{w_path}: unreadable safetensors file ({_one_line(e)})") from e
     # Any of mobizo's metadata keys means mobizo wrote the file, so its checksum must be there too
