@@ -22,7 +22,7 @@ from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
 from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
 from .schedule import lr_at
-from .step import step_is_good
+from .step import step_good
 
 
 class BadSteps(MobizoError):
@@ -69,12 +69,6 @@ def run_eval(run: Run, progress: bool = False) -> dict:
         d.max_new_tokens,
         progress=progress,
     )
-
-
-def step_good(res, max_grad: float | None) -> bool:
-    """Host-side verdict of the divergence guard, computed exactly like the in-graph one (float32)."""
-    losses = res.losses if res.losses else [res.loss]
-    return step_is_good(losses, res.projected_grads, math.inf if max_grad is None else max_grad)
 
 
 # ---------------------------------------------------------------- resume
