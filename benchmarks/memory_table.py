@@ -1,4 +1,4 @@
-"""Peak RSS of every way mobizo trains one model, side by side in one run (docs/executorch.md, "Measured peak memory").
+"""Peak RSS of every way mobizo trains one model, side by side in one run (README "Memory").
 
     python benchmarks/memory_table.py --model DIR [--model DIR2 ...] --work /tmp/memtable [--length 256]
 
@@ -110,7 +110,7 @@ def weights_mib(model: str) -> float:
     total = 0
     for f in sorted(Path(model).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118 - a safetensors file handle is not iterable
+            for k in st.keys():  # noqa: SIM118 - not iterable in safetensors 0.8
                 sl = st.get_slice(k)
                 n = 1
                 for s in sl.get_shape():

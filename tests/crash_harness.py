@@ -188,7 +188,8 @@ def check_out(out: Path, replay_check: bool = True, tol: float = 0.0) -> dict:
     With ``replay_check``, replaying the log up to the checkpoint's step must rebuild the checkpoint's
     adapter (bitwise for eager, within ``tol`` for an engine whose update runs outside PyTorch).
     """
-    from mobizo.checkpoint import load_checkpoint, read_adapter, resolve_dir
+    from mobizo.checkpoint import load_checkpoint, read_adapter
+    from mobizo.fsio import resolve_dir
 
     facts = {"checkpoint_step": None, "logged_steps": 0, "files": 0}
     if not out.exists():
@@ -308,7 +309,7 @@ def kill_resume(
     After each kill: :func:`check_out`, then resume (or start again with --overwrite when the
     kill came before the first checkpoint existed), exactly as a user would.
     """
-    from mobizo.checkpoint import resolve_dir
+    from mobizo.fsio import resolve_dir
 
     stats = stats or KillStats()
     log = log or out.with_name(out.name + ".log")

@@ -311,7 +311,8 @@ def test_resume_continues_bitwise(binary, bundle, ref_run, tmp_path):
 
 def _consistent(out: Path, ref: list[dict]) -> int:
     """After a kill: the checkpoint (if any) loads with verified checksums and the log covers it."""
-    from mobizo.checkpoint import load_checkpoint, resolve_dir
+    from mobizo.checkpoint import load_checkpoint
+    from mobizo.fsio import resolve_dir
 
     if resolve_dir(out / "checkpoint") is None:
         return -1
@@ -324,7 +325,7 @@ def _consistent(out: Path, ref: list[dict]) -> int:
 
 
 def test_sigkill_at_random_moments_then_resume_matches(binary, bundle, ref_run, tmp_path):
-    from mobizo.checkpoint import resolve_dir
+    from mobizo.fsio import resolve_dir
 
     b = edited_copy(bundle, tmp_path / "b", save_every=3)  # checkpoints every 3 steps (the trajectory is the same)
     ref = trajectory(ref_run)

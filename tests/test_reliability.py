@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobizo.checkpoint import (
-    atomic_write_dir,
-    clean_stale,
-    load_checkpoint,
-    read_adapter,
-    resolve_dir,
-    save_adapter,
-)
+from mobizo.checkpoint import load_checkpoint, read_adapter, save_adapter
 from mobizo.cli import main
 from mobizo.errors import MobizoError
+from mobizo.fsio import atomic_write_dir, clean_stale, resolve_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FAST = [

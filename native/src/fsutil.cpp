@@ -271,7 +271,7 @@ void clear_entries(const std::string& dir, const std::function<bool(const std::s
   for (const auto& n : list_dir(dir))
     if (remove(n)) names.push_back(n);
   if (names.empty()) return;
-  // mobizo.checkpoint.clear_entries: key ("checkpoint" not in name, name)
+  // mobizo.fsio.clear_entries: key ("checkpoint" not in name, name)
   auto key = [](const std::string& n) { return std::make_pair(n.find("checkpoint") == std::string::npos, n); };
   std::sort(names.begin(), names.end(), [&](const std::string& x, const std::string& y) { return key(x) < key(y); });
   std::string trash = make_temp_dir(dir, ".overwrite.trash-");

@@ -1,4 +1,4 @@
-// Files written the way mobizo.checkpoint writes them: a kill at any moment leaves either the
+// Files written the way mobizo.fsio writes them: a kill at any moment leaves either the
 // old or the new version, never a torn one.
 //
 // * atomic_write_dir(target, fill): fill a hidden sibling ".<name>.tmp-XXXXXX", fsync it, then
@@ -36,7 +36,7 @@ void clean_stale(const std::string& dir);
 void fsync_dir(const std::string& dir);
 void make_dirs(const std::string& dir);
 void remove_tree(const std::string& path);  // no error if missing
-// Delete the entries of `dir` for which remove(name) holds (mobizo.checkpoint.clear_entries): they are
+// Delete the entries of `dir` for which remove(name) holds (mobizo.fsio.clear_entries): they are
 // renamed into a ".overwrite.trash-XXXXXX" dir, those with "checkpoint" in their name first (a kill
 // midway never leaves a checkpoint without its log), then deleted.
 void clear_entries(const std::string& dir, const std::function<bool(const std::string&)>& remove);

@@ -395,7 +395,7 @@ void write_adapter(const Bundle& b, const std::string& dir, const TensorMap& ten
 
 // ------------------------------------------------------------------ metrics.jsonl
 
-// The header and the records up to `upto` (mobizo.trainer._read_metrics): later steps will be
+// The header and the records up to `upto` (mobizo.rundir.read_log): later steps will be
 // redone, and a line cut by a kill is dropped.
 std::string kept_metrics(const std::string& path, int64_t upto, const std::string& header) {
   std::string text = is_file(path) ? read_file(path) : "";

@@ -8,6 +8,24 @@ The public Python API (README "Python API")::
     metrics = mobizo.evaluate(model="tiny", task="synthetic", adapter="runs/x/adapter")
 
 Names are imported on first use, so ``import mobizo`` (and the command line's start-up) stays light.
+
+Code map, in layers: a module imports only from its own layer or lower ones, and no two modules
+import each other (tests/test_imports.py checks both, deferred imports included). Lowest first:
+
+1. ``errors``, ``util``, ``progress``, ``threads``, ``fsio`` (atomic writes, scratch cleanup)
+2. ``perturb`` (seeded noise), ``archs`` (per-architecture tables), ``schedule`` (lr)
+3. ``mplora`` (MP-LoRA layer, injection)
+4. ``step`` (the one ZO step every engine runs)
+5. ``tasks/``, ``data`` (examples, collation, batch order)
+6. ``evaluation``, ``quantize``, ``convert`` (GGUF), ``models`` (loading bases)
+7. ``engines/`` (eager; ``executorch/``: manifest, export, runtime, first-order baseline)
+8. ``checkpoint`` (PEFT adapters, checkpoints), ``rundir`` (``--out``), ``program_cache`` (kept programs)
+9. ``config`` (the flags)
+10. ``build`` (a run assembled from a config)
+11. ``trainer`` (the single-process loop)
+12. ``distributed`` (the trainer on each rank of a process group), ``replay``, ``bundle``, ``native``
+13. ``api`` (the Python API; :func:`mobizo.api.run_training` chooses single-process or distributed)
+14. ``cli``, ``demo``, ``__main__``
 """
 
 import os

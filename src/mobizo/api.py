@@ -3,6 +3,11 @@
 :func:`train` and :func:`evaluate` are exactly what ``mobizo train`` / ``mobizo eval`` run
 (same validation, run directory, resume semantics and errors); they also take objects
 (a Hugging Face model and tokenizer, lists of examples) instead of paths.
+
+:func:`run_training` is where a run becomes single-process (:func:`mobizo.trainer.train`) or one
+rank of a distributed run (:func:`mobizo.distributed.train`, when torchrun started several
+processes); :func:`train`, ``mobizo train`` and ``mobizo demo`` all go through it, so the trainer
+below it never needs to know about distributed training.
 """
 
 from __future__ import annotations
@@ -24,12 +29,23 @@ def train(
     with its fields) instead of the task's files. With ``resume=True`` the fields you did not change
     from their defaults take the saved run's values, as the CLI's flags not given do.
     """
-    from . import trainer
-
     cfg = (config or TrainConfig()).replace(**fields)
     if model is not None and cfg.model == TrainConfig().model:
         cfg = cfg.replace(model=str(getattr(getattr(model, "config", None), "name_or_path", "") or "custom"))
-    return trainer.train(cfg, model=model, tokenizer=tokenizer, train=train_examples, validation=eval_examples)
+    return run_training(cfg, model=model, tokenizer=tokenizer, train=train_examples, validation=eval_examples)
+
+
+def run_training(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objects) -> dict:
+    """Train per ``cfg``: in this process (:func:`mobizo.trainer.train`), or as one rank of a run of
+    ``WORLD_SIZE > 1`` processes started by torchrun (:func:`mobizo.distributed.train`; docs/distributed.md).
+    The arguments are :func:`mobizo.trainer.train`'s; returns the run's summary."""
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        return distributed.train(cfg, given, on_step, **objects)
+    from . import trainer
+
+    return trainer.train(cfg, given, on_step, **objects)
 
 
 def evaluate(

@@ -3,7 +3,8 @@
 Like torchtune's builders: each function makes one thing from a validated :class:`TrainConfig`
 (or from objects the caller already has) and nothing here runs a training loop or writes a run
 directory. :func:`assemble` gives a :class:`Run` without an engine (what ``mobizo export`` needs);
-:func:`build_engine` adds the engine that will run the step.
+:func:`build_engine` adds the engine that will run the step, reusing an exported program when one
+fits (the run's ``program/`` or the program cache, :mod:`mobizo.program_cache`).
 """
 
 from __future__ import annotations
@@ -338,88 +339,6 @@ def carry_tokenizer(run: Run, manifest, directory: Path) -> None:
         manifest.tokenizer = TOKENIZER
 
 
-def program_matches(program_dir: Path, expected: dict) -> bool:
-    """Whether ``program_dir`` holds an intact program built for ``expected`` (reuse instead of re-export)."""
-    from .engines.executorch import PROGRAM, check_manifest, read_manifest
-    from .util import file_sha256
-
-    try:
-        m = read_manifest(program_dir)
-        check_manifest(m, expected)
-        size, digest = file_sha256(Path(program_dir) / PROGRAM)
-    except (MobizoError, OSError):
-        return False
-    return size == m.pte_bytes and digest == m.pte_sha256
-
-
-# Exported programs are kept in the cache (``$MOBIZO_CACHE/programs``, hard links where the file system
-# allows, so a kept program costs no space while its run directory exists), keyed by everything the
-# program is built from: a run that changes only what the program takes as input (lr, eps, steps,
-# schedule, eval cadence) or only its --out reuses the export instead of repeating it. A --fixed-length
-# program is kept apart: it would serve a run that asked for any length, but pad all its batches.
-PROGRAMS_KEPT = 4
-
-
-def _program_cache(expected: dict, fixed_length: bool = False) -> Path:
-    import hashlib
-
-    from .util import cache_dir, dumps
-
-    key = {**expected, "fixed_length": True} if fixed_length else expected
-    return cache_dir() / "programs" / hashlib.sha256(dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    import os
-    import shutil
-
-    for f in src.iterdir():
-        if f.name.startswith("."):
-            continue
-        if f.is_dir():  # the carried tokenizer
-            (dst / f.name).mkdir()
-            _link_tree(f, dst / f.name)
-        elif f.is_file():
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
-
-
-def restore_program(target: Path, expected: dict, fixed_length: bool = False) -> bool:
-    """Put the kept program built for ``expected`` into ``target``; False when none is kept."""
-    from .checkpoint import atomic_write_dir
-    from .rundir import write_marker
-
-    src = _program_cache(expected, fixed_length)
-    if not program_matches(src, expected):
-        return False
-    atomic_write_dir(Path(target), lambda d: _link_tree(src, d))
-    write_marker(target, "program")
-    src.touch()  # most recently used
-    return True
-
-
-def keep_program(program_dir: Path, expected: dict, fixed_length: bool = False) -> None:
-    """Keep a just-exported program in the cache (the :data:`PROGRAMS_KEPT` most recently used)."""
-    import shutil
-
-    from .checkpoint import atomic_write_dir
-
-    dst = _program_cache(expected, fixed_length)
-    try:
-        atomic_write_dir(dst, lambda d: _link_tree(Path(program_dir), d))
-        kept = sorted(
-            (p for p in dst.parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        for old in kept[PROGRAMS_KEPT:]:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        pass  # a cache that cannot be written only costs the next export
-
-
 def build_engine(run: Run, program_dir: Path | None = None):
     """The engine that runs ``run``'s step.
 
@@ -430,6 +349,7 @@ def build_engine(run: Run, program_dir: Path | None = None):
     cfg = run.cfg
     if cfg.engine.engine == "executorch":
         from .engines.executorch import ExecuTorchEngine, identity
+        from .program_cache import keep_program, program_matches, restore_program
 
         manifest = manifest_for_run(run)
         expected = identity(manifest)

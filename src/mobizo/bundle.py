@@ -59,15 +59,16 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_dir
 from .data import IGNORE, Batch, collate, collate_choices, step_indices
+from .engines.executorch.manifest import MANIFEST, PROGRAM
 from .errors import MobizoError
+from .fsio import atomic_write_dir
 from .rundir import MARKER, check_replaceable
 from .schedule import lr_at
+from .step import step_good
 from .util import dumps
 
 FORMAT = 1
-from .engines.executorch.manifest import MANIFEST, PROGRAM
 
 RUN = "run.json"
 ARRAYS = {  # name -> (file, dtype)
@@ -94,7 +95,7 @@ class BundleData:
 
 
 def collate_examples(run, length: int, answer_len: int) -> BundleData:
-    """Every training example of ``run`` (a :class:`mobizo.trainer.Run`) collated on its own to
+    """Every training example of ``run`` (a :class:`mobizo.build.Run`) collated on its own to
     the program's fixed T = ``length`` and K = ``answer_len``."""
     max_length, pad = run.cfg.data.max_length, run.tokenizer.pad_token_id
     ids, masks, labels, real, gold = [], [], [], [], []
@@ -385,7 +386,6 @@ def train_python(bundle_dir: str | Path, steps: int | None = None):
     Returns (metrics records as ``mobizo train`` logs them, raw (2, q) losses per step, final adapter state).
     """
     from .engines.executorch import ExecuTorchEngine
-    from .trainer import step_good
 
     bundle = read_bundle(bundle_dir)
     engine = ExecuTorchEngine(bundle.dir, fixed_length=True)  # the rows as the native trainer runs them

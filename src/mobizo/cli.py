@@ -116,10 +116,10 @@ def config_from(args: argparse.Namespace, names=None) -> tuple[C.TrainConfig, se
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from .api import run_training
 
     cfg, given = config_from(args)
-    summary = train(cfg, given=given)
+    summary = run_training(cfg, given=given)  # one process, or a rank of a torchrun launch
     if (summary.get("dist") or {}).get("rank", 0) != 0:
         return 0  # a distributed run's result line comes from rank 0
     metric = summary["metric"]
@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .api import evaluate
-    from .checkpoint import atomic_write_text
+    from .fsio import atomic_write_text
     from .util import dumps
 
     cfg, _ = config_from(args)

@@ -508,7 +508,7 @@ def convert_gguf(
 
     Refuses a non-empty ``out_dir`` unless ``overwrite``; the directory appears complete or not at all.
     """
-    from .checkpoint import atomic_write_dir
+    from .fsio import atomic_write_dir
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

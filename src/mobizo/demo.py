@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .api import run_training
 from .config import TrainConfig
-from .trainer import train
 from .util import dumps
 
 # Tuned for the random-init tiny model on the synthetic task (see README "Demo").
@@ -55,7 +55,7 @@ def run_demo(out: str | None = None, steps: int | None = None, engines=None, pro
                 out=str(root / engine),
                 overwrite=True,
             )
-            s = train(cfg)
+            s = run_training(cfg)
             legs.append(
                 {
                     "engine": engine,

@@ -1,9 +1,10 @@
 """Scale out over torch.distributed: ZO queries, batch shards or federated clients, scalars only on the wire.
 
 ``torchrun --nproc-per-node N -m mobizo train ...`` (or ``--nnodes``/``--rdzv-*`` across machines)
-starts N processes; :func:`mobizo.trainer.train` sees ``WORLD_SIZE > 1`` and runs :func:`train`
-here. A ZO direction z_i is a pure function of (seed, step, layer, i) (:mod:`mobizo.perturb`), so
-every process regenerates every z locally and only a few floats per step cross the network.
+starts N processes; :func:`mobizo.api.run_training` (what ``mobizo train`` and :func:`mobizo.train`
+call) sees ``WORLD_SIZE > 1`` and runs :func:`train` here instead of :func:`mobizo.trainer.train`.
+A ZO direction z_i is a pure function of (seed, step, layer, i) (:mod:`mobizo.perturb`), so every
+process regenerates every z locally and only a few floats per step cross the network.
 ``--dist-mode`` chooses what each process computes (docs/scaling-out.md has the details):
 
 * ``queries``: rank r runs directions [r q/N, (r+1) q/N) on the whole batch (P-RGE batching inside
@@ -17,6 +18,13 @@ every process regenerates every z locally and only a few floats per step cross t
   mean over ranks, g_i = mean_r g_{r,i} (the projected gradient of the ranks' mean loss), which is
   what the log's ``projected_grads`` records, so ``mobizo replay`` rebuilds the adapter unchanged.
   Examples and weights never leave a process (``rank_grads`` in the log: every rank's g).
+
+Every rank runs the single-process loop, :class:`mobizo.trainer.Trainer`, with the engine wrapped in
+:class:`DistEngine` (the step's collectives) and through the trainer's public hooks only: rank 0's
+:class:`~mobizo.rundir.RunDir` writes, the others' is made with ``writes=False``; the mode goes into
+the log header and the summary as extra fields; a failed collective is reported with
+:meth:`~mobizo.trainer.Trainer.write_failure`; ``--resume`` uses :func:`mobizo.trainer.resolve_resume`
+and :func:`mobizo.trainer.restore`.
 
 Only rank 0 writes ``--out``; it writes a checkpoint only between steps, after the step's
 collective has completed and the update is applied, so a checkpoint never holds half a step. A
@@ -33,12 +41,20 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import time
 from datetime import timedelta
 
 import torch
 
+from .build import assemble, build_engine, needs_weights
+from .checkpoint import tensors_sha256
+from .config import TrainConfig, flag, non_default
+from .data import Batch
+from .engines import StepOutput
 from .errors import MobizoError
+from .rundir import RunDir, default_out
+from .trainer import Trainer, fresh_start, resolve_resume, restore
 
 TIMEOUT_ENV, BACKEND_ENV = "MOBIZO_DIST_TIMEOUT", "MOBIZO_DIST_BACKEND"
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a silent peer (a dead one is noticed at once)
@@ -254,8 +270,6 @@ class Group:
 def shard_rows(batch, rank: int, world: int, queries: int, split: bool):
     """Rank ``rank``'s examples of ``batch`` (data mode): a contiguous 1/world of them, or in split mode
     its 1/world of each direction's chunk, kept in direction order (so its chunk i is its part of chunk i)."""
-    from .data import Batch
-
     examples = batch.gold.shape[0] if batch.gold is not None else batch.rows
     per = batch.rows // examples  # rows per example (candidates with the choice objective)
     if split:
@@ -297,8 +311,6 @@ class DistEngine:
         return getattr(self.engine, name)
 
     def train_step(self, batch, step: int, lr: float, eps: float):
-        from .engines import StepOutput
-
         g, q, zo = self.group, self.q, self.zo
         step_t = torch.tensor(step, dtype=torch.int64)
         lr_t, eps_t = torch.tensor(lr, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32)
@@ -342,77 +354,11 @@ class DistEngine:
         return StepOutput(float(losses.mean()), grads.tolist(), losses.tolist(), extra)
 
 
-# ---------------------------------------------------------------- rank 0 writes, the others do not
-
-
-def _no_writes_rundir(path):
-    from .rundir import RunDir
-
-    class NoWrites(RunDir):
-        """``--out`` as a rank other than 0 sees it: nothing is written, nothing is read."""
-
-        def open(self, *args, **kwargs):
-            pass
-
-        def save_checkpoint(self, *args, **kwargs):
-            pass
-
-        def save_adapter(self, *args, **kwargs):
-            pass
-
-        def write_summary(self, summary):
-            pass
-
-        def has(self, name):
-            return False
-
-    return NoWrites(path)
-
-
-class _NoLog:
-    kept: tuple = ()
-
-    def append(self, record):
-        pass
-
-    def sync(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def _trainer_class():
-    from .trainer import Trainer
-
-    class DistTrainer(Trainer):
-        """:class:`mobizo.trainer.Trainer` on one rank: rank 0 logs (with the mode in the header), others do not."""
-
-        def __init__(self, run, out, start, on_step, group: Group, mode: str):
-            self.group, self.mode = group, mode
-            super().__init__(run, out, start, on_step)
-
-        def _open_log(self, header, resume_step):
-            if self.group.rank != 0:
-                return _NoLog()
-            dist = {"mode": self.mode, "world_size": self.group.world}
-            return super()._open_log({**header, "dist": dist}, resume_step)
-
-        def _summary(self, status, error=None):
-            s = super()._summary(status, error)
-            s["dist"] = {"mode": self.mode, "world_size": self.group.world, "rank": self.group.rank}
-            return s
-
-    return DistTrainer
-
-
 # ---------------------------------------------------------------- the entry point
 
 
 def _fingerprint(run) -> tuple:
     """What every rank must share: the adapted layers, the base weights and the frozen A's."""
-    from .checkpoint import tensors_sha256
-
     a = {k: v for k, v in run.engine.adapter_state().items() if k.endswith("lora_A")}
     return list(run.targets), run.base_hash(), tensors_sha256(a)
 
@@ -424,8 +370,6 @@ def _check_flags(cfg, given_per_rank: list[dict], federated: bool) -> None:
     for r, given in enumerate(given_per_rank):
         for k, v in sorted(given.items()):
             if k not in exempt and v != mine[k]:
-                from .config import flag
-
                 raise MobizoError(
                     f"rank {r} was started with {flag(k)} {v!r}, rank 0 runs {mine[k]!r} (every "
                     "process needs the same flags)"
@@ -434,8 +378,6 @@ def _check_flags(cfg, given_per_rank: list[dict], federated: bool) -> None:
 
 def train(cfg, given=None, on_step=None, **objects) -> dict:
     """:func:`mobizo.trainer.train` for a run of ``WORLD_SIZE > 1`` processes (see the module docstring)."""
-    from .config import non_default
-
     given = non_default(cfg) if given is None else set(given)
     group = Group.join()
     previous = _on_sigterm(group)
@@ -462,11 +404,6 @@ def _on_sigterm(group: Group):
 
 
 def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
-    from .build import assemble, build_engine, needs_weights
-    from .config import TrainConfig
-    from .rundir import RunDir, default_out
-    from .trainer import _restore, resolve_resume
-
     rank = group.rank
     given_per_rank = group.objects({k: v for k, v in cfg.flat().items() if k in given})
 
@@ -509,24 +446,25 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
                 "same --model, --seed and adapter flags)"
             )
 
-    out = RunDir(run_cfg.run.out) if rank == 0 else _no_writes_rundir(run_cfg.run.out)
+    out = RunDir(run_cfg.run.out, writes=rank == 0)  # only rank 0 writes --out
 
     def open_out():  # rank 0: the run directory and the checkpoint to continue; B goes to the others
         out.open(run_cfg.run.resume, run_cfg.run.overwrite)
         if not run_cfg.run.resume:
-            return {"step": 0, "skipped_steps": 0, "last_loss": None}, None
-        start = _restore(run, out)
+            return fresh_start(), None
+        start = restore(run, out)
         return start, {k: v for k, v in run.engine.adapter_state().items() if k.endswith("lora_B")}
 
     start, b_state = group.from_rank0(open_out)
     if rank != 0 and b_state is not None:
         run.engine.load_adapter_state({**run.engine.adapter_state(), **b_state})
     if rank == 0 and run_cfg.run.progress and not run_cfg.run.resume:
-        import sys
-
         print(f"mobizo: run directory {out.path} ({group.world} processes, --dist-mode {mode})", file=sys.stderr)
     run.engine = DistEngine(run.engine, group, mode, run.objective)
-    trainer = _trainer_class()(run, out, start, on_step, group, mode)
+    dist = {"mode": mode, "world_size": group.world}
+    trainer = Trainer(
+        run, out, start, on_step, header_fields={"dist": dist}, summary_fields={"dist": {**dist, "rank": rank}}
+    )
     try:
         summary = trainer.fit()
     except DistError as e:
@@ -537,9 +475,8 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
                 f"; the last checkpoint (step {trainer.last_good_ckpt}) in {out / 'checkpoint'} is complete: "
                 "restart with --resume"
             )
-            trainer.step = done
             try:
-                out.write_summary(trainer._summary("failed", msg))
+                trainer.write_failure(msg, done)
             except OSError:
                 pass
         raise DistError(msg) from e

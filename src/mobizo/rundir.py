@@ -17,9 +17,10 @@ Rules, checked by :meth:`RunDir.check` before any work starts:
 * ``--overwrite`` removes only the entries in :data:`ENTRIES` (and the scratch entries of atomic
   writes): a file of yours inside a run directory survives;
 * ``program/`` is removed only if the new run does not use it (it is reused when it matches, see
-  :mod:`mobizo.build`).
+  :mod:`mobizo.program_cache`).
 
-Every file is written atomically (:mod:`mobizo.checkpoint`) and in strict JSON.
+Every file is written atomically (:mod:`mobizo.fsio`) and in strict JSON; adapters and checkpoints in
+the formats of :mod:`mobizo.checkpoint`.
 """
 
 from __future__ import annotations
@@ -31,17 +32,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import (
-    atomic_write_text,
-    clean_stale,
-    clear_entries,
-    load_checkpoint,
-    read_state,
-    resolve_dir,
-    save_adapter,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, read_state, save_adapter, save_checkpoint
 from .errors import MobizoError
+from .fsio import atomic_write_text, clean_stale, clear_entries, resolve_dir
 from .util import dumps
 
 MARKER = ".mobizo"
@@ -126,10 +119,16 @@ def check_replaceable(
 
 
 class RunDir:
-    """Owns ``--out``: policy, metrics log, checkpoints, adapters, summary."""
+    """Owns ``--out``: policy, metrics log, checkpoints, adapters, summary.
 
-    def __init__(self, path: str | Path):
+    ``writes=False``: ``--out`` as a process that does not own it sees it (a distributed rank other
+    than 0, :mod:`mobizo.distributed`): opening, logging, checkpoints, adapters and the summary write
+    nothing, and :meth:`has` finds nothing, so the trainer runs unchanged on every rank.
+    """
+
+    def __init__(self, path: str | Path, writes: bool = True):
         self.path = Path(path)
+        self.writes = writes
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -161,6 +160,8 @@ class RunDir:
 
     def open(self, resume: bool, overwrite: bool, keep_program: bool = False) -> None:
         """Make the directory ready: clean a resumed run's scratch, or empty a replaced run's entries."""
+        if not self.writes:
+            return
         clean_stale(self.path)
         if overwrite and self.path.is_dir():
             entries = [e for e in ENTRIES if not (keep_program and e == PROGRAM_DIR)]
@@ -185,16 +186,23 @@ class RunDir:
         return load_checkpoint(self / CHECKPOINT)
 
     def save_checkpoint(self, adapter, rank, alpha, model, state: dict, optimizer=None, fan_in_fan_out=None) -> None:
-        save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer, fan_in_fan_out)
+        if self.writes:
+            save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer, fan_in_fan_out)
 
     def save_adapter(self, name: str, adapter, rank, alpha, model, fan_in_fan_out=None) -> None:
-        save_adapter(self / name, adapter, rank, alpha, model, fan_in_fan_out)
+        if self.writes:
+            save_adapter(self / name, adapter, rank, alpha, model, fan_in_fan_out)
 
     def has(self, name: str) -> bool:
-        return resolve_dir(self / name) is not None
+        return self.writes and resolve_dir(self / name) is not None
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_text(self / SUMMARY, dumps(summary, indent=1))
+        if self.writes:
+            atomic_write_text(self / SUMMARY, dumps(summary, indent=1))
+
+    def open_log(self, header: dict, resume_step: int | None = None) -> MetricsLog | NoLog:
+        """The run's metrics.jsonl (:class:`MetricsLog`), or a :class:`NoLog` when this process writes nothing."""
+        return MetricsLog(self / METRICS, header, resume_step=resume_step) if self.writes else NoLog()
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -272,3 +280,18 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class NoLog:
+    """The metrics log of a process that writes nothing (:class:`RunDir` with ``writes=False``)."""
+
+    kept: tuple = ()
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

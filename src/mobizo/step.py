@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -399,6 +400,13 @@ def step_is_good(losses, grads, max_grad: float = float("inf")) -> bool:
     losses = torch.as_tensor(losses, dtype=torch.float32).reshape(-1)
     grads = torch.as_tensor(grads, dtype=torch.float32).reshape(-1)
     return bool(guard_ok(losses, losses[:0], grads, max_grad))
+
+
+def step_good(res, max_grad: float | None) -> bool:
+    """:func:`step_is_good` of an engine's :class:`~mobizo.engines.StepOutput` (``max_grad`` None: no bound):
+    the verdict the trainer logs and :mod:`mobizo.bundle` checks a program's steps with."""
+    losses = res.losses if res.losses else [res.loss]
+    return step_is_good(losses, res.projected_grads, math.inf if max_grad is None else max_grad)
 
 
 class AnswerLoss(nn.Module):

@@ -1,9 +1,16 @@
-"""The training loop: batch -> engine step -> metrics / eval / checkpoint.
+"""The training loop of one process: batch -> engine step -> metrics / eval / checkpoint.
 
-:func:`train` is what ``mobizo train`` and :func:`mobizo.train` run: check the run directory,
-resolve ``--resume`` (flags not given keep the saved run's values), assemble the run
-(:mod:`mobizo.build`), then :class:`Trainer` steps it. All files go through
+:func:`train` is a single-process run: check the run directory, resolve ``--resume`` (flags not
+given keep the saved run's values, :func:`resolve_resume`), assemble the run (:mod:`mobizo.build`),
+load the checkpoint (:func:`restore`), then :class:`Trainer` steps it. All files go through
 :class:`mobizo.rundir.RunDir`; all validation happens before anything is written.
+
+This module knows nothing of distributed training. Whether a run is one process or a rank of a
+process group is decided above it, by :func:`mobizo.api.run_training` (what ``mobizo train`` and
+:func:`mobizo.train` call); :mod:`mobizo.distributed` drives the same :class:`Trainer` on every rank
+through its public hooks: a :class:`~mobizo.rundir.RunDir` that writes nothing on ranks other than 0,
+extra header and summary fields, :meth:`Trainer.write_failure`, and :func:`resolve_resume` /
+:func:`restore` for ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ from .data import collate, collate_choices, step_indices
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
-from .rundir import ADAPTER, BEST, METRICS, PROGRAM_DIR, MetricsLog, RunDir, default_out, log_header
+from .rundir import ADAPTER, BEST, PROGRAM_DIR, RunDir, default_out, log_header
 from .schedule import lr_at
-from .step import step_is_good
+from .step import step_good
 
 
 class BadSteps(MobizoError):
@@ -71,12 +78,6 @@ def run_eval(run: Run, progress: bool = False) -> dict:
     )
 
 
-def step_good(res, max_grad: float | None) -> bool:
-    """Host-side verdict of the divergence guard, computed exactly like the in-graph one (float32)."""
-    losses = res.losses if res.losses else [res.loss]
-    return step_is_good(losses, res.projected_grads, math.inf if max_grad is None else max_grad)
-
-
 # ---------------------------------------------------------------- resume
 
 
@@ -114,8 +115,14 @@ def _fixed(trajectory: dict) -> dict:
     return {k: v for k, v in trajectory.items() if not FIELDS[k].metadata.get("recovery")}
 
 
-def _restore(run: Run, out: RunDir) -> dict:
-    """Load the checkpoint into the engine; the loop's starting counters."""
+def fresh_start() -> dict:
+    """The loop's starting counters of a new run (:func:`restore` gives a resumed run's)."""
+    return {"step": 0, "skipped_steps": 0, "last_loss": None}
+
+
+def restore(run: Run, out: RunDir) -> dict:
+    """Load ``out``'s checkpoint into ``run``'s engine (after checking it belongs to ``run``'s
+    configuration); the loop's starting counters."""
     cfg = run.cfg
     adapter, _, state, opt_state = out.load_checkpoint()
     saved = state.get("config") or {}
@@ -135,17 +142,14 @@ def _restore(run: Run, out: RunDir) -> dict:
 
 
 def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objects) -> dict:
-    """Train per ``cfg``; returns the summary (also written to ``OUT/summary.json``).
+    """Train per ``cfg`` in this one process; returns the summary (also written to ``OUT/summary.json``).
 
     ``given``: the fields the user set (the CLI passes its flags); by default those that differ
     from their defaults. ``objects``: ``model``/``tokenizer``/``train``/``validation`` to use
     instead of loading them (see :func:`mobizo.build.assemble`). ``on_step(step, record)`` is called
-    after every step with its metrics record.
+    after every step with its metrics record. Under torchrun, :func:`mobizo.api.run_training` runs
+    :func:`mobizo.distributed.train` instead.
     """
-    from . import distributed
-
-    if distributed.world_size() > 1:  # launched by torchrun with several processes (docs/scaling-out.md)
-        return distributed.train(cfg, given, on_step, **objects)
     cfg.validate()
     if cfg.engine.fixed_length and cfg.engine.engine != "executorch":  # (valid for `mobizo export`, not here)
         raise MobizoError("--fixed-length applies to --engine executorch only")
@@ -168,15 +172,29 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
             out.path.rmdir()  # nothing half-written
         raise
     out.open(cfg.run.resume, cfg.run.overwrite, keep_program=own_program)
-    start = _restore(run, out) if cfg.run.resume else {"step": 0, "skipped_steps": 0, "last_loss": None}
+    start = restore(run, out) if cfg.run.resume else fresh_start()
     return Trainer(run, out, start, on_step).fit()
 
 
 class Trainer:
-    """Steps a :class:`Run` from ``start`` to ``--steps``: metrics, evals, best adapter, checkpoints, summary."""
+    """Steps a :class:`Run` from ``start`` to ``--steps``: metrics, evals, best adapter, checkpoints, summary.
 
-    def __init__(self, run: Run, out: RunDir, start: dict, on_step=None):
+    Every file goes through ``out``: a :class:`~mobizo.rundir.RunDir` made with ``writes=False`` (a
+    distributed rank other than 0) makes the trainer write nothing. ``header_fields`` are added to the
+    metrics.jsonl header and ``summary_fields`` to every summary (the distributed mode and world size).
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        out: RunDir,
+        start: dict,
+        on_step=None,
+        header_fields: dict | None = None,
+        summary_fields: dict | None = None,
+    ):
         self.run, self.cfg, self.out, self.on_step = run, run.cfg, out, on_step
+        self.summary_fields = dict(summary_fields or {})
         self.kind = run.task.kind
         self.fan_in_fan_out = run.fan_in_fan_out()  # Conv1D layers (GPT-2): PEFT must know
         self.metric = main_metric(self.kind)
@@ -187,11 +205,9 @@ class Trainer:
         self.bad_run, self.total_time, self.n_timed = 0, 0.0, 0
         self.last_eval, self.last_eval_step, self.start_eval = {}, None, None
         resume = self.cfg.run.resume
-        self.log = self._open_log(log_header(self.cfg.trajectory(), run.targets), self.start_step if resume else None)
+        header = {**log_header(self.cfg.trajectory(), run.targets), **(header_fields or {})}
+        self.log = out.open_log(header, self.start_step if resume else None)
         self.best = self._best_so_far(self.log.kept) if resume else None  # {"step","metric","value","score"}
-
-    def _open_log(self, header: dict, resume_step: int | None):
-        return MetricsLog(self.out / METRICS, header, resume_step=resume_step)
 
     # ------------------------------------------------------------ loop
 
@@ -352,7 +368,14 @@ class Trainer:
         if error:
             s["error"] = error
             s["last_checkpoint_step"] = self.last_good_ckpt
+        s.update(self.summary_fields)
         return s
+
+    def write_failure(self, error: str, step: int) -> None:
+        """Write ``summary.json`` with status ``failed`` for a run stopped from outside the loop (a failed
+        collective): ``error`` is the one-line reason, ``step`` the last step whose update was applied."""
+        self.step = step
+        self.out.write_summary(self._summary("failed", error))
 
     def _stop(self) -> None:
         msg = (

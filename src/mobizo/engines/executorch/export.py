@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...checkpoint import atomic_write_dir
 from ...errors import MobizoError
+from ...fsio import atomic_write_dir
 from ...mplora import lora_layers
 from ...progress import Stages
 from ...step import ZOStep, plain_head, row_losses
