@@ -45,7 +45,7 @@ LAYERS = [
     ("adapter", ["mplora"]),
     ("step", ["step"]),
     ("examples", ["tasks", "data"]),
-    ("models and eval", ["evaluation", "quantize", "convert", "models"]),
+    ("models and eval", ["evaluation", "generation", "quantize", "convert", "models"]),
     ("engines", ["engines"]),
     ("run files", ["checkpoint", "rundir", "program_cache"]),
     ("config", ["config"]),

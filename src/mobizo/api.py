@@ -37,7 +37,7 @@ def train(
 
 def run_training(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objects) -> dict:
     """Train per ``cfg``: in this process (:func:`mobizo.trainer.train`), or as one rank of a run of
-    ``WORLD_SIZE > 1`` processes started by torchrun (:func:`mobizo.distributed.train`; docs/distributed.md).
+    ``WORLD_SIZE > 1`` processes started by torchrun (:func:`mobizo.distributed.train`; docs/scaling-out.md).
     The arguments are :func:`mobizo.trainer.train`'s; returns the run's summary."""
     from . import distributed
 
