@@ -169,7 +169,7 @@ BAD = [
     (["train", "--program", "p"], "--program applies to --engine executorch only"),
     (["train", "--reexport"], "--reexport applies to --engine executorch only"),
     (["train", "--fixed-length"], "--fixed-length applies to --engine executorch only"),
-    (["train", "--optimizer", "adamw"], "--optimizer applies to --estimator fo only"),
+    (["train", "--optimizer", "adamw"], "--optimizer adamw is a first-order optimizer"),
     (["train", "--train-a"], "--train-a applies to --estimator fo only"),
     (["train", "--estimator", "fo", "--engine", "executorch"], "zeroth-order estimators"),
     (["train", "--template", "{text}"], "--template does not apply to task synthetic"),

@@ -139,6 +139,17 @@ Bundle Bundle::load(const std::string& dir) {
       b.adapter_shapes.push_back(shape);
     }
     if (b.layers.empty()) throw Error("manifest.json lists no adapted layers");
+    if (const Json* st = m.find("state")) {  // absent in programs of a mobizo without update rules
+      for (const auto& e : st->a) {
+        Bundle::StateSpec spec;
+        spec.name = e.at("name").as_string("state name");
+        for (const auto& d : e.at("shape").a) spec.shape.push_back(d.as_int("state shape"));
+        spec.init = float(e.at("init").as_double("state init"));
+        b.state.push_back(spec);
+      }
+    }
+    if (const Json* ex = m.find("step_extras"))
+      for (const auto& e : ex->a) b.step_extras.push_back(e.as_string("step_extras"));
     b.log_header_line = r.at("log_header").as_string("log_header");
     try {
       b.log_header = parse_json(b.log_header_line);

@@ -36,6 +36,15 @@ struct Bundle {
   double lr = 0, eps = 0, max_grad = 0;
   std::vector<std::string> layers;                   // adapted modules, in the program's order
   std::vector<std::vector<int64_t>> adapter_shapes;  // B's shape per layer (out, r)
+  // A stateful ZO update rule's state tensors (manifest "state": mobizo.zo_optim): what get_state returns
+  // and set_state takes, in that order, with their initial value; empty for a stateless rule.
+  struct StateSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+    float init = 0.f;
+  };
+  std::vector<StateSpec> state;
+  std::vector<std::string> step_extras;  // train_step outputs after (losses, g), logged by name (HiZOO: curvature)
   ArrayFile input_ids, attention_mask, labels, batches, schedule;
   std::vector<int64_t> real_rows, gold;              // small: kept in memory
   bool has_schedule = false;

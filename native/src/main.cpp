@@ -272,7 +272,23 @@ struct TrainProgram {
       if (!t.ok() || shape_of(*t) != want[k] || t->scalar_type() != types[k])
         throw mismatch("train_step input " + std::to_string(k) + " has another shape or dtype");
     }
-    if (ts->num_outputs() != 2) throw mismatch("train_step returns " + std::to_string(ts->num_outputs()) + " outputs");
+    if (ts->num_outputs() != 2 + bd.step_extras.size())
+      throw mismatch("train_step returns " + std::to_string(ts->num_outputs()) + " outputs");
+    if (!bd.state.empty()) {
+      for (const char* want : {"get_state", "set_state"}) {
+        auto names = module->method_names();
+        if (!names.ok() || !names->count(want)) throw mismatch(std::string("no ") + want + " method for the rule's state");
+        EtError err = module->load_method(want);
+        if (err != EtError::Ok) throw mobizo::Error(std::string("ExecuTorch cannot load method ") + want + " (" + et_error(err) + ")");
+      }
+      auto ss = module->method_meta("set_state");
+      if (!ss.ok() || ss->num_inputs() != bd.state.size()) throw mismatch("set_state takes another number of tensors");
+      for (size_t k = 0; k < bd.state.size(); ++k) {
+        auto t = ss->input_tensor_meta(k);
+        if (!t.ok() || shape_of(*t) != bd.state[k].shape || t->scalar_type() != ScalarType::Float)
+          throw mismatch("optimizer state " + bd.state[k].name + " has another shape");
+      }
+    }
     auto sa = module->method_meta("set_adapter");
     if (!sa.ok() || sa->num_inputs() != bd.layers.size()) throw mismatch("set_adapter takes another number of tensors");
     for (size_t k = 0; k < bd.layers.size(); ++k) {
@@ -305,6 +321,24 @@ struct TrainProgram {
     std::vector<Tensor> ts;
     for (const auto& v : outs) ts.push_back(copy_out(v));
     return ts;
+  }
+
+  // The update rule's state tensors, in the manifest's order (get_state / set_state).
+  std::vector<Tensor> get_state() {
+    std::vector<Tensor> ts;
+    for (const auto& v : run("get_state", {})) ts.push_back(copy_out(v));
+    return ts;
+  }
+
+  void set_state(std::vector<Tensor>& ts) {
+    std::vector<TensorPtr> keep;
+    std::vector<EValue> inputs;
+    for (auto& t : ts) {
+      std::vector<executorch::aten::SizesType> sizes(t.shape.begin(), t.shape.end());
+      keep.push_back(from_blob(t.data.data(), sizes, ScalarType::Float));
+      inputs.emplace_back(*keep.back());
+    }
+    run("set_state", inputs);
   }
 
   void set_adapter(std::vector<Tensor>& bs) {
@@ -373,6 +407,7 @@ Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
   st.set("settings", settings);
   st.set("engine", Json::string("native"));
   st.set("pte_sha256", b.manifest.at("pte_sha256"));
+  if (!b.state.empty()) st.set("zo_state", Json::boolean(true));  // zo_state.safetensors beside it
   // mobizo.checkpoint._state_sha256: sha256 of json.dumps(state without "sha256", sort_keys=True)
   st.set("sha256", Json::string(sha256_hex(dump_json(st, /*sort_keys=*/true))));
   return st;
@@ -464,6 +499,16 @@ int train(const Options& o) {
     bs.push_back(t);
   }
   prog.set_adapter(bs);
+  std::vector<Tensor> opt_state;  // the rule's initial state (mobizo.zo_optim), or the checkpoint's below
+  for (const auto& spec : b.state) {
+    Tensor t;
+    t.shape = spec.shape;
+    size_t n = 1;
+    for (auto d : spec.shape) n *= size_t(d);
+    t.data.assign(n, spec.init);
+    opt_state.push_back(t);
+  }
+  if (!opt_state.empty()) prog.set_state(opt_state);
   std::vector<Tensor> ab = prog.get_adapter();
   if (ab.size() != 2 * b.layers.size()) throw mobizo::Error("get_adapter returned an unexpected number of tensors");
 
@@ -514,6 +559,28 @@ int train(const Options& o) {
     }
     for (size_t k = 0; k < b.layers.size(); ++k) bs[k] = saved[PEFT_PREFIX + b.layers[k] + ".lora_B.weight"];
     prog.set_adapter(bs);
+    if (!opt_state.empty()) {  // the rule's state: checksummed like an adapter, every tensor named, shaped, finite
+      TensorMap st_saved;
+      try {
+        st_saved = read_safetensors_checked(join(d, "zo_state.safetensors"));
+      } catch (const mobizo::Error& e) {
+        throw mobizo::Error(std::string("cannot resume: ") + e.what() + hint);
+      }
+      for (size_t k = 0; k < b.state.size(); ++k) {
+        auto it = st_saved.find(b.state[k].name);
+        if (it == st_saved.end() || it->second.shape != b.state[k].shape)
+          throw mobizo::Error("cannot resume: the checkpoint's optimizer state does not fit this program (" +
+                              b.state[k].name + ")" + hint);
+        for (float v : it->second.data)
+          if (!std::isfinite(v))
+            throw mobizo::Error("cannot resume: optimizer state " + b.state[k].name +
+                                " has non-finite values (the checkpoint is corrupted)" + hint);
+        opt_state[k] = it->second;
+      }
+      if (st_saved.size() != b.state.size())
+        throw mobizo::Error("cannot resume: the checkpoint's optimizer state has other tensors" + hint);
+      prog.set_state(opt_state);
+    }
     write_marker_if_missing(o.out, b);
     atomic_write_file(metrics_path, kept_metrics(metrics_path, st.step, b.log_header_line));
   } else {
@@ -532,8 +599,18 @@ int train(const Options& o) {
     RunState s = st;
     s.step = step;
     TensorMap tensors = peft_tensors(b, prog.get_adapter());
+    TensorMap rule_state;
+    if (!b.state.empty()) {
+      std::vector<Tensor> now = prog.get_state();
+      for (size_t k = 0; k < b.state.size(); ++k) rule_state[b.state[k].name] = now[k];
+    }
     atomic_write_dir(ckpt, [&](const std::string& tmp) {
       write_adapter(b, tmp, tensors);
+      if (!rule_state.empty()) {
+        Json meta = Json::object();
+        meta.set("format", Json::string("pt"));
+        write_file_synced(join(tmp, "zo_state.safetensors"), safetensors_bytes(rule_state, meta));
+      }
       write_file_synced(join(tmp, "state.json"), dump_json(state_json(b, s, total), true) + "\n");
     });
     last_ckpt = step;
@@ -588,6 +665,13 @@ int train(const Options& o) {
     rec.set("lr", Json::number(lr));
     rec.set("eps", Json::number(eps));
     rec.set("seconds", Json::number(dt));
+    // after the fields every step has, as mobizo.trainer logs them
+    for (size_t k = 0; k < b.step_extras.size(); ++k) {  // e.g. HiZOO's curvature, which replay needs
+      Tensor x = TrainProgram::copy_out(outs[2 + k]);
+      Json arr = Json::array();
+      for (float v : x.data) arr.push(Json::number(double(v)));
+      rec.set(b.step_extras[k], arr);
+    }
     if (good) {
       bad_run = 0;
       st.last_loss = loss;

@@ -385,7 +385,12 @@ def _one_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- checkpoints
 
-OPTIMIZER = "optimizer.pt"
+OPTIMIZER = "optimizer.pt"  # the first-order baseline's torch optimizer
+ZO_STATE = "zo_state.safetensors"  # a stateful ZO update rule's buffers (mobizo.zo_optim), checksummed like adapters
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def save_checkpoint(
@@ -398,12 +403,19 @@ def save_checkpoint(
     optimizer=None,
     fan_in_fan_out: bool | None = None,
 ) -> None:
-    """Adapter + ``state.json`` (+ ``optimizer.pt``, its sha256 recorded in the state), swapped in atomically."""
+    """Adapter + ``state.json`` (+ the optimizer's state: ``zo_state.safetensors`` for a ZO rule, ``optimizer.pt``
+    for the first-order baseline, its presence or sha256 recorded in the state), swapped in atomically."""
 
     def write(d: Path) -> None:
+        from safetensors.torch import save_file
+
         write_adapter(d, adapter_state, rank, alpha, base_model, fan_in_fan_out)
         st = {k: v for k, v in state.items() if k != "sha256"}
-        if optimizer is not None:
+        if _is_tensor_dict(optimizer):
+            tensors = {k: v.detach().contiguous().cpu() for k, v in optimizer.items()}
+            save_file(tensors, str(d / ZO_STATE), metadata={"format": "pt", "sha256": tensors_sha256(tensors)})
+            st["zo_state"] = True
+        elif optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)
             st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)[1]
         st["sha256"] = _state_sha256(st)
@@ -463,7 +475,9 @@ def load_checkpoint(directory: Path):
         adapter, config = read_adapter(d, require_checksum=True)
         optimizer = None
         opt = d / OPTIMIZER
-        if opt.is_file() or "optimizer_sha256" in state:
+        if (d / ZO_STATE).is_file() or state.get("zo_state"):
+            optimizer = _read_zo_state(d / ZO_STATE)
+        elif opt.is_file() or "optimizer_sha256" in state:
             if not opt.is_file():
                 raise MobizoError(f"{opt}: missing")
             if state.get("optimizer_sha256") != file_sha256(opt)[1]:
@@ -475,3 +489,20 @@ def load_checkpoint(directory: Path):
     except MobizoError as e:
         raise MobizoError(f"cannot resume: {e}{hint}") from e
     return adapter, config, state, optimizer
+
+
+def _read_zo_state(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's ZO update-rule state, its checksum verified (shapes and values: the engine checks them)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MobizoError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
+        raise MobizoError(f"{path}: unreadable safetensors file ({_one_line(e)})") from e
+    if meta.get("sha256") != tensors_sha256(tensors):
+        raise MobizoError(f"{path}: checksum mismatch (the file is corrupted)")
+    return tensors

@@ -26,6 +26,8 @@ from typing import Any
 from .errors import MobizoError
 
 ESTIMATORS = ("prge", "prge-outer", "mezo", "fo")
+ZO_RULES = ("sgd", "momentum", "adam", "sign", "fzoo", "hizoo")  # mobizo.zo_optim.RULES
+FO_OPTIMIZERS = ("sgd", "adamw")
 ENGINES = ("eager", "executorch")
 DIST_MODES = ("queries", "data", "federated")
 
@@ -144,7 +146,19 @@ class OptimArgs:
     )
     max_bad_steps: int = opt(3, "stop after this many consecutive skipped steps", setting=True, minimum=1)
     steps: int = opt(1000, "total training steps (with --resume: continue up to this)", setting=True, minimum=1)
-    optimizer: str | None = opt(None, "fo only: sgd (default) or adamw", choices=("sgd", "adamw"), trajectory=True)
+    optimizer: str | None = opt(
+        None,
+        "update rule. Zeroth-order: sgd (default), momentum, adam, sign, fzoo (each direction's projection "
+        "normalised by the step's spread), hizoo (diagonal curvature; one more copy per forward); fo: sgd "
+        "(default) or adamw (docs/optimizers.md)",
+        choices=ZO_RULES + FO_OPTIMIZERS[1:],
+        trajectory=True,
+    )
+    beta1: float = opt(0.9, "momentum / adam: decay of the first moment", trajectory=True, minimum=0)
+    beta2: float = opt(0.999, "adam: decay of the second moment", trajectory=True, minimum=0)
+    hessian_smoothing: float = opt(
+        1e-6, "hizoo: weight of each step's curvature estimate in the running diagonal", trajectory=True
+    )
     train_a: bool = opt(False, "fo only: train A too (plain LoRA instead of LoRA-FA)", trajectory=True)
 
 
@@ -306,10 +320,16 @@ class TrainConfig:
         if r.out is not None and not str(r.out).strip():
             raise MobizoError("--out must not be empty")
         if o.estimator != "fo":
-            for name in ("optimizer", "train_a"):
-                if flat[name]:
-                    raise MobizoError(f"{flag(name)} applies to --estimator fo only, not {o.estimator}")
+            if o.train_a:
+                raise MobizoError(f"--train-a applies to --estimator fo only, not {o.estimator}")
+            if o.optimizer not in (None, *ZO_RULES):
+                raise MobizoError(
+                    f"--optimizer {o.optimizer} is a first-order optimizer; zeroth-order estimators take "
+                    f"{', '.join(ZO_RULES)}"
+                )
             self.zo_config().check_batch(o.batch_size)
+        elif o.optimizer not in (None, *FO_OPTIMIZERS):
+            raise MobizoError(f"--optimizer {o.optimizer} is a zeroth-order rule; --estimator fo takes sgd or adamw")
         elif e.engine == "executorch":
             raise MobizoError("--engine executorch trains with zeroth-order estimators; use --engine eager for fo")
         if e.engine != "executorch":
@@ -337,6 +357,10 @@ class TrainConfig:
             math.inf if o.max_grad is None else o.max_grad,
             objective,
             choices,
+            o.optimizer or "sgd",
+            o.beta1,
+            o.beta2,
+            o.hessian_smoothing,
         )
 
 

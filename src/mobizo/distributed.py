@@ -55,6 +55,7 @@ from .engines import StepOutput
 from .errors import MobizoError
 from .rundir import RunDir, default_out
 from .trainer import Trainer, fresh_start, resolve_resume, restore
+from .zo_optim import directions, rule
 
 TIMEOUT_ENV, BACKEND_ENV = "MOBIZO_DIST_TIMEOUT", "MOBIZO_DIST_BACKEND"
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a silent peer (a dead one is noticed at once)
@@ -126,6 +127,11 @@ def check_config(cfg, world: int) -> None:
         raise MobizoError(
             f"--dist-mode queries splits the q directions over the processes: --queries {o.queries} "
             f"must be divisible by the world size {world}"
+        )
+    if mode != "queries" and rule(o.optimizer or "sgd").center:
+        raise MobizoError(
+            f"--optimizer {o.optimizer} needs the unperturbed loss of the whole batch on every process: use "
+            f"--dist-mode queries, not {mode}"
         )
     if mode == "data":
         unit = world * (o.queries if o.data_mode == "split" else 1)
@@ -319,8 +325,9 @@ class DistEngine:
             zs = zo.noise(step_t)
             if self.mode == "queries":
                 k = q // g.world
-                plus, minus = zo.losses(
-                    zs,
+                dirs = directions(zo._layers(), zs, zo.config.rule)
+                plus, minus, *center = zo.losses(
+                    dirs,
                     batch.input_ids,
                     batch.attention_mask,
                     batch.labels,
@@ -329,9 +336,13 @@ class DistEngine:
                     directions=range(g.rank * k, (g.rank + 1) * k),
                     shared=batch.shared,
                 )
-                got = g.gather(step, torch.cat([plus, minus]))
-                plus, minus = got[:, :k].reshape(-1).float(), got[:, k:].reshape(-1).float()
-                losses, grads = zo.update(zs, plus, minus, lr_t, eps_t)
+                # HiZOO's unperturbed loss rides along; every rank uses rank 0's, so that all stay identical
+                got = g.gather(step, torch.cat([plus, minus, *(c.reshape(1) for c in center)]))
+                plus, minus = got[:, :k].reshape(-1).float(), got[:, k : 2 * k].reshape(-1).float()
+                center = got[0, 2 * k].float() if center else None
+                losses, grads, *curvature = zo.update(zs, plus, minus, lr_t, eps_t, center=center, dirs=dirs)
+                if curvature:
+                    extra["curvature"] = curvature[0].tolist()
             elif self.mode == "data":
                 mine = shard_rows(batch, g.rank, g.world, q, self.split)
                 plus, minus = zo.losses(

@@ -4,7 +4,7 @@ A ZO step changes only B, by ``B <- B - lr * (mean_i g_i z_i + wd * B)``, and z 
 pure function of (seed, step, layer) (:mod:`mobizo.perturb`). So the log's
 per-step records (``step``, ``projected_grads``, ``lr``, ``skipped``) plus its
 header record (first line: the run config and the adapted layers) determine
-the adapter. Replay uses the same :meth:`ZOStep.noise` and :func:`apply_update`
+the adapter. Replay uses the same :meth:`ZOStep.noise` and :func:`apply_rule`
 as training, so an eager run's adapter is rebuilt bit for bit.
 
 This is also the recovery path when a checkpoint is lost or corrupted.
@@ -20,7 +20,8 @@ import torch
 from . import rundir
 from .checkpoint import save_adapter
 from .errors import MobizoError
-from .step import ZO_ESTIMATORS, ZOConfig, ZOStep, apply_update
+from .step import ZO_ESTIMATORS, ZOConfig, ZOStep, apply_rule
+from .zo_optim import directions
 
 
 def _number(v) -> bool:
@@ -81,6 +82,19 @@ def _check_record(rec: dict, where: str, expected_step: int, config: dict) -> di
     return rec
 
 
+def _logged_curvature(rec: dict, queries: int, log) -> torch.Tensor:
+    values = rec.get("curvature")
+    if (
+        not isinstance(values, list)
+        or len(values) != queries
+        or not all(_number(v) and math.isfinite(v) for v in values)
+    ):
+        raise MobizoError(
+            f"{log}: step {rec['step']} has no valid 'curvature' ({queries} numbers; --optimizer hizoo logs it)"
+        )
+    return torch.tensor(values, dtype=torch.float32)
+
+
 def replay(
     log: str | Path,
     out: str | Path,
@@ -128,16 +142,35 @@ def replay(
     layers = inject(net, targets, rank, alpha, seed)
     if layers != header["layers"]:
         raise MobizoError(f"--model {model_name}: its adapted layers differ from the logged run's (a different model)")
-    zo = ZOStep(net, ZOConfig(estimator, queries, seed, cfg.get("data_mode", "repeat"), wd))
+    try:
+        zo_config = ZOConfig(
+            estimator,
+            queries,
+            seed,
+            cfg.get("data_mode", "repeat"),
+            wd,
+            optimizer=cfg.get("optimizer") or "sgd",  # (a log from before the rules: ZO-SGD)
+            beta1=float(cfg.get("beta1", 0.9)),
+            beta2=float(cfg.get("beta2", 0.999)),
+            hessian_smoothing=float(cfg.get("hessian_smoothing", 1e-6)),
+        )
+    except (TypeError, ValueError) as e:
+        raise MobizoError(f"{log}: invalid update rule in the header ({e})") from e
+    zo = ZOStep(net, zo_config)
+    rule = zo_config.rule
     mods = zo._layers()
     applied = 0
     with torch.no_grad():
         for rec in records:
             if rec.get("skipped"):
-                continue  # the in-graph guard left B untouched
+                continue  # the in-graph guard left B (and the rule's state) untouched
             zs = zo.noise(torch.tensor(rec["step"], dtype=torch.int64))
             grads = torch.tensor(rec["projected_grads"], dtype=torch.float32)
-            apply_update(mods, zs, grads, torch.tensor(rec["lr"], dtype=torch.float32), wd)
+            curv = None
+            if rule.spec.center:  # HiZOO: the step's curvature scalars, as logged
+                curv = _logged_curvature(rec, queries, log)
+            lr = torch.tensor(rec["lr"], dtype=torch.float32)
+            apply_rule(mods, zs, directions(mods, zs, rule), grads, lr, rule, wd, curv)
             applied += 1
     state = adapter_state(net)
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):

@@ -35,6 +35,7 @@ from torch import nn
 from .errors import MobizoError
 from .mplora import MPLoRALinear, lora_layers
 from .perturb import layers_noise
+from .zo_optim import RuleConfig, curvature, directions, ensure_state, finite_and_bounded, proposals
 
 ZO_ESTIMATORS = ("prge", "prge-outer", "mezo")
 # "answer": mean cross-entropy of the answer tokens. "choice-sum" / "choice-mean": cross-entropy
@@ -54,6 +55,15 @@ class ZOConfig:
     max_grad: float = float("inf")  # |g| above this (or non-finite losses) -> the step is skipped in-graph
     objective: str = "answer"
     choices: int = 0  # candidates per example (rows per example) for the choice objectives
+    # the update rule and its constants (mobizo.zo_optim)
+    optimizer: str = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    hessian_smoothing: float = 1e-6
+
+    @property
+    def rule(self) -> RuleConfig:
+        return RuleConfig(self.optimizer, self.beta1, self.beta2, self.hessian_smoothing)
 
     def __post_init__(self):
         if self.estimator not in ZO_ESTIMATORS:
@@ -66,6 +76,7 @@ class ZOConfig:
             raise MobizoError("the choice objective needs at least two candidates per example")
         if self.data_mode not in DATA_MODES:
             raise MobizoError(f"unknown --data-mode {self.data_mode!r} (choose from {', '.join(DATA_MODES)})")
+        _ = self.rule  # validates the rule and its constants
 
     def check_batch(self, batch_size: int) -> None:
         if self.data_mode == "split" and batch_size % self.queries:
@@ -74,17 +85,22 @@ class ZOConfig:
             )
 
 
-def forward_plan(estimator: str, q: int, directions=None) -> list[list[tuple[int, float]]]:
-    """Forward passes, each a list of (direction, sign) copies in batch order (of ``directions``, default all q)."""
+CENTER = (0, 0.0)  # the unperturbed copy (B + 0 * z_0 = B), for rules that need L0 (HiZOO)
+
+
+def forward_plan(estimator: str, q: int, directions=None, center: bool = False) -> list[list[tuple[int, float]]]:
+    """Forward passes, each a list of (direction, sign) copies in batch order (of ``directions``, default all q);
+    ``center``: one more copy with B unperturbed (:data:`CENTER`), in the first pass (mezo: a pass of its own)."""
     dirs = range(q) if directions is None else directions
     plus = [(i, 1.0) for i in dirs]
     minus = [(i, -1.0) for i in dirs]
+    mid = [CENTER] if center else []
     if estimator == "prge":
-        return [plus + minus]
+        return [plus + minus + mid]
     if estimator == "prge-outer":
-        return [plus, minus]
+        return [plus + mid, minus]
     if estimator == "mezo":
-        return [[c] for i in dirs for c in ((i, 1.0), (i, -1.0))]
+        return [[c] for i in dirs for c in ((i, 1.0), (i, -1.0))] + ([mid] if center else [])
     raise MobizoError(f"unknown ZO estimator {estimator!r}")
 
 
@@ -252,6 +268,8 @@ def _copy_rows(t: torch.Tensor, copies: list[tuple[int, float]], queries: int, s
 
 def _directions(z: torch.Tensor, copies: list[tuple[int, float]], queries: int) -> torch.Tensor:
     """z's directions in the order of a pass's copies, as views/concats (no per-copy stack)."""
+    if len(copies) > 1 and copies[-1] == CENTER:  # the unperturbed copy: any direction, times 0
+        return torch.cat([_directions(z, copies[:-1], queries), z[:1]])
     dirs = [d for d, _ in copies]
     ordered = list(range(queries))
     if dirs == ordered:
@@ -281,7 +299,12 @@ class ZOStep(nn.Module):
         self.layer_names = [n for n, _ in lora_layers(model)]
         if not self.layer_names:
             raise MobizoError("the model has no MP-LoRA layers (inject adapters first)")
-        self.plan = forward_plan(config.estimator, config.queries)
+        self.plan = forward_plan(config.estimator, config.queries, center=config.rule.spec.center)
+        if config.rule.spec.center and config.data_mode == "split":
+            raise MobizoError(
+                f"--optimizer {config.optimizer} needs the whole batch's unperturbed loss; use --data-mode repeat"
+            )
+        ensure_state(self._layers(), config.rule)
 
     def _layers(self) -> list[MPLoRALinear]:
         return [self.model.get_submodule(n) for n in self.layer_names]
@@ -294,15 +317,18 @@ class ZOStep(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None, shared: bool | None = None):
         zs = self.noise(step)
-        plus, minus = self.losses(zs, input_ids, attention_mask, labels, eps, gold, shared=shared)
-        return self.update(zs, plus, minus, lr, eps)
+        dirs = directions(self._layers(), zs, self.config.rule)
+        plus, minus, *center = self.losses(dirs, input_ids, attention_mask, labels, eps, gold, shared=shared)
+        return self.update(zs, plus, minus, lr, eps, center=center[0] if center else None, dirs=dirs)
 
     def losses(
         self, zs, input_ids, attention_mask, labels, eps, gold=None, directions=None, shared: bool | None = None
     ):
         """(L+, L-): the per-copy losses of ``directions`` (a range of direction indices; default all q),
-        each (len(directions),), without touching B. ``zs``: :meth:`noise` of the step (all q directions).
-        A subset runs only its own copies (:mod:`mobizo.distributed` splits the q directions over ranks)."""
+        each (len(directions),), then the unperturbed loss L0 (0-d) when the rule needs it, without
+        touching B. ``zs``: the step's perturbation directions (:meth:`noise`, through
+        :func:`mobizo.zo_optim.directions`), all q of them. A subset runs only its own copies
+        (:mod:`mobizo.distributed` splits the q directions over ranks)."""
         cfg = self.config
         q, split = cfg.queries, cfg.data_mode == "split"
         if split:
@@ -312,7 +338,8 @@ class ZOStep(nn.Module):
             raise MobizoError("a shared-prompt batch needs a choice objective")
         layers = self._layers()
         dirs = list(range(q)) if directions is None else list(directions)
-        plan = self.plan if directions is None else forward_plan(cfg.estimator, q, dirs)
+        center = cfg.rule.spec.center
+        plan = self.plan if directions is None else forward_plan(cfg.estimator, q, dirs, center)
         loss_of: dict[tuple[int, float], torch.Tensor] = {}
         try:
             for copies in plan:
@@ -340,23 +367,42 @@ class ZOStep(nn.Module):
                 layer.copies = None
         plus = torch.stack([loss_of[(i, 1.0)] for i in dirs])
         minus = torch.stack([loss_of[(i, -1.0)] for i in dirs])
-        return plus, minus
+        return (plus, minus, loss_of[CENTER]) if center else (plus, minus)
 
-    def update(self, zs, plus, minus, lr, eps, grads=None):
-        """g = (L+ - L-) / 2eps over all q directions (or the given ``grads``), the divergence guard and
-        the in-place update of B: what :meth:`forward` does after :meth:`losses`. Returns (losses, g)."""
+    def update(self, zs, plus, minus, lr, eps, grads=None, center=None, dirs=None):
+        """g = (L+ - L-) / 2eps over all q directions (or the given ``grads``), the divergence guard and the
+        rule's in-place update of B and its state: what :meth:`forward` does after :meth:`losses`.
+        ``zs``: the step's noise; ``dirs``: the perturbation directions (default: from ``zs``); ``center``:
+        the unperturbed loss (rules that need it). Returns (losses, g), plus HiZOO's curvature scalars."""
         cfg = self.config
+        rule = cfg.rule
         layers = self._layers()
         if grads is None:
             grads = (plus - minus) / (2 * eps)
         # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
         ok = guard_ok(plus, minus, grads, cfg.max_grad)
-        applied = apply_update(
-            layers, zs, torch.where(ok, grads, torch.zeros_like(grads)), torch.where(ok, lr, 0.0), cfg.weight_decay
+        curv = None
+        if rule.spec.center:
+            curv = curvature(plus, minus, center, eps)
+            ok = ok & torch.isfinite(curv).all()
+            curv = torch.where(ok, curv, torch.zeros_like(curv))
+        dirs = directions(layers, zs, rule) if dirs is None else dirs
+        stateful = bool(rule.spec.buffers())
+        applied = apply_rule(
+            layers,
+            zs,
+            dirs,
+            torch.where(ok, grads, torch.zeros_like(grads)),
+            torch.where(ok, lr, 0.0),
+            rule,
+            cfg.weight_decay,
+            curv,
+            ok if stateful else None,
         )
         # An update that would have overflowed B was not applied either: report its g as NaN so the
         # host (and the log, and `mobizo replay`) count the step as skipped.
-        return torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))
+        out = torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))
+        return out if curv is None else (*out, curv)
 
 
 # The largest |B| an update may produce. A LoRA B entry of this size makes the adapter's output
@@ -366,22 +412,22 @@ class ZOStep(nn.Module):
 B_LIMIT = 1e6
 
 
-def apply_update(layers, zs, grads, lr, weight_decay: float = 0.0):
-    """B <- B - lr * (mean_i g_i z_i + wd * B), in place. Shared by the step and ``mobizo replay``.
+def apply_rule(layers, zs, dirs, grads, lr, rule: RuleConfig, weight_decay: float = 0.0, curv=None, ok=None):
+    """The rule's update of every B and its state (:func:`mobizo.zo_optim.proposals`), in place. Shared by
+    the step and ``mobizo replay``.
 
     All-or-nothing: if the new value of any B would be non-finite or beyond :data:`B_LIMIT` (an
-    overflow), no B changes. Returns whether the update was applied (0-d bool tensor).
+    overflow), or a state would be non-finite, nothing changes; ``ok`` (0-d bool) also holds the state
+    back on a step the guard rejected (B is held back by a zero lr). Returns whether the update was
+    applied (0-d bool tensor).
     """
-    news = []
-    for layer, z in zip(layers, zs):
-        g = grads.to(z.dtype).reshape(-1, 1, 1)
-        update = (g * z).mean(0)
-        if weight_decay:
-            update = update + weight_decay * layer.lora_B
-        news.append(layer.lora_B - lr * update)
-    applied = torch.stack([(new.abs() <= B_LIMIT).all() for new in news]).all()  # NaN fails too
-    for layer, new in zip(layers, news):
-        layer.lora_B.copy_(torch.where(applied, new, layer.lora_B))
+    proposed = proposals(layers, zs, dirs, grads, lr, rule, weight_decay, curv)
+    applied = finite_and_bounded(proposed, B_LIMIT)
+    keep_state = applied if ok is None else applied & ok
+    for layer, news in zip(layers, proposed):
+        for attr, new in news:
+            current = getattr(layer, attr)
+            current.copy_(torch.where(applied if attr == "lora_B" else keep_state, new, current))
     return applied
 
 

@@ -9,6 +9,7 @@ import torch
 from ..errors import MobizoError
 from ..mplora import adapter_state, load_adapter_state, make_trainable
 from ..step import AnswerLoss, ZOConfig, ZOStep, answer_losses, choice_losses, lm_logits
+from ..zo_optim import load_state, state_of
 from . import Shapes, StepOutput
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -53,7 +54,7 @@ class EagerEngine:
                 self.optimizer.step()
             return StepOutput(loss=float(loss))
         with torch.no_grad():
-            losses, grads = self.step(
+            losses, grads, *curvature = self.step(
                 batch.input_ids,
                 batch.attention_mask,
                 batch.labels,
@@ -63,7 +64,10 @@ class EagerEngine:
                 batch.gold,
                 shared=batch.shared,
             )
-        return StepOutput(loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist())
+        extra = {"curvature": curvature[0].tolist()} if curvature else {}  # HiZOO's, logged for replay
+        return StepOutput(
+            loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist(), extra=extra
+        )
 
     @torch.no_grad()
     def score(self, batch):
@@ -91,11 +95,22 @@ class EagerEngine:
         load_adapter_state(self.model, state)
 
     def optimizer_state(self):
-        return None if self.optimizer is None else self.optimizer.state_dict()
+        """FO: the torch optimizer's state dict; ZO: the update rule's state tensors (None if stateless)."""
+        if self.optimizer is not None:
+            return self.optimizer.state_dict()
+        step = getattr(self, "step", None)
+        if step is None or not step.config.rule.spec.buffers():
+            return None
+        return state_of(step._layers(), step.layer_names, step.config.rule)
 
     def load_optimizer_state(self, state) -> None:
-        if self.optimizer is not None and state is not None:
-            self.optimizer.load_state_dict(state)
+        if self.optimizer is not None:
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            return
+        step = getattr(self, "step", None)
+        if step is not None and step.config.rule.spec.buffers():
+            load_state(step._layers(), step.layer_names, step.config.rule, state, "--resume")
 
 
 class KVDecoder:

@@ -125,6 +125,39 @@ class SetAdapter(nn.Module):
         return total
 
 
+class GetState(nn.Module):
+    """``get_state() -> (state tensors...)``: a stateful update rule's buffers (``Manifest.state_names``)."""
+
+    def __init__(self, model, names):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self):
+        out = []
+        for n in self.names:
+            layer, _, attr = n.rpartition(".")
+            out.append(getattr(self.model.get_submodule(layer), attr).clone())
+        return tuple(out)
+
+
+class SetState(nn.Module):
+    """``set_state(state tensors...)``: load a rule's state (a fresh start or a resumed checkpoint)."""
+
+    def __init__(self, model, names):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *tensors):
+        total = torch.zeros(())
+        for n, t in zip(self.names, tensors):
+            layer, _, attr = n.rpartition(".")
+            getattr(self.model.get_submodule(layer), attr).copy_(t)
+            total = total + t.sum()
+        return total
+
+
 def xnnpack_partitioner(is_mutable, configs=None):
     """XNNPACK over its op ``configs`` (default: all), refusing every node that reads a parameter or buffer
     for which ``is_mutable(name)`` holds.
@@ -721,11 +754,18 @@ def _example_inputs(m: Manifest, rows: int):
     return ids, mask, labels
 
 
+def _mutable_state(model: nn.Module) -> list[torch.Tensor]:
+    """Every B and update-rule state buffer (``zo_*``) of the MP-LoRA layers, in a fixed order."""
+    return [
+        t for _, layer in lora_layers(model) for n, t in layer.named_buffers() if n == "lora_B" or n.startswith("zo_")
+    ]
+
+
 def _restore(model: nn.Module, saved) -> None:
-    """Put every B back exactly as it was."""
+    """Put every B (and update-rule state) back exactly as it was."""
     with torch.no_grad():
-        for (_, layer), b in zip(lora_layers(model), saved):
-            layer.lora_B.copy_(b)
+        for t, value in zip(_mutable_state(model), saved):
+            t.copy_(value)
 
 
 def _length_dims(m: Manifest, n_inputs: int):
@@ -774,7 +814,7 @@ def export_program(
     stage = Stages("export", progress)
     stage("tracing the step (torch.export)")
     bs = tuple(layer.lora_B.detach().clone() for _, layer in lora_layers(model))
-    saved = [b.clone() for b in bs]
+    saved = [t.detach().clone() for t in _mutable_state(model)]
     try:
         # torch.export prints a partial graph on stderr when it fails: the error below says what failed
         def trace():
@@ -790,6 +830,21 @@ def export_program(
                 ),
                 "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
                 "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
+                **trace_state(),
+            }
+
+        def trace_state() -> dict:
+            """get_state / set_state of a stateful update rule (momentum, adam, hizoo); none for the others."""
+            if not manifest.state_names:
+                return {}
+            state = [
+                step.model.get_submodule(n.rpartition(".")[0]).get_buffer(n.rpartition(".")[2])
+                for n in manifest.state_names
+            ]
+            state = tuple(t.detach().clone() for t in state)
+            return {
+                "get_state": torch.export.export(GetState(model, manifest.state_names), (), strict=False),
+                "set_state": torch.export.export(SetState(model, manifest.state_names), state, strict=False),
             }
 
         def trace_generation(programs) -> None:
@@ -836,8 +891,8 @@ def export_program(
     # reading B, which XNNPACK would bake in as a constant.
     stage("lowering to XNNPACK" if xnnpack else "lowering")
 
-    def mutable(name: str) -> bool:  # B, and the generation methods' KV cache
-        return name.endswith(".lora_B") or name.startswith(KV_PREFIX)
+    def mutable(name: str) -> bool:  # B, an update rule's state, and the generation methods' KV cache
+        return name.endswith(".lora_B") or ".zo_" in name or name.startswith(KV_PREFIX)
 
     def mutable_or_head(name: str) -> bool:  # the head's weight under every name it has (tied: the embedding's)
         return mutable(name) or name in head_names

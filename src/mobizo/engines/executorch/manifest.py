@@ -67,6 +67,17 @@ class Manifest:
     # prefill_chunk: prompt tokens per prefill call
     generate: bool = False
     prefill_chunk: int = 0
+    # the ZO update rule (mobizo.zo_optim) and its constants; a stateful rule's state is in mutable
+    # buffers, read and set by the get_state / set_state methods
+    optimizer: str = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    hessian_smoothing: float = 1e-6
+    # the rule's state tensors as get_state / set_state take them: [{"name", "shape", "init"}] (the native
+    # trainer reads this, so that what a rule keeps is written down once, in mobizo.zo_optim)
+    state: list[dict] = field(default_factory=list)
+    # train_step's outputs after (losses, projected_grads), each (q,) and logged under its name
+    step_extras: list[str] = field(default_factory=list)
     # the run's tokenizer, saved beside the program (a directory name; "" when not carried): a run on
     # the program loads it instead of the model's config and tokenizer (see ProgramBase)
     tokenizer: str = ""
@@ -96,7 +107,16 @@ class Manifest:
             math.inf if self.max_grad is None else self.max_grad,
             self.objective,
             self.choices,
+            self.optimizer,
+            self.beta1,
+            self.beta2,
+            self.hessian_smoothing,
         )
+
+    @property
+    def state_names(self) -> list[str]:
+        """``<layer>.zo_<s>`` of the rule's state tensors, in the order get_state / set_state take them."""
+        return [s["name"] for s in self.state]
 
 
 def versions() -> dict:
@@ -155,6 +175,16 @@ class ProgramBase:
         return cls(dict(m.adapter_shapes), m.fan_in_fan_out)
 
 
+def rule_state(rule, adapter_shapes: dict[str, list[int]]) -> list[dict]:
+    """:attr:`Manifest.state` of an update rule (:class:`mobizo.zo_optim.RuleConfig`) over these layers."""
+    spec = rule.spec
+    return [
+        {"name": f"{n}.{b}", "shape": [1] if b == "zo_t" else list(shape), "init": 0.0 if b == "zo_t" else spec.init}
+        for n, shape in adapter_shapes.items()
+        for b in spec.buffers()
+    ]
+
+
 def adapter_layout(model) -> tuple[dict[str, list[int]], bool]:
     """({adapted module: B's shape}, fan_in_fan_out) of a model with MP-LoRA layers, or of a :class:`ProgramBase`."""
     if isinstance(model, ProgramBase):
@@ -199,6 +229,12 @@ def manifest_for(
         data_mode=zo.data_mode,
         weight_decay=zo.weight_decay,
         max_grad=zo.max_grad if math.isfinite(zo.max_grad) else None,
+        optimizer=zo.optimizer,
+        beta1=zo.beta1,
+        beta2=zo.beta2,
+        hessian_smoothing=zo.hessian_smoothing,
+        state=rule_state(zo.rule, shapes),
+        step_extras=["curvature"] if zo.rule.spec.center else [],
         objective=zo.objective,
         choices=zo.choices,
         batch_size=batch_size,

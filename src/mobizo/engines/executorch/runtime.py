@@ -19,6 +19,7 @@ import torch
 
 from ...errors import MobizoError
 from ...util import file_sha256, quiet_stderr
+from ...zo_optim import check_state
 from .. import Shapes, StepOutput
 from .manifest import MANIFEST, METHODS, PROGRAM, check_manifest, read_manifest
 
@@ -137,6 +138,8 @@ class ExecuTorchEngine:
                 self.program = _C._load_program(str(pte), program_verification=_C.Verification.InternalConsistency)
             names = {self.program.get_method_name(i) for i in range(self.program.num_methods())}
             missing = set(METHODS) - names
+            if m.state_names:  # a stateful update rule reads and sets its state through these
+                missing |= {"get_state", "set_state"} - names
             if missing:
                 raise MobizoError(f"{pte} lacks the methods {sorted(missing)}")
             self.methods = {}
@@ -160,6 +163,8 @@ class ExecuTorchEngine:
         self._scored = False  # score ran since the last train_step (see train_step)
         # Shared mutable buffers start uninitialised in the runtime: always load B explicitly.
         self._set_b([torch.zeros(*m.adapter_shapes[n]) for n in self.names])
+        self.rule = m.zo_config().rule
+        self.load_optimizer_state(None)  # a stateful rule starts from its initial state
 
     # -------------------------------------------------------------- engine interface
 
@@ -218,8 +223,11 @@ class ExecuTorchEngine:
         ]
         if self.manifest.objective != "answer":
             args.append(batch.gold)
-        losses, grads = self._run("train_step", args)
-        return StepOutput(loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist())
+        losses, grads, *extras = self._run("train_step", args)
+        extra = {k: v.tolist() for k, v in zip(self.manifest.step_extras, extras)}  # HiZOO's curvature, for replay
+        return StepOutput(
+            loss=float(losses.mean()), projected_grads=grads.tolist(), losses=losses.tolist(), extra=extra
+        )
 
     def score(self, batch):
         self._check(batch, self.manifest.eval_rows)
@@ -278,11 +286,23 @@ class ExecuTorchEngine:
             raise MobizoError("the ExecuTorch program generates one unpadded sequence at a time")
         return ProgramDecoder(self, input_ids[0].tolist())
 
-    def optimizer_state(self):
-        return None
+    def optimizer_state(self) -> dict | None:
+        """The update rule's state ({``<layer>.zo_<s>``: tensor}, see :mod:`mobizo.zo_optim`); None if stateless."""
+        names = self.manifest.state_names
+        if not names:
+            return None
+        return {n: t.clone() for n, t in zip(names, self._run("get_state", []))}
 
     def load_optimizer_state(self, state) -> None:
-        pass
+        """Set the rule's state from a checkpoint's (checked), or its initial state (``None``)."""
+        names = self.manifest.state_names
+        if not names:
+            return
+        specs = {s["name"]: s for s in self.manifest.state}
+        if state is None:
+            state = {n: torch.full(s["shape"], float(s["init"])) for n, s in specs.items()}
+        check_state(state, {n: tuple(s["shape"]) for n, s in specs.items()}, self.rule.name, str(self.dir))
+        self._run("set_state", [state[n].to(torch.float32).contiguous() for n in names])
 
 
 class ProgramDecoder:

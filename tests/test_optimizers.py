@@ -1,0 +1,176 @@
+"""ZO update rules (mobizo.zo_optim): their math, the guard, bit-exact resume and replay, the errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobizo.checkpoint import load_checkpoint, read_adapter
+from mobizo.cli import main
+from mobizo.mplora import inject, lora_layers
+from mobizo.step import ZOConfig, ZOStep
+from mobizo.zo_optim import RULES
+
+FAST = ["--model", "tiny", "--eval-every", "0", "--eval-examples", "8", "--batch-size", "4", "--queries", "2"]
+FAST += ["--max-length", "32", "--train-examples", "64", "--no-progress", "--lr", "0.5", "--eps", "0.05"]
+# each rule at a step size that moves the tiny model's B visibly in a few steps
+LR = {"sgd": 0.5, "momentum": 0.2, "adam": 0.01, "sign": 0.01, "fzoo": 0.05, "hizoo": 0.5}
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if rc != 0:
+        assert [line.startswith("mobizo: error:") for line in err.splitlines()] == [True], err
+    return rc, err
+
+
+def _steps(model, batch, config: ZOConfig, n: int, lr: float = 0.5):
+    step = ZOStep(model, config)
+    outs = []
+    with torch.no_grad():
+        for s in range(1, n + 1):
+            outs.append(
+                step(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(s), torch.tensor(lr),
+                     torch.tensor(0.05))
+            )  # fmt: skip
+    return step, outs
+
+
+def _bs(model) -> dict:
+    return {n: layer.lora_B.clone() for n, layer in lora_layers(model)}
+
+
+def test_each_rule_is_its_formula(tiny, synthetic_batch):
+    """One step of every rule from B = 0 against the formula written out by hand (the same noise)."""
+    base, _ = tiny
+    inject(base, None, 8, 16, 0)
+    results = {}
+    for name in RULES:
+        model = __import__("copy").deepcopy(base)
+        step, [(losses, g, *curv)] = _steps(model, synthetic_batch, ZOConfig(queries=2, optimizer=name), 1)
+        zs = step.noise(torch.tensor(1))
+        assert torch.isfinite(g).all() and torch.isfinite(losses).all()
+        results[name] = (_bs(model), zs, g, curv)
+    b_sgd, zs, g, _ = results["sgd"]
+    for (n, b), z in zip(b_sgd.items(), zs):
+        ghat = (g.reshape(-1, 1, 1) * z).mean(0)
+        torch.testing.assert_close(b, -0.5 * ghat, rtol=0, atol=0)
+        # heavy ball from m = 0: the first step is ZO-SGD's
+        assert torch.equal(results["momentum"][0][n], b)
+        # hizoo from h = 1: the same directions and step as ZO-SGD on its first step
+        assert torch.equal(results["hizoo"][0][n], b)
+        # sign: lr * sign(ĝ)
+        assert torch.equal(results["sign"][0][n], -0.5 * torch.sign(ghat))
+        # adam's first step: m̂ = ĝ, v̂ = ĝ², so lr * ĝ / (|ĝ| + 1e-8) (up to the float32 rounding of the
+        # bias corrections 1 - beta^t: 1 - 0.999f is 1.3e-5 off 1e-3)
+        torch.testing.assert_close(results["adam"][0][n], -0.5 * ghat / (ghat.abs() + 1e-8), rtol=2e-5, atol=1e-6)
+        # fzoo: each projection divided by the rms of the step's projections
+        gn = g / torch.sqrt((g * g).mean())
+        torch.testing.assert_close(results["fzoo"][0][n], -0.5 * (gn.reshape(-1, 1, 1) * z).mean(0))
+    # HiZOO returns its curvature scalars: |L+ + L- - 2 L0| / 2eps^2, L0 from the unperturbed copy
+    (curv,) = results["hizoo"][3]
+    assert curv.shape == (2,) and torch.isfinite(curv).all() and (curv >= 0).all()
+
+
+def test_momentum_and_adam_state_follow_their_recurrences(tiny, synthetic_batch):
+    base, _ = tiny
+    inject(base, None, 8, 16, 0)
+    model = __import__("copy").deepcopy(base)
+    step, outs = _steps(model, synthetic_batch, ZOConfig(queries=2, optimizer="adam", beta1=0.8, beta2=0.9), 3)
+    layer = lora_layers(model)[0][1]
+    m = v = torch.zeros_like(layer.lora_B)
+    for s, (_, g) in enumerate(outs, 1):
+        z = step.noise(torch.tensor(s))[0]
+        ghat = (g.reshape(-1, 1, 1) * z).mean(0)
+        m, v = 0.8 * m + 0.2 * ghat, 0.9 * v + 0.1 * ghat * ghat
+    torch.testing.assert_close(layer.zo_m, m)
+    torch.testing.assert_close(layer.zo_v, v)
+    assert float(layer.zo_t) == 3.0
+
+
+def test_a_skipped_step_changes_neither_b_nor_the_state(tiny, synthetic_batch):
+    base, _ = tiny
+    inject(base, None, 8, 16, 0)
+    for name in ("momentum", "adam", "hizoo"):
+        model = __import__("copy").deepcopy(base)
+        step, _ = _steps(model, synthetic_batch, ZOConfig(queries=2, optimizer=name), 2)
+        before = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k or ".zo_" in k}
+        # a bound no projection meets: the in-graph guard rejects the step
+        step.config = ZOConfig(queries=2, optimizer=name, max_grad=1e-12)
+        with torch.no_grad():
+            b = synthetic_batch
+            step(b.input_ids, b.attention_mask, b.labels, torch.tensor(3), torch.tensor(0.5), torch.tensor(0.05))
+        after = {k: v for k, v in model.state_dict().items() if k in before}
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+        assert before and any(".zo_" in k for k in before)
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam", "hizoo", "fzoo"])
+def test_resume_and_replay_are_bit_exact(capsys, tmp_path, rule):
+    lr = ["--lr", LR[rule], "--optimizer", rule]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(capsys, "train", *FAST, *lr, "--steps", 8, "--save-every", 4, "--out", full)[0] == 0
+    assert cli(capsys, "train", *FAST, *lr, "--steps", 4, "--save-every", 4, "--out", part)[0] == 0
+    assert cli(capsys, "train", "--out", part, "--resume", "--steps", 8, "--no-progress")[0] == 0
+    a, b = read_adapter(full / "adapter")[0], read_adapter(part / "adapter")[0]
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith("lora_B"))
+    # the rule's state is checkpointed (and restored: the resumed run would differ otherwise)
+    *_, opt_full = load_checkpoint(full / "checkpoint")
+    *_, opt_part = load_checkpoint(part / "checkpoint")
+    if rule == "fzoo":
+        assert opt_full is None and not (full / "checkpoint" / "zo_state.safetensors").exists()
+    else:
+        assert opt_full.keys() == opt_part.keys() and all(torch.equal(opt_full[k], opt_part[k]) for k in opt_full)
+    # the log alone rebuilds the adapter, the rule's state with it
+    assert cli(capsys, "replay", "--log", full / "metrics.jsonl", "--out", tmp_path / "re")[0] == 0
+    r = read_adapter(tmp_path / "re")[0]
+    assert all(torch.equal(a[k].view(torch.uint8), r[k].view(torch.uint8)) for k in a)
+    recs = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert all(("curvature" in rec) == (rule == "hizoo") for rec in recs)
+
+
+def test_rule_errors(capsys, tmp_path):
+    rc, err = cli(capsys, "train", *FAST, "--optimizer", "adamw", "--steps", 1, "--out", tmp_path / "a")
+    assert rc == 2 and "first-order optimizer" in err and not (tmp_path / "a").exists()
+    rc, err = cli(capsys, "train", *FAST, "--estimator", "fo", "--optimizer", "momentum", "--steps", 1)
+    assert rc == 2 and "zeroth-order rule" in err
+    rc, err = cli(capsys, "train", *FAST, "--optimizer", "adam", "--beta2", 1.0, "--steps", 1)
+    assert rc == 2 and "--beta2 must be in [0, 1)" in err
+    rc, err = cli(capsys, "train", *FAST, "--optimizer", "hizoo", "--data-mode", "split", "--steps", 1)
+    assert rc == 2 and "--data-mode repeat" in err
+    # resuming with another rule: refused, naming both
+    out = tmp_path / "run"
+    assert cli(capsys, "train", *FAST, "--optimizer", "momentum", "--steps", 2, "--out", out)[0] == 0
+    rc, err = cli(capsys, "train", "--out", out, "--resume", "--optimizer", "adam", "--steps", 4)
+    assert rc == 2 and "--optimizer momentum, not adam" in err
+    # a corrupted optimizer state: one line, nothing written
+    state = Path(out / "checkpoint" / "zo_state.safetensors")
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0xFF
+    state.write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_bytes()
+    rc, err = cli(capsys, "train", "--out", out, "--resume", "--steps", 4)
+    assert rc == 2 and "zo_state.safetensors" in err and "checksum" in err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_non_finite_optimizer_state_is_refused(capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mobizo.checkpoint import tensors_sha256
+
+    out = tmp_path / "run"
+    assert cli(capsys, "train", *FAST, "--optimizer", "adam", "--lr", 0.01, "--steps", 2, "--out", out)[0] == 0
+    path = out / "checkpoint" / "zo_state.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("zo_v"))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt", "sha256": tensors_sha256(state)})  # a valid checksum
+    rc, err = cli(capsys, "train", "--out", out, "--resume", "--steps", 4)
+    assert rc == 2 and "non-finite" in err and key in err
