@@ -838,6 +838,53 @@ def test_custom_with_label_words_is_classification_and_template_alone_is_an_erro
         get_task("custom", data=str(tmp_path), template="{text}")
 
 
+def test_custom_records_with_choices_are_multiple_choice(tmp_path, capsys):
+    """``{"question", "choices", "answer"}`` records (answer as an index or the choice's text, any number of
+    choices per question, an optional template over any field) train and evaluate as multiple choice."""
+    rows = [
+        {"question": f"Which one can you eat? ({i})", "choices": [FOODS[i % len(FOODS)], "a rock", "a cloud"][: 2 + i % 2],
+         "answer": 0 if i % 3 else FOODS[i % len(FOODS)], "topic": "food"}
+        for i in range(12)
+    ]  # fmt: skip
+    write(tmp_path / "d" / "train", rows, "jsonl")
+    write(tmp_path / "d" / "validation", rows[:6], "json")
+    task = get_task("custom", data=str(tmp_path / "d"))
+    assert task.kind == "multiple_choice" and task.name == "custom-mc"
+    exs = task.load("validation")
+    assert exs[0].prompt == "Question: Which one can you eat? (0)\nAnswer:" and exs[0].candidates[:2] == [
+        f" {FOODS[0]}",
+        " a rock",
+    ]
+    assert [e.label for e in exs] == [0] * 6 and {len(e.candidates) for e in exs} == {2, 3}
+    custom = get_task("custom", data=str(tmp_path / "d"), template="[{topic}] {question} ->").load("validation")
+    assert custom[1].prompt == "[food] Which one can you eat? (1) ->"
+    out = tmp_path / "run"
+    rc = main(["train", "--task", "custom", "--data", tmp_path / "d", "--steps", 2, "--batch-size", 2, "-q", 1,
+               "--max-length", 48, "--eval-every", 0, "--out", out, "--no-progress"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "accuracy" and summary["config"]["task"] == "custom"
+    assert summary["config"]["objective"] == "auto" and summary["eval"]["n"] == 6
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"question": "q", "choices": "a,b", "answer": 0}, "a list of at least two strings"),
+        ({"question": "q", "choices": ["a"], "answer": 0}, "a list of at least two strings"),
+        ({"question": "q", "choices": ["a", "a"], "answer": 0}, "non-empty and distinct"),
+        ({"question": "q", "choices": ["a", "b"]}, "missing 'answer'"),
+        ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "not one of the choices"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 2}, "out of range"),
+        ({"choices": ["a", "b"], "answer": 1}, "no field 'question'"),
+    ],
+)
+def test_custom_bad_multiple_choice_records(tmp_path, row, message):
+    write(tmp_path / "train", [row], "jsonl")
+    with pytest.raises(MobizoError, match=message):
+        get_task("custom", data=str(tmp_path)).load("train")
+
+
 @pytest.mark.parametrize(
     "row,message",
     [

@@ -66,12 +66,15 @@ class DataArgs:
     task: str = opt(
         "synthetic",
         "task name: synthetic, sst2, rte, boolq, wic, wsc, multirc, mrpc, qqp, qnli, wnli, "
-        "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom, custom-cls (docs/tasks.md)",
+        "cb, copa, winogrande, arc-easy, arc-challenge, squad, drop, custom (prompt/completion, chat, or "
+        "multiple-choice records with 'choices'), custom-cls (docs/tasks.md)",
         trajectory=True,
     )
     data: str | None = opt(None, "directory or file with the task's train/validation data", trajectory=True)
     template: str | None = opt(
-        None, 'prompt template of a custom classification task, e.g. "Review: {text} Sentiment:"', trajectory=True
+        None,
+        'prompt template of a custom classification or multiple-choice task, e.g. "Review: {text} Sentiment:"',
+        trajectory=True,
     )
     label_words: str | None = opt(
         None,

@@ -14,6 +14,11 @@ def get_task(name: str, data: str | None = None, **options) -> Task:
     key = canonical_name(name)
     if key == "custom" and options.get("label_words"):
         key = "custom-cls"  # --task custom --template ... --label-words ...: classification
+    elif key == "custom":
+        from .custom import is_multiple_choice
+
+        if is_multiple_choice(data):
+            key = "custom-mc"  # records with their own "choices": multiple choice
     if key not in TASKS:
         raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
     return TASKS[key](data=data, **options)

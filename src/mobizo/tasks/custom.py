@@ -108,6 +108,57 @@ class CustomClassification(Task):
         return out
 
 
+@register
+class CustomMultipleChoice(Task):
+    """``--task custom`` over records with per-question choices: ``{"question", "choices": [...], "answer": index
+    or the choice's text}``, prompted with ``--template`` (default ``Question: {question}\nAnswer:``, any record
+    field may appear in it); the candidates are the choices, scored by mean log-prob per token like ARC."""
+
+    name = "custom-mc"
+    kind = "multiple_choice"
+    TEMPLATE = "Question: {question}\nAnswer:"
+
+    def __init__(self, data=None, template: str | None = None, label_words=None, **options):
+        super().__init__(data=data, **options)
+        if label_words:
+            raise MobizoError("records with 'choices' carry their own candidates; drop --label-words")
+        self.template = template or self.TEMPLATE
+        template_fields(self.template)
+
+    def load_split(self, split: str) -> list[Example]:
+        path = find_split(self.data, split)
+        out = []
+        for i, rec in enumerate(read_records(path, split), 1):
+            where = f"{path} record {i}"
+            choices = rec.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise MobizoError(f"{where}: 'choices' should be a list of at least two strings")
+            choices = [check_text(c.strip(), f"{where}: a choice") for c in choices]
+            if any(not c for c in choices) or len(set(choices)) != len(choices):
+                raise MobizoError(f"{where}: choices must be non-empty and distinct, got {choices!r}")
+            if "answer" not in rec:
+                raise MobizoError(f"{where}: missing 'answer' (the index of the right choice, or its text)")
+            answer = rec["answer"]
+            if isinstance(answer, str) and answer.strip() in choices:
+                answer = answer.strip()
+            label = parse_label(answer, choices, where, noun="choices")
+            out.append(
+                Example(prompt=render(self.template, rec, where), candidates=[" " + c for c in choices], label=label)
+            )
+        return out
+
+
+def is_multiple_choice(data) -> bool:
+    """Whether ``--task custom`` data holds multiple-choice records (the first training record has 'choices')."""
+    if not data:
+        return False
+    try:
+        first = read_records(find_split(data, "train"), "train")[0]
+    except MobizoError:
+        return False  # the task that loads it will say what is wrong
+    return isinstance(first, dict) and "choices" in first
+
+
 def _text_field(rec: dict, key: str, where: str) -> str:
     value = rec.get(key)
     if not isinstance(value, str):
