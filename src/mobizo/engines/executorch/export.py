@@ -257,7 +257,7 @@ def export_program(
     """Export ``model`` (with MP-LoRA layers injected) per ``manifest`` into ``out_dir`` (atomically).
 
     ``progress``: a status line per stage (trace, lower, serialize, write) on stderr; ``workers``:
-    processes that lower XNNPACK partitions in parallel (:func:`parallel_preprocess`); ``extra(d)``:
+    processes that lower XNNPACK partitions in parallel (:func:`mobizo.patches.parallel_preprocess`); ``extra(d)``:
     writes more files into the program's directory ``d`` (before the manifest, which it may amend)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
