@@ -19,8 +19,6 @@ packed-GGUF path knows are loaded through ``from_pretrained`` and dequantized th
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
 import struct
 import warnings
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import patches
 from .errors import MobizoError
 
 GGUF_MAGIC = b"GGUF"
@@ -267,39 +266,13 @@ def _load_config(p: Path):
     return AutoConfig.for_model(model_type, **cfg), parsed["config"]
 
 
-@contextlib.contextmanager
-def _metadata_parsed_once():
-    """Parse the file's metadata (``load_gguf_checkpoint(..., return_tensors=False)``: gguf's reader walks
-    every vocabulary string, seconds for a 49k vocabulary) once for both the tokenizer and the config."""
-    try:
-        import transformers.modeling_gguf_pytorch_utils as mod
-    except ImportError:
-        yield
-        return
-    original, memo = mod.load_gguf_checkpoint, {}
-
-    def cached(path, return_tensors=False, **kwargs):
-        if return_tensors or kwargs.get("model_to_load") is not None:
-            return original(path, return_tensors=return_tensors, **kwargs)
-        key = str(Path(path).resolve())
-        if key not in memo:
-            memo[key] = original(path, return_tensors=False, **kwargs)
-        return copy.deepcopy(memo[key])
-
-    mod.load_gguf_checkpoint = cached
-    try:
-        yield
-    finally:
-        mod.load_gguf_checkpoint = original
-
-
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """(model, tokenizer) from a GGUF file: float weights in ``dtype``, loaded once (see module docstring)."""
     import gguf
 
     p = Path(path)
     h = inspect_gguf(p)
-    with _metadata_parsed_once():
+    with patches.gguf_metadata_once():  # the metadata is parsed once for tokenizer and config
         tokenizer = _load_tokenizer(p, trust_remote_code)
         if h.architecture not in _legacy_archs():
             model = _load_packed(p, dtype, trust_remote_code)
@@ -317,7 +290,7 @@ def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False)
 
     p = Path(path)
     h = inspect_gguf(p)
-    with _metadata_parsed_once():
+    with patches.gguf_metadata_once():  # the metadata is parsed once for tokenizer and config
         tokenizer = _load_tokenizer(p, trust_remote_code)
         try:
             if h.architecture in _legacy_archs():

@@ -5,9 +5,9 @@ own XNNPACK delegates, and each delegate packs the weights it reads into its own
 time, so loading ``score`` next to ``train_step`` used to hold the packed base twice. The ``.pte``
 stores each weight once (XNNPACK names constants by the sha256 of their bytes), and XNNPACK's
 weights cache, keyed by those names, lets every delegate in the process use one packed copy. The
-pip wheel builds that cache but leaves it off; :func:`share_packed_weights` turns it on through the
-runtime's public backend-option call (``executorch::runtime::set_option``), which the Python
-bindings do not expose, so it is reached through ``ctypes`` and read back to confirm it took.
+pip wheel builds that cache but leaves it off; the version-gated patch
+:func:`mobizo.patches.share_packed_weights` turns it on (where it does not apply, ``score``'s
+delegates pack their own copy when ``score`` first runs).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ... import patches
 from ...errors import MobizoError
 from ...util import file_sha256, quiet_stderr
 from ...zo_optim import check_state
@@ -24,53 +25,6 @@ from .. import Shapes, StepOutput
 from .manifest import MANIFEST, METHODS, PROGRAM, check_manifest, read_manifest
 
 EAGER_METHODS = ("train_step", "get_adapter", "set_adapter")  # score: loaded on first use
-
-_SHARED: bool | None = None  # share_packed_weights()'s answer, once per process
-
-
-class _BackendOption(ctypes.Structure):
-    """``executorch::runtime::BackendOption`` (runtime/backend/options.h): ``char key[64]`` then
-    ``std::variant<bool, int, std::array<char, 256>>`` (256-byte storage, then its index byte)."""
-
-    _fields_ = [
-        ("key", ctypes.c_char * 64),
-        ("value", ctypes.c_ubyte * 256),
-        ("index", ctypes.c_ubyte),
-        ("pad", ctypes.c_ubyte * 3),
-    ]
-
-
-def share_packed_weights() -> bool:
-    """Turn on XNNPACK's weights cache for this process (before any method loads); True when the
-    backend reports it on. False (methods then pack their own copies) if this runtime build lacks
-    the call or does not accept the option."""
-    global _SHARED
-    if _SHARED is not None:
-        return _SHARED
-    _SHARED = False
-    try:
-        import executorch.extension.pybindings._C as C
-
-        lib = ctypes.CDLL(str(Path(C.__file__).resolve().parents[2] / "lib" / "libexecutorch.so"))
-        # executorch::runtime::set_option / get_option(const char* backend, Span<BackendOption>):
-        # the Span (pointer, length) is passed by value in two registers
-        calls = {}
-        for name in ("set", "get"):
-            fn = getattr(lib, f"_ZN10executorch7runtime10{name}_optionEPKcNS0_4SpanINS0_13BackendOptionEEE")
-            fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint32
-            calls[name] = fn
-        assert ctypes.sizeof(_BackendOption) == 324
-
-        on = _BackendOption(key=b"weight_cache_enabled", index=0)  # variant index 0: bool
-        on.value[0] = 1
-        if calls["set"](b"XnnpackBackend", ctypes.byref(on), 1) == 0:
-            back = _BackendOption(key=b"weight_cache_enabled", index=0)
-            _SHARED = (
-                calls["get"](b"XnnpackBackend", ctypes.byref(back), 1) == 0 and back.index == 0 and back.value[0] == 1
-            )
-    except (OSError, AttributeError, AssertionError, ImportError):
-        pass
-    return _SHARED
 
 
 def release_program_pages(path: Path) -> int:
@@ -130,7 +84,7 @@ class ExecuTorchEngine:
         # imports the whole exporter (``executorch.exir``, 134 MB resident) before it runs a thing.
         from executorch.extension.pybindings import _C
 
-        self.shared_weights = share_packed_weights()
+        self.shared_weights = patches.share_packed_weights()
         try:
             with quiet_stderr():
                 # From the path, not from bytes: the runtime maps the file instead of keeping a
