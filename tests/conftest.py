@@ -19,6 +19,29 @@ from mobizo.util import quiet_third_party
 quiet_third_party()
 
 
+# Fixtures that export an ExecuTorch program, build or run the native trainer, or start processes: a test that
+# uses one is in the slow tier (`pytest -m "not slow"` is the quick loop; CI runs everything).
+SLOW_FIXTURES = {
+    "exports",
+    "program",
+    "programs",
+    "bundle",
+    "binary",
+    "ref_run",
+    "wide",
+    "et_program",
+    "quick",
+    "fork",
+    "references",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _cwd(tmp_path, monkeypatch):
     """Every test runs in its own directory: runs without --out land in ./runs/ there, not in the checkout."""

@@ -143,6 +143,7 @@ def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_
     assert code == 2 and "is not a directory" in err
 
 
+@pytest.mark.slow  # two exports
 def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path):
     prog = tmp_path / "prog"
     lengths = []

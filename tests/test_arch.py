@@ -385,6 +385,7 @@ class DataDependent(torch.nn.Module):
         return x if x.sum() > 0 else -x  # branches on a value: not exportable
 
 
+@pytest.mark.slow  # traces and lowers
 @pytest.mark.parametrize(
     "act,names", [(OpaqueAct, "at operator mobizo_test::opaque_act"), (DataDependent, "data-dependent")]
 )

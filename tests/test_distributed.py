@@ -218,6 +218,7 @@ def test_config_checks_give_one_line_errors():
 # ---------------------------------------------------------------- 2 processes
 
 
+@pytest.mark.slow  # torchrun processes
 def test_queries_mode_is_the_single_process_trajectory_bitwise(tmp_path):
     """Each rank runs 2 of the 4 directions; the gathered (L+, L-) give every rank the full update."""
     ref = reference(tmp_path / "ref", 6)
@@ -234,6 +235,7 @@ def test_queries_mode_is_the_single_process_trajectory_bitwise(tmp_path):
     assert summary["status"] == "completed" and summary["dist"]["world_size"] == 2
 
 
+@pytest.mark.slow  # torchrun processes
 def test_data_mode_resumes_a_single_process_run_and_matches_it(tmp_path):
     """A one-process run to step 3, resumed on 2 processes in data mode (rank 0 sends the checkpoint's B): each
     rank runs all directions on half the batch; (loss x count, count) all-reduced. Shard sums round differently
@@ -275,6 +277,7 @@ def _client_data(root: Path, rank: int) -> None:
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.slow  # torchrun processes
 def test_federated_exchanges_only_g_and_replays(tmp_path):
     """Each rank trains on its own --data; only (step, g) cross; the update's g is the mean over ranks, which the
     log records, so `mobizo replay` rebuilds the adapter bit for bit. Rank 1 writes nothing (its own --out)."""
@@ -301,6 +304,7 @@ def test_federated_exchanges_only_g_and_replays(tmp_path):
     assert max_diff(adapter(tmp_path / "replayed"), adapter(run / "adapter")) == 0.0
 
 
+@pytest.mark.slow  # torchrun processes
 def test_killed_rank_stops_the_others_and_resume_continues(tmp_path):
     """SIGKILL rank 1 mid-run: rank 0 stops with one line within seconds, its last checkpoint is whole, and a
     single-process --resume ends exactly where an uninterrupted single-process run does."""

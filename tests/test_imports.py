@@ -41,7 +41,7 @@ PKG = Path(mobizo.__file__).resolve().parent
 
 LAYERS = [
     ("foundation", ["errors", "util", "progress", "threads", "fsio"]),
-    ("ZO math", ["perturb", "archs", "schedule"]),
+    ("ZO math", ["perturb", "archs", "schedule", "divergence"]),
     ("adapter", ["mplora"]),
     ("step", ["step"]),
     ("examples", ["tasks", "data"]),

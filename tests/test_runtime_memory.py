@@ -211,6 +211,7 @@ def test_the_program_is_not_kept_locked_in_memory(wide):
     assert ours["losses"] == stock["losses"] and ours["b"] == stock["b"]
 
 
+@pytest.mark.slow  # exports
 def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path, monkeypatch):
     """lr, eps, steps and --out are inputs of the program, not part of it: the second run gets the
     program the first exported from the cache (hard links), without exporting."""

@@ -221,7 +221,18 @@ class RunArgs:
     resume: bool = opt(False, "continue the run in --out up to --steps (flags not given keep the run's values)")
     overwrite: bool = opt(False, "replace the mobizo run in --out (only the entries mobizo wrote are removed)")
     eval_every: int = opt(100, "evaluate every N steps (0 = only at the end)", setting=True, minimum=0)
-    eval_at_start: bool = opt(False, "also evaluate before the first step (summary's eval_start)")
+    eval_at_start: bool = opt(
+        True,
+        "evaluate before the first step too: the starting point is a candidate for best/, and the summary says "
+        "whether the run ended better than it began (--no-eval-at-start: skip it)",
+    )
+    divergence: str = opt(
+        "rollback",
+        "when the smoothed training loss climbs far above its minimum and stays there: rollback (to the last "
+        "healthy checkpoint, with half the learning rate), stop, warn, or off (docs/reliability.md)",
+        choices=("rollback", "stop", "warn", "off"),
+        setting=True,
+    )
     save_every: int = opt(100, "checkpoint every N steps (0 = only at the end)", setting=True, minimum=0)
     progress: bool = opt(True, "progress bars and status lines on stderr")
     threads: int | None = opt(
@@ -420,6 +431,14 @@ def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None
             continue
         if isinstance(default, bool):
             parser.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
+            if default:  # on unless turned off
+                parser.add_argument(
+                    "--no-" + flags[0][2:],
+                    dest=name,
+                    action="store_false",
+                    default=None,
+                    help=f"the opposite of {flags[0]}",
+                )
             continue
         kind = str(f.type)
         if "list" in kind:

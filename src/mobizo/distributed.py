@@ -432,6 +432,9 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
     run_cfg = TrainConfig.from_flat(**group.from_rank0(decide))
     mode = run_cfg.engine.dist_mode
     run_cfg = run_cfg.replace(progress=run_cfg.run.progress and rank == 0)
+    if mode == "federated" and run_cfg.run.divergence in ("rollback", "stop"):
+        # each rank sees its own data's loss: a rollback or stop decided on one would leave the others waiting
+        run_cfg = run_cfg.replace(divergence="warn")
     local = run_cfg
     if mode == "federated":  # this rank's own data: its --data if given, else rank 0's, {rank} replaced
         local = run_cfg.replace(data=local_data(cfg.data.data if "data" in given else run_cfg.data.data, rank))

@@ -9,6 +9,9 @@ learning rate that suits SmolLM2, the loss fell from 0.98 to 0.3 in 20 steps, th
 * after ``WARMUP`` steps, the run has diverged when the average stays above ``FACTOR`` times its lowest
   value so far (and at least ``MARGIN`` above it, for losses near 0) for ``PATIENCE`` consecutive steps.
 
+While the average is above that threshold no periodic checkpoint is written (as inside a streak of
+steps the guard skipped), so the last checkpoint is a healthy one.
+
 What the trainer then does is ``--divergence`` (docs/reliability.md): ``rollback`` (default) restores the
 adapter and update-rule state of the last checkpoint taken while the loss was healthy, halves the
 learning rate for the rest of the run (``LR_CUT``; the lr of every step is logged, so ``mobizo replay``
@@ -27,7 +30,7 @@ ALPHA = 0.1  # weight of each step's loss in the moving average
 WARMUP = 10  # steps before the average is trusted
 FACTOR = 2.0  # diverged: average > FACTOR x its minimum ...
 MARGIN = 0.5  # ... and > minimum + MARGIN
-PATIENCE = 10  # ... for this many consecutive steps
+PATIENCE = 20  # ... for this many consecutive steps
 LR_CUT = 0.5  # rollback: the learning rate is multiplied by this
 MAX_ROLLBACKS = 3  # then the run stops
 

@@ -273,6 +273,14 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         self._file.write(dumps(record) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a rollback redoes those steps), atomically."""
+        self._file.close()
+        header, keep = read_log(self.path, upto=step)
+        lines = [dumps(header)] + [dumps({k: v for k, v in r.items() if k != "_line"}) for r in keep]
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+
     def sync(self) -> None:
         if not self._file.closed:
             self._file.flush()
@@ -288,6 +296,9 @@ class NoLog:
     kept: tuple = ()
 
     def append(self, record: dict) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def sync(self) -> None:

@@ -24,6 +24,7 @@ from . import __version__
 from .build import Run, assemble, build_engine, needs_weights
 from .config import DEFAULTS, FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
+from .divergence import FACTOR, LR_CUT, MAX_ROLLBACKS, PATIENCE, Monitor
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
@@ -33,6 +34,10 @@ from .step import step_good
 
 
 class BadSteps(MobizoError):
+    pass
+
+
+class Diverged(MobizoError):
     pass
 
 
@@ -120,6 +125,10 @@ def fresh_start() -> dict:
     return {"step": 0, "skipped_steps": 0, "last_loss": None}
 
 
+# what a checkpoint's state.json keeps of the loop besides the step (restored by --resume)
+LOOP_STATE = ("skipped_steps", "last_loss", "monitor", "lr_scale", "rollbacks", "eval_start", "best")
+
+
 def restore(run: Run, out: RunDir) -> dict:
     """Load ``out``'s checkpoint into ``run``'s engine (after checking it belongs to ``run``'s
     configuration); the loop's starting counters."""
@@ -135,7 +144,7 @@ def restore(run: Run, out: RunDir) -> dict:
         )
     run.engine.load_adapter_state(adapter)
     run.engine.load_optimizer_state(opt_state)
-    return {"step": state["step"], "skipped_steps": state.get("skipped_steps", 0), "last_loss": state.get("last_loss")}
+    return {"step": state["step"], **fresh_start(), **{k: state[k] for k in LOOP_STATE if k in state}}
 
 
 # ---------------------------------------------------------------- the entry point
@@ -203,11 +212,19 @@ class Trainer:
         self.last_loss = start["last_loss"] if start["last_loss"] is not None else math.nan
         self.last_good_ckpt = self.start_step
         self.bad_run, self.total_time, self.n_timed = 0, 0.0, 0
-        self.last_eval, self.last_eval_step, self.start_eval = {}, None, None
+        self.last_eval, self.last_eval_step, self.start_eval = {}, None, start.get("eval_start")
+        # divergence (mobizo.divergence): the smoothed loss, the lr scale rollbacks left, and the last
+        # healthy state to roll back to (kept in memory at each checkpoint while the loss is healthy)
+        self.monitor = Monitor.of(start.get("monitor"))
+        self.lr_scale = float(start.get("lr_scale", 1.0))
+        self.rollbacks = list(start.get("rollbacks") or [])
+        self.warned, self.snapshot = False, None
         resume = self.cfg.run.resume
         header = {**log_header(self.cfg.trajectory(), run.targets), **(header_fields or {})}
         self.log = out.open_log(header, self.start_step if resume else None)
-        self.best = self._best_so_far(self.log.kept) if resume else None  # {"step","metric","value","score"}
+        self.best = None  # {"step", "metric", "value", "score"}
+        if resume:
+            self.best = start.get("best") or self._best_so_far(self.log.kept)
 
     # ------------------------------------------------------------ loop
 
@@ -216,11 +233,18 @@ class Trainer:
         o, r = cfg.optim, cfg.run
         if not r.resume:
             self._checkpoint(0)  # a run killed at any point after this can be resumed
-        if r.eval_at_start:
+        if r.eval_at_start and self.start_step == 0 and self.start_eval is None:
+            # the starting point is a candidate for best/, and the end is compared with it
             self.start_eval = run_eval(self.run)
+            self._consider_best(0, self.start_eval)
+            self._checkpoint(0)
+        if self.monitor.healthy:
+            self.snapshot = self._snap(self.start_step)
         progress = bar(o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step")
         try:
-            for step in range(self.start_step + 1, o.steps + 1):
+            step = self.start_step
+            while step < o.steps:
+                step += 1
                 self.step = step
                 rec = self._train_step(step)
                 if step == o.steps or (r.eval_every and step % r.eval_every == 0):
@@ -240,14 +264,24 @@ class Trainer:
                         **({self.metric: f"{self.last_eval[self.metric]:.4f}"} if self.last_eval else {}),
                     }
                 )
+                diverged = rec.pop("_diverged", False)
                 self.log.append(rec)
                 if self.on_step is not None:
                     self.on_step(step, rec)
                 if self.bad_run >= o.max_bad_steps:
                     self._stop()
-                # Checkpoints never land inside a streak of bad steps: resuming redoes them (e.g. with a lower --lr).
+                if diverged:
+                    back = self._on_divergence(step)
+                    if back != step:
+                        progress.update(back - step)
+                        step = back
+                        continue
+                # Checkpoints never land inside a streak of bad steps (resuming redoes them, e.g. with a lower
+                # --lr), nor while the loss is above the divergence threshold: the last one is a healthy one.
                 if r.save_every and step % r.save_every == 0 and step != o.steps and self.bad_run == 0:
-                    self._checkpoint(step)
+                    if self.monitor.healthy or r.divergence == "off":
+                        self._checkpoint(step)
+                        self.snapshot = self._snap(step)
         finally:
             progress.close()
             self.log.close()
@@ -256,6 +290,17 @@ class Trainer:
             if self.step > 0:
                 self._consider_best(self.step, self.last_eval)
         result = self._summary("completed")
+        if self._improved() is False and metric_score(self.kind, self.last_eval) < metric_score(
+            self.kind, self.start_eval
+        ):
+            start, end = self.start_eval[self.metric], self.last_eval[self.metric]
+            best = self.best or {}
+            print(
+                f"mobizo: warning: the run ended worse than it began: {self.metric} {start:.4f} at the start, "
+                f"{end:.4f} at step {self.step}; best/ holds step {best.get('step')}'s adapter ({self.metric} "
+                f"{best.get('value', float('nan')):.4f})",
+                file=sys.stderr,
+            )
         self._checkpoint(self.step)
         self.out.save_adapter(
             ADAPTER,
@@ -273,7 +318,8 @@ class Trainer:
         batch = make_batch(self.run, step)
         t0 = time.perf_counter()
         o = cfg.optim
-        lr = lr_at(step, o.lr, o.steps, o.lr_schedule, o.warmup_steps)  # logged: replay applies it as is
+        # logged: replay applies it as is (lr_scale: what divergence rollbacks left of it)
+        lr = lr_at(step, o.lr, o.steps, o.lr_schedule, o.warmup_steps) * self.lr_scale
         res = self.run.engine.train_step(batch, step, lr, o.eps)
         dt = time.perf_counter() - t0
         self.total_time += dt
@@ -290,6 +336,8 @@ class Trainer:
         if step_good(res, cfg.optim.max_grad):
             self.bad_run = 0
             self.last_loss = res.loss
+            if cfg.run.divergence != "off" and self.monitor.update(res.loss):
+                rec["_diverged"] = True  # (not logged: the loop acts on it)
         else:  # the step left B untouched (in-graph guard); count it
             self.bad_run += 1
             self.skipped += 1
@@ -308,6 +356,11 @@ class Trainer:
             "skipped_steps": self.skipped,
             "last_loss": self.last_loss,
             "settings": cfg.settings(),
+            "monitor": self.monitor.state(),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "eval_start": self.start_eval,
+            "best": self.best,
         }
         self.out.save_checkpoint(
             self.run.engine.adapter_state(),
@@ -319,6 +372,60 @@ class Trainer:
             self.fan_in_fan_out,
         )
         self.last_good_ckpt = step
+
+    # ------------------------------------------------------------ divergence
+
+    def _snap(self, step: int) -> dict:
+        """What a rollback restores: the adapter and rule state at ``step`` and the loop's counters."""
+        engine = self.run.engine
+        return {
+            "step": step,
+            "adapter": engine.adapter_state(),
+            "optimizer": engine.optimizer_state(),
+            "monitor": self.monitor.state(),
+            "skipped": self.skipped,
+            "last_loss": self.last_loss,
+        }
+
+    def _on_divergence(self, step: int) -> int:
+        """Act on a diverged run per ``--divergence`` (:mod:`mobizo.divergence`); the step to continue after."""
+        m = self.monitor
+        what = (
+            f"the training loss diverged by step {step}: its moving average {m.average:.4g} stayed above "
+            f"{m.threshold():.4g} ({FACTOR:g}x its lowest, {m.lowest:.4g}) for {PATIENCE} steps"
+        )
+        policy = self.cfg.run.divergence
+        if policy == "warn":
+            if not self.warned:
+                print(f"mobizo: warning: {what}", file=sys.stderr)
+                self.warned = True
+            return step
+        snap = self.snapshot
+        if policy == "stop" or snap is None or len(self.rollbacks) >= MAX_ROLLBACKS:
+            tried = f" after {len(self.rollbacks)} rollbacks" if self.rollbacks else ""
+            msg = (
+                f"training stopped at step {step}{tried}: {what}; last good checkpoint: step "
+                f"{snap['step'] if snap else self.last_good_ckpt} (lower --lr and start again, or --resume "
+                "with a lower --lr)"
+            )
+            self.out.write_summary(self._summary("diverged", msg))
+            raise Diverged(msg)
+        engine = self.run.engine
+        engine.load_adapter_state(snap["adapter"])
+        engine.load_optimizer_state(snap["optimizer"])
+        self.monitor = Monitor.of(snap["monitor"])
+        self.skipped, self.last_loss, self.bad_run = snap["skipped"], snap["last_loss"], 0
+        self.lr_scale *= LR_CUT
+        self.rollbacks.append({"at_step": step, "to_step": snap["step"], "lr_scale": self.lr_scale})
+        self.log.rewind(snap["step"])  # the undone steps are redone (replay reads the log)
+        print(
+            f"mobizo: warning: {what}; rolled back to step {snap['step']} with the learning rate x{self.lr_scale:g} "
+            f"(rollback {len(self.rollbacks)} of at most {MAX_ROLLBACKS})",
+            file=sys.stderr,
+        )
+        self.step = snap["step"]
+        self._checkpoint(snap["step"])  # a kill from here resumes the rolled-back run
+        return snap["step"]
 
     def _consider_best(self, step: int, metrics: dict) -> None:
         """Keep ``best/`` (PEFT format) for the highest main metric; ties keep the earlier step."""
@@ -358,6 +465,8 @@ class Trainer:
             "best": None if self.best is None else {k: v for k, v in self.best.items() if k != "score"},
             "truncated": self.run.truncated,
             "skipped_steps": self.skipped,
+            "improved": self._improved(),
+            "rollbacks": self.rollbacks,
             "seconds_per_step": self.total_time / self.n_timed if self.n_timed else None,
             "engine": cfg.engine.engine,
             "estimator": cfg.optim.estimator,
@@ -370,6 +479,12 @@ class Trainer:
             s["last_checkpoint_step"] = self.last_good_ckpt
         s.update(self.summary_fields)
         return s
+
+    def _improved(self) -> bool | None:
+        """Whether the last eval beats the starting one (None without both)."""
+        if not self.start_eval or not self.last_eval:
+            return None
+        return metric_score(self.kind, self.last_eval) > metric_score(self.kind, self.start_eval)
 
     def write_failure(self, error: str, step: int) -> None:
         """Write ``summary.json`` with status ``failed`` for a run stopped from outside the loop (a failed
