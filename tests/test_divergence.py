@@ -141,3 +141,52 @@ def test_the_starting_point_is_a_candidate_for_best_and_a_worse_end_is_said(monk
         TrainConfig.from_flat(**FLAGS, steps=2, eval_at_start=False, out=str(tmp_path / "n"), divergence="off")
     )
     assert s["improved"] is None and s["eval_start"] is None and s["best"]["step"] == 2
+
+
+@pytest.mark.slow
+def test_the_native_trainer_rolls_back_exactly_like_the_python_trainer(tmp_path, monkeypatch):
+    """The native trainer applies the same rule with the constants its bundle carries. With constants that make
+    every short rise a divergence, both trainers drive one program through the same rollbacks: the same log
+    (lrs, losses, g), the same adapter, the same summary's rollbacks; the native log replays."""
+    import subprocess
+
+    from mobizo import divergence
+    from mobizo.bundle import make_bundle
+    from mobizo.native import build
+
+    twitchy = dict(alpha=0.5, warmup=2, factor=1.0, margin=0.0, patience=3, lr_cut=0.5, max_rollbacks=3)
+    flat = dict(FLAGS, queries=2, batch_size=2, max_length=16, steps=24, save_every=4, seed=1)
+    bundle = make_bundle(TrainConfig.from_flat(**flat), tmp_path / "bundle")
+    run = json.loads((bundle / "run.json").read_text())
+    assert run["divergence"] == {"policy": "rollback", **divergence.constants()}
+    run["divergence"].update(twitchy)
+    (bundle / "run.json").write_text(json.dumps(run))
+    r = subprocess.run([str(build()), str(bundle), "--out", str(tmp_path / "native"), "--quiet"], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode in (0, 2), r.stderr
+    native = json.loads((tmp_path / "native" / "summary.json").read_text())
+    assert native["rollbacks"], "the twitchy constants should roll back at least once"
+    for name, value in twitchy.items():
+        monkeypatch.setattr(divergence, name.upper(), value)
+    monkeypatch.setattr(trainer_module, "LR_CUT", twitchy["lr_cut"])
+    monkeypatch.setattr(trainer_module, "MAX_ROLLBACKS", twitchy["max_rollbacks"])
+    monkeypatch.setattr(trainer_module, "PATIENCE", twitchy["patience"])
+    monkeypatch.setattr(trainer_module, "FACTOR", twitchy["factor"])
+    cfg = TrainConfig.from_flat(**flat, engine="executorch", program=str(bundle), out=str(tmp_path / "py"))
+    try:
+        py = trainer_module.train(cfg)
+    except MobizoError:
+        py = json.loads((tmp_path / "py" / "summary.json").read_text())
+    assert py["rollbacks"] == native["rollbacks"] and py["status"] == native["status"]
+
+    def trajectory(d):
+        lines = (d / "metrics.jsonl").read_text().splitlines()[1:]
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+    assert trajectory(tmp_path / "py") == trajectory(tmp_path / "native")
+    if native["status"] == "completed":
+        a, b = read_adapter(tmp_path / "native" / "adapter")[0], read_adapter(tmp_path / "py" / "adapter")[0]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        replay(tmp_path / "native" / "metrics.jsonl", tmp_path / "re")
+        re = read_adapter(tmp_path / "re")[0]
+        assert max((re[k] - a[k]).abs().max().item() for k in a) <= 1e-5

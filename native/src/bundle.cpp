@@ -111,6 +111,19 @@ Bundle Bundle::load(const std::string& dir) {
     b.steps = r.at("steps").as_int("steps");
     b.save_every = r.at("save_every").as_int("save_every");
     b.max_bad_steps = r.at("max_bad_steps").as_int("max_bad_steps");
+    if (const Json* d = r.find("divergence")) {
+      auto& v = b.divergence;
+      v.policy = d->at("policy").as_string("divergence.policy");
+      v.alpha = d->at("alpha").as_double("divergence.alpha");
+      v.factor = d->at("factor").as_double("divergence.factor");
+      v.margin = d->at("margin").as_double("divergence.margin");
+      v.lr_cut = d->at("lr_cut").as_double("divergence.lr_cut");
+      v.warmup = d->at("warmup").as_int("divergence.warmup");
+      v.patience = d->at("patience").as_int("divergence.patience");
+      v.max_rollbacks = d->at("max_rollbacks").as_int("divergence.max_rollbacks");
+      if (v.policy != "rollback" && v.policy != "stop" && v.policy != "warn" && v.policy != "off")
+        throw Error("run.json: unknown divergence policy " + v.policy);
+    }
     b.lr = r.at("lr").as_double("lr");
     b.eps = r.at("eps").as_double("eps");
     std::string objective = r.at("objective").as_string("objective");

@@ -45,6 +45,13 @@ struct Bundle {
   };
   std::vector<StateSpec> state;
   std::vector<std::string> step_extras;  // train_step outputs after (losses, g), logged by name (HiZOO: curvature)
+  // What to do when the smoothed loss diverges (run.json "divergence": mobizo.divergence's policy and
+  // constants); "off" for a bundle written before it.
+  struct Divergence {
+    std::string policy = "off";
+    double alpha = 0.1, factor = 2.0, margin = 0.5, lr_cut = 0.5;
+    int64_t warmup = 10, patience = 20, max_rollbacks = 3;
+  } divergence;
   ArrayFile input_ids, attention_mask, labels, batches, schedule;
   std::vector<int64_t> real_rows, gold;              // small: kept in memory
   bool has_schedule = false;

@@ -387,9 +387,61 @@ float torch_mean(const std::vector<float>& x) {
 
 // ------------------------------------------------------------------ checkpoints
 
+// mobizo.divergence.Monitor: a moving average of the applied steps' losses and the streak of steps it has
+// stayed above max(factor x its lowest, lowest + margin), with the bundle's constants.
+struct Monitor {
+  double average = NAN, lowest = NAN;
+  int64_t steps = 0, streak = 0;
+
+  double threshold(const Bundle::Divergence& d) const { return std::max(d.factor * lowest, lowest + d.margin); }
+
+  bool update(double loss, const Bundle::Divergence& d) {
+    if (!std::isfinite(loss)) return false;
+    ++steps;
+    average = std::isnan(average) ? loss : (1 - d.alpha) * average + d.alpha * loss;
+    if (steps <= d.warmup) {
+      lowest = std::isnan(lowest) ? average : std::min(lowest, average);
+      return false;
+    }
+    if (average > threshold(d)) {
+      ++streak;
+    } else {
+      streak = 0;
+      lowest = std::min(lowest, average);
+    }
+    return streak >= d.patience;
+  }
+
+  Json to_json() const {  // Monitor.state(): the field order of the Python dataclass
+    Json m = Json::object();
+    m.set("average", std::isfinite(average) ? Json::number(average) : Json::null());
+    m.set("lowest", std::isfinite(lowest) ? Json::number(lowest) : Json::null());
+    m.set("steps", Json::integer(steps));
+    m.set("streak", Json::integer(streak));
+    return m;
+  }
+
+  static Monitor of(const Json* j) {
+    Monitor m;
+    if (!j || j->type != Json::Type::Object) return m;
+    auto num = [&](const char* k) {
+      const Json* v = j->find(k);
+      return v && !v->is_null() ? v->as_double(k) : NAN;
+    };
+    m.average = num("average");
+    m.lowest = num("lowest");
+    if (const Json* v = j->find("steps")) m.steps = v->as_int("steps");
+    if (const Json* v = j->find("streak")) m.streak = v->as_int("streak");
+    return m;
+  }
+};
+
 struct RunState {
   int64_t step = 0, skipped = 0;
   double last_loss = NAN;
+  Monitor monitor;
+  double lr_scale = 1.0;  // what divergence rollbacks left of the bundle's lr
+  Json rollbacks = Json::array();
 };
 
 Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
@@ -408,6 +460,9 @@ Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
   st.set("engine", Json::string("native"));
   st.set("pte_sha256", b.manifest.at("pte_sha256"));
   if (!b.state.empty()) st.set("zo_state", Json::boolean(true));  // zo_state.safetensors beside it
+  st.set("monitor", s.monitor.to_json());
+  st.set("lr_scale", Json::number(s.lr_scale));
+  st.set("rollbacks", s.rollbacks);
   // mobizo.checkpoint._state_sha256: sha256 of json.dumps(state without "sha256", sort_keys=True)
   st.set("sha256", Json::string(sha256_hex(dump_json(st, /*sort_keys=*/true))));
   return st;
@@ -530,6 +585,9 @@ int train(const Options& o) {
       st.step = state.at("step").as_int("step");
       st.skipped = state.at("skipped_steps").as_int("skipped_steps");
       st.last_loss = state.at("last_loss").is_null() ? NAN : state.at("last_loss").as_double("last_loss");
+      st.monitor = Monitor::of(state.find("monitor"));
+      if (const Json* v = state.find("lr_scale")) st.lr_scale = v->as_double("lr_scale");
+      if (const Json* v = state.find("rollbacks"); v && v->type == Json::Type::Array) st.rollbacks = *v;
     } catch (const JsonError& e) {
       throw mobizo::Error("cannot resume: " + join(d, "state.json") + ": unreadable checkpoint state (" + e.what() + ")" + hint);
     } catch (const mobizo::Error& e) {
@@ -617,6 +675,29 @@ int train(const Options& o) {
   };
   if (!o.resume) save_ckpt(0);  // a run killed at any point after this can be resumed
 
+  // The last healthy checkpoint, in memory: what a divergence rollback restores.
+  const Bundle::Divergence& div = b.divergence;
+  struct Snapshot {
+    bool valid = false;
+    int64_t step = 0, skipped = 0;
+    double last_loss = NAN;
+    Monitor monitor;
+    std::vector<Tensor> bs, opt;
+  } snap;
+  bool warned = false;
+  auto take_snapshot = [&](int64_t at) {
+    std::vector<Tensor> ab = prog.get_adapter();
+    snap.bs.clear();
+    for (size_t k = 0; k < b.layers.size(); ++k) snap.bs.push_back(ab[2 * k + 1]);
+    snap.opt = b.state.empty() ? std::vector<Tensor>() : prog.get_state();
+    snap.step = at;
+    snap.skipped = st.skipped;
+    snap.last_loss = st.last_loss;
+    snap.monitor = st.monitor;
+    snap.valid = true;
+  };
+  if (st.monitor.streak == 0) take_snapshot(st.step);
+
   if (!o.quiet)
     std::printf("mobizo-train: %s -> %s, steps %lld..%lld of %lld\n", o.bundle.c_str(), o.out.c_str(),
                 (long long)st.step + 1, (long long)total, (long long)total);
@@ -630,7 +711,8 @@ int train(const Options& o) {
   int64_t step = st.step;
   for (step = st.step + 1; step <= total; ++step) {
     b.gather(step, ids, mask, lab, gold);
-    auto [lr, eps] = b.lr_eps(step);
+    auto [bundle_lr, eps] = b.lr_eps(step);
+    const double lr = bundle_lr * st.lr_scale;  // logged as applied: replay follows a rollback
     auto t0 = std::chrono::steady_clock::now();
     int64_t step_v = step;
     float lr_v = float(lr), eps_v = float(eps);
@@ -672,9 +754,11 @@ int train(const Options& o) {
       for (float v : x.data) arr.push(Json::number(double(v)));
       rec.set(b.step_extras[k], arr);
     }
+    bool diverged = false;
     if (good) {
       bad_run = 0;
       st.last_loss = loss;
+      diverged = div.policy != "off" && st.monitor.update(loss, div);
     } else {  // the step left B untouched (in-graph guard); count it
       ++bad_run;
       ++st.skipped;
@@ -707,8 +791,63 @@ int train(const Options& o) {
       atomic_write_file(join(o.out, "summary.json"), dump_json(s, false, true) + "\n");
       throw mobizo::Error(msg);
     }
-    // checkpoints never land inside a streak of bad steps: resuming redoes them
-    if (b.save_every && step % b.save_every == 0 && step != total && bad_run == 0) save_ckpt(step);
+    if (diverged) {
+      std::string what = "the training loss diverged by step " + std::to_string(step) + ": its moving average " +
+                         fmt("%.4g", st.monitor.average) + " stayed above " + fmt("%.4g", st.monitor.threshold(div)) +
+                         " (" + fmt("%g", div.factor) + "x its lowest, " + fmt("%.4g", st.monitor.lowest) + ") for " +
+                         std::to_string(div.patience) + " steps";
+      if (div.policy == "warn") {
+        if (!warned) std::fprintf(stderr, "mobizo-train: warning: %s\n", what.c_str());
+        warned = true;
+      } else if (div.policy == "stop" || !snap.valid || int64_t(st.rollbacks.a.size()) >= div.max_rollbacks) {
+        std::string tried =
+            st.rollbacks.a.empty() ? "" : " after " + std::to_string(st.rollbacks.a.size()) + " rollbacks";
+        std::string msg = "training stopped at step " + std::to_string(step) + tried + ": " + what +
+                          "; last good checkpoint: step " + std::to_string(last_ckpt) + " in " + ckpt +
+                          " (write a bundle with a lower lr and start again)";
+        Json s = Json::object();
+        s.set("status", Json::string("diverged"));
+        s.set("final_step", Json::integer(step));
+        s.set("error", Json::string(msg));
+        s.set("last_checkpoint_step", Json::integer(last_ckpt));
+        s.set("skipped_steps", Json::integer(st.skipped));
+        s.set("rollbacks", st.rollbacks);
+        s.set("engine", Json::string("native"));
+        close(mfd);
+        atomic_write_file(join(o.out, "summary.json"), dump_json(s, false, true) + "\n");
+        throw mobizo::Error(msg);
+      } else {  // roll back to the last healthy checkpoint's adapter and state, with a lower lr
+        prog.set_adapter(snap.bs);
+        if (!snap.opt.empty()) prog.set_state(snap.opt);
+        st.monitor = snap.monitor;
+        st.skipped = snap.skipped;
+        st.last_loss = snap.last_loss;
+        st.lr_scale *= div.lr_cut;
+        Json r = Json::object();
+        r.set("at_step", Json::integer(step));
+        r.set("to_step", Json::integer(snap.step));
+        r.set("lr_scale", Json::number(st.lr_scale));
+        st.rollbacks.push(r);
+        bad_run = 0;
+        close(mfd);  // the undone steps are redone: the log keeps what the checkpoint covers
+        atomic_write_file(metrics_path, kept_metrics(metrics_path, snap.step, b.log_header_line));
+        mfd = open(metrics_path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+        if (mfd < 0) throw_errno("cannot open", metrics_path);
+        std::fprintf(stderr, "mobizo-train: warning: %s; rolled back to step %lld with the learning rate x%g (rollback %zu of at most %lld)\n",
+                     what.c_str(), (long long)snap.step, st.lr_scale, st.rollbacks.a.size(),
+                     (long long)div.max_rollbacks);
+        save_ckpt(snap.step);  // a kill from here resumes the rolled-back run
+        step = snap.step;
+        continue;
+      }
+    }
+    // checkpoints never land inside a streak of bad steps (resuming redoes them) nor while the loss is
+    // above the divergence threshold: the last one is healthy
+    if (b.save_every && step % b.save_every == 0 && step != total && bad_run == 0 &&
+        (div.policy == "off" || st.monitor.streak == 0)) {
+      save_ckpt(step);
+      take_snapshot(step);
+    }
   }
   step = std::max(st.step, total);
   save_ckpt(step);
@@ -720,6 +859,7 @@ int train(const Options& o) {
   s.set("final_step", Json::integer(step));
   s.set("final_loss", std::isfinite(st.last_loss) ? Json::number(st.last_loss) : Json::null());
   s.set("skipped_steps", Json::integer(st.skipped));
+  s.set("rollbacks", st.rollbacks);
   s.set("seconds_per_step", timed ? Json::number(total_time / double(timed)) : Json::null());
   s.set("engine", Json::string("native"));
   s.set("estimator", b.manifest.at("estimator"));

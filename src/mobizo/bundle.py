@@ -60,6 +60,7 @@ import torch
 
 from . import __version__
 from .data import IGNORE, Batch, collate, collate_choices, step_indices
+from .divergence import POLICIES, constants
 from .engines.executorch.manifest import MANIFEST, PROGRAM
 from .errors import MobizoError
 from .fsio import atomic_write_dir
@@ -154,6 +155,7 @@ def write_bundle(
     adapter_metadata: dict,
     save_every: int = 100,
     max_bad_steps: int = 3,
+    divergence: str = "rollback",
     overwrite: bool = False,
 ) -> Path:
     """Write a bundle (format above) into ``out_dir``, atomically.
@@ -196,6 +198,8 @@ def write_bundle(
         raise MobizoError(f"real_rows must be within 1..{R}")
     if save_every < 0 or max_bad_steps < 1:
         raise MobizoError("save_every must be >= 0 and max_bad_steps >= 1")
+    if divergence not in POLICIES:
+        raise MobizoError(f"divergence must be one of {', '.join(POLICIES)}, got {divergence!r}")
     per_step = isinstance(lr, (list, tuple)) or isinstance(eps, (list, tuple))
     if per_step:
         lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * steps
@@ -246,6 +250,8 @@ def write_bundle(
         "eps": float(epss[0] if per_step else eps),
         "save_every": int(save_every),
         "max_bad_steps": int(max_bad_steps),
+        # what the native trainer does when the loss diverges (mobizo.divergence: the policy and its constants)
+        "divergence": {"policy": divergence, **constants()},
         "arrays": specs,
         "log_header": header_line,
         "adapter": {"config": adapter_config, "metadata": adapter_metadata},
@@ -307,6 +313,7 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
             adapter_metadata=meta,
             save_every=cfg.run.save_every,
             max_bad_steps=o.max_bad_steps,
+            divergence=cfg.run.divergence,
             overwrite=overwrite,
         )
 

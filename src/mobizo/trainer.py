@@ -144,7 +144,7 @@ def restore(run: Run, out: RunDir) -> dict:
         )
     run.engine.load_adapter_state(adapter)
     run.engine.load_optimizer_state(opt_state)
-    return {"step": state["step"], **fresh_start(), **{k: state[k] for k in LOOP_STATE if k in state}}
+    return {**fresh_start(), "step": state["step"], **{k: state[k] for k in LOOP_STATE if k in state}}
 
 
 # ---------------------------------------------------------------- the entry point
