@@ -88,7 +88,9 @@ def test_rollback_restores_the_last_healthy_checkpoint_with_half_the_lr(monkeypa
     # rollback (its checkpoint at the rollback's step holds the lr scale and the rollbacks)
     part = tmp_path / "part"
     trainer_module.train(TrainConfig.from_flat(**FLAGS, steps=22, out=str(part)))
+    before = (part / "metrics.jsonl").read_text().splitlines()[:23]
     resumed = trainer_module.train(TrainConfig.from_flat(**FLAGS, steps=60, out=str(part), resume=True))
+    assert (part / "metrics.jsonl").read_text().splitlines()[:21] == before[:21]  # steps 1-20 were not redone
     assert resumed["rollbacks"] == summary["rollbacks"]
     assert [r["lr"] for r in _records(part)] == [r["lr"] for r in recs]
 

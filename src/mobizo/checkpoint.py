@@ -387,6 +387,7 @@ def _one_line(e: BaseException) -> str:
 
 OPTIMIZER = "optimizer.pt"  # the first-order baseline's torch optimizer
 ZO_STATE = "zo_state.safetensors"  # a stateful ZO update rule's buffers (mobizo.zo_optim), checksummed like adapters
+ROLLBACK = "rollback.safetensors"  # the adapter and rule state of the last healthy point before this checkpoint
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -402,18 +403,20 @@ def save_checkpoint(
     state: dict,
     optimizer=None,
     fan_in_fan_out: bool | None = None,
+    rollback: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Adapter + ``state.json`` (+ the optimizer's state: ``zo_state.safetensors`` for a ZO rule, ``optimizer.pt``
-    for the first-order baseline, its presence or sha256 recorded in the state), swapped in atomically."""
+    for the first-order baseline, its presence or sha256 recorded in the state; + ``rollback.safetensors``: the
+    tensors of an earlier healthy point a divergence rollback returns to, :mod:`mobizo.divergence`), swapped
+    in atomically."""
 
     def write(d: Path) -> None:
-        from safetensors.torch import save_file
-
         write_adapter(d, adapter_state, rank, alpha, base_model, fan_in_fan_out)
         st = {k: v for k, v in state.items() if k != "sha256"}
+        if rollback:
+            _save_tensors(d / ROLLBACK, rollback)
         if _is_tensor_dict(optimizer):
-            tensors = {k: v.detach().contiguous().cpu() for k, v in optimizer.items()}
-            save_file(tensors, str(d / ZO_STATE), metadata={"format": "pt", "sha256": tensors_sha256(tensors)})
+            _save_tensors(d / ZO_STATE, optimizer)
             st["zo_state"] = True
         elif optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)
@@ -491,8 +494,24 @@ def load_checkpoint(directory: Path):
     return adapter, config, state, optimizer
 
 
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "sha256": tensors_sha256(tensors)})
+
+
+def read_rollback(directory: Path) -> dict[str, torch.Tensor]:
+    """The rollback point's tensors a checkpoint holds (``state.json`` says so), checksum verified."""
+    d = resolve_dir(directory)
+    if d is None:
+        raise MobizoError(f"no checkpoint in {directory}")
+    return _read_zo_state(d / ROLLBACK)
+
+
 def _read_zo_state(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's ZO update-rule state, its checksum verified (shapes and values: the engine checks them)."""
+    """Tensors written by :func:`_save_tensors` (a ZO rule's state, a rollback point), checksum verified
+    (shapes and values: the engine checks them)."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():

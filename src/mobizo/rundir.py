@@ -185,9 +185,11 @@ class RunDir:
     def load_checkpoint(self):
         return load_checkpoint(self / CHECKPOINT)
 
-    def save_checkpoint(self, adapter, rank, alpha, model, state: dict, optimizer=None, fan_in_fan_out=None) -> None:
+    def save_checkpoint(
+        self, adapter, rank, alpha, model, state: dict, optimizer=None, fan_in_fan_out=None, rollback=None
+    ) -> None:
         if self.writes:
-            save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer, fan_in_fan_out)
+            save_checkpoint(self / CHECKPOINT, adapter, rank, alpha, model, state, optimizer, fan_in_fan_out, rollback)
 
     def save_adapter(self, name: str, adapter, rank, alpha, model, fan_in_fan_out=None) -> None:
         if self.writes:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from . import __version__
 from .build import Run, assemble, build_engine, needs_weights
+from .checkpoint import read_rollback
 from .config import DEFAULTS, FIELDS, TrainConfig, flag, non_default
 from .data import collate, collate_choices, step_indices
 from .divergence import FACTOR, LR_CUT, MAX_ROLLBACKS, PATIENCE, Monitor
 from .errors import MobizoError
 from .evaluation import evaluate, main_metric, metric_score
 from .progress import bar
-from .rundir import ADAPTER, BEST, PROGRAM_DIR, RunDir, default_out, log_header
+from .rundir import ADAPTER, BEST, CHECKPOINT, PROGRAM_DIR, RunDir, default_out, log_header
 from .schedule import lr_at
 from .step import step_good
 
@@ -144,7 +145,15 @@ def restore(run: Run, out: RunDir) -> dict:
         )
     run.engine.load_adapter_state(adapter)
     run.engine.load_optimizer_state(opt_state)
-    return {**fresh_start(), "step": state["step"], **{k: state[k] for k in LOOP_STATE if k in state}}
+    start = {**fresh_start(), "step": state["step"], **{k: state[k] for k in LOOP_STATE if k in state}}
+    if isinstance(state.get("rollback"), dict):  # the earlier healthy point a divergence would return to
+        tensors = read_rollback(out / CHECKPOINT)
+        part = {
+            w: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(w + ".")}
+            for w in ("adapter", "optimizer")
+        }
+        start["snapshot"] = {**state["rollback"], "adapter": part["adapter"], "optimizer": part["optimizer"] or None}
+    return start
 
 
 # ---------------------------------------------------------------- the entry point
@@ -218,7 +227,7 @@ class Trainer:
         self.monitor = Monitor.of(start.get("monitor"))
         self.lr_scale = float(start.get("lr_scale", 1.0))
         self.rollbacks = list(start.get("rollbacks") or [])
-        self.warned, self.snapshot = False, None
+        self.warned, self.snapshot = False, start.get("snapshot")  # (a resumed run's, kept in its checkpoint)
         resume = self.cfg.run.resume
         header = {**log_header(self.cfg.trajectory(), run.targets), **(header_fields or {})}
         self.log = out.open_log(header, self.start_step if resume else None)
@@ -238,7 +247,7 @@ class Trainer:
             self.start_eval = run_eval(self.run)
             self._consider_best(0, self.start_eval)
             self._checkpoint(0)
-        if self.monitor.healthy:
+        if self.snapshot is None and self.monitor.healthy:
             self.snapshot = self._snap(self.start_step)
         progress = bar(o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step")
         try:
@@ -278,10 +287,10 @@ class Trainer:
                         continue
                 # Checkpoints never land inside a streak of bad steps (resuming redoes them, e.g. with a lower
                 # --lr), nor while the loss is above the divergence threshold: the last one is a healthy one.
-                if r.save_every and step % r.save_every == 0 and step != o.steps and self.bad_run == 0:
-                    if self.monitor.healthy or r.divergence == "off":
-                        self._checkpoint(step)
-                        self.snapshot = self._snap(step)
+                healthy = self.monitor.healthy or r.divergence == "off"
+                if r.save_every and step % r.save_every == 0 and step != o.steps and self.bad_run == 0 and healthy:
+                    self.snapshot = self._snap(step)
+                    self._checkpoint(step)
         finally:
             progress.close()
             self.log.close()
@@ -362,6 +371,13 @@ class Trainer:
             "eval_start": self.start_eval,
             "best": self.best,
         }
+        # A checkpoint that is not the rollback point itself (a run's last step, say) keeps that point's tensors,
+        # so that a resumed run rolls back where the uninterrupted one would
+        snap, rollback = self.snapshot, None
+        if snap is not None and snap["step"] != step:
+            state["rollback"] = {k: snap[k] for k in ("step", "monitor", "skipped", "last_loss")}
+            rollback = {f"adapter.{k}": v for k, v in snap["adapter"].items()}
+            rollback.update({f"optimizer.{k}": v for k, v in (snap["optimizer"] or {}).items()})
         self.out.save_checkpoint(
             self.run.engine.adapter_state(),
             cfg.adapter.rank,
@@ -370,13 +386,17 @@ class Trainer:
             state,
             self.run.engine.optimizer_state(),
             self.fan_in_fan_out,
+            rollback,
         )
         self.last_good_ckpt = step
 
     # ------------------------------------------------------------ divergence
 
-    def _snap(self, step: int) -> dict:
-        """What a rollback restores: the adapter and rule state at ``step`` and the loop's counters."""
+    def _snap(self, step: int) -> dict | None:
+        """What a rollback restores: the adapter and rule state at ``step`` and the loop's counters. None for the
+        first-order baseline (its torch optimizer state is not kept apart): a divergence stops it instead."""
+        if self.cfg.optim.estimator == "fo":
+            return None
         engine = self.run.engine
         return {
             "step": step,
