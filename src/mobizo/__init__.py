@@ -5,7 +5,9 @@ The public Python API (README "Python API")::
     import mobizo
     model = mobizo.get_mplora_model(hf_model, mobizo.MPLoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     summary = mobizo.train(mobizo.TrainConfig.from_flat(model="tiny", task="synthetic", steps=100, out="runs/x"))
-    metrics = mobizo.evaluate(model="tiny", task="synthetic", adapter="runs/x/adapter")
+    metrics = mobizo.evaluate(adapter="runs/x")  # a run directory names the model, the task and the adapter
+    text = mobizo.generate("Review: a fine film. Sentiment:", run="runs/x")
+    label = mobizo.predict("the plot was dull", run="runs/x")  # {"label": "bad", "probabilities": [...], ...}
 
 Names are imported on first use, so ``import mobizo`` (and the command line's start-up) stays light.
 
@@ -46,6 +48,9 @@ _API = {
     "evaluate": "mobizo.api",
     "save_adapter": "mobizo.api",
     "load_adapter": "mobizo.api",
+    "generate": "mobizo.api",
+    "stream": "mobizo.api",
+    "predict": "mobizo.api",
     "Example": "mobizo.tasks.base",
     "MobizoError": "mobizo.errors",
 }

@@ -1,4 +1,5 @@
-"""The public Python API (re-exported by :mod:`mobizo`): train, evaluate, save and load adapters.
+"""The public Python API (re-exported by :mod:`mobizo`): train, evaluate, save and load adapters, and use
+them: generate / stream text, predict labels.
 
 :func:`train` and :func:`evaluate` are exactly what ``mobizo train`` / ``mobizo eval`` run
 (same validation, run directory, resume semantics and errors); they also take objects
@@ -54,42 +55,211 @@ def evaluate(
     model=None,
     tokenizer=None,
     examples=None,
+    run: str | Path | None = None,
+    adapter_kind: str | None = None,
+    given: set[str] | None = None,
     **fields,
 ) -> dict:
-    """Metrics of the model (with ``adapter``, a PEFT adapter directory, if given) on the task's validation
-    split (or ``examples``): ``accuracy``/``f1``/``loss``..., plus ``n``, ``task``, ``metric``."""
+    """Metrics of the model (with ``adapter``, if given) on the task's validation split (or ``examples``):
+    ``accuracy``/``f1``/``loss``..., plus ``n``, ``task``, ``metric``.
+
+    ``adapter``: a PEFT adapter directory or a run directory; ``run``: a run directory. A run names
+    everything: the fields not set (``given``: the names set; by default those in ``fields`` and those of
+    ``config`` that differ from the defaults) take the run's saved values (model, task, data, template,
+    label words, max length, quantization, eval sizes), and its adapter is ``best/`` when it has one, else
+    ``adapter/`` (``adapter_kind``: ``best`` or ``last``). A bare adapter without ``model`` uses the base
+    its ``adapter_config.json`` names."""
     from .build import assemble
-    from .checkpoint import read_adapter
+    from .config import DATA_FLAGS, MODEL_FLAGS, non_default
     from .engines.eager import EagerEngine
     from .evaluation import evaluate as run_eval
     from .evaluation import main_metric
+    from .inference import apply_adapter, resolve_source, task_warning, with_run_defaults
 
     cfg = (config or TrainConfig()).replace(**fields)
-    state = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the model loads
-    run = assemble(cfg, model=model, tokenizer=tokenizer, validation=examples, need_train=False, inject_adapter=False)
-    if state is not None:
-        _apply_adapter(run.model, *state)
-    engine = EagerEngine(run.model, estimator=None)  # scoring only
+    given = set(given) if given is not None else non_default(cfg) | set(fields)
+    if model is not None:
+        given.add("model")
+    src = resolve_source(adapter, run, adapter_kind)  # a bad adapter fails before the model loads
+    names = (*MODEL_FLAGS, "seed", *DATA_FLAGS)
+    cfg = with_run_defaults(cfg, given, src, names, need_data=examples is None)
+    if examples is None:
+        task_warning(src, given)
+    run_ = assemble(cfg, model=model, tokenizer=tokenizer, validation=examples, need_train=False, inject_adapter=False)
+    if src.state is not None:
+        apply_adapter(run_.model, *src.state, where=src.adapter, model_name=cfg.model)
+    src.announce()
+    engine = EagerEngine(run_.model, estimator=None)  # scoring only
     d = cfg.data
     metrics = run_eval(
         engine,
-        run.task.kind,
-        run.validation,
-        run.encoder,
-        run.tokenizer.pad_token_id,
+        run_.task.kind,
+        run_.validation,
+        run_.encoder,
+        run_.tokenizer.pad_token_id,
         d.max_length,
         d.eval_batch_size,
         d.max_new_tokens,
         progress=cfg.run.progress,
     )
     return {
-        "task": run.task.name,
-        "kind": run.task.kind,
-        "metric": main_metric(run.task.kind),
+        "task": run_.task.name,
+        "kind": run_.task.kind,
+        "metric": main_metric(run_.task.kind),
         "model": cfg.model,
-        "adapter": None if adapter is None else str(adapter),
+        "adapter": None if src.adapter is None else str(src.adapter),
+        "run": None if src.run is None else str(src.run),
         **metrics,
     }
+
+
+# ---------------------------------------------------------------- using a trained adapter
+
+GENERATE_FIELDS = ("model", "trust_remote_code", "quantize", "group_size", "quantize_embeddings")
+
+
+def _source(run, adapter, adapter_kind, model, fields: dict, names):
+    """(config, Source) for generate / stream / predict: ``fields`` by flat name, the run's values for the rest."""
+    from .inference import resolve_source, with_run_defaults
+
+    if isinstance(model, (str, Path)):
+        fields = {**fields, "model": str(model)}
+    cfg = TrainConfig().replace(**fields)
+    given = set(fields) | ({"model"} if model is not None else set())
+    src = resolve_source(adapter, run, adapter_kind)
+    return with_run_defaults(cfg, given, src, names), src
+
+
+def _generator(run, adapter, adapter_kind, model, tokenizer, engine, program, fields):
+    from .inference import load_generator
+
+    cfg, src = _source(run, adapter, adapter_kind, model, fields, GENERATE_FIELDS)
+    obj = None if isinstance(model, (str, Path)) else model
+    if obj is None and tokenizer is not None:
+        raise MobizoError("a tokenizer object goes with a model object (model=...)")
+    return load_generator(cfg, src, engine=engine, program=program, model=obj, tokenizer=tokenizer)
+
+
+def _sampling(max_new_tokens, temperature, top_p, seed, stop):
+    from .generation import SamplingConfig
+
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return SamplingConfig(max_new_tokens, float(temperature), float(top_p), int(seed), stops).check()
+
+
+def generate(
+    prompt: str | list[str],
+    run: str | Path | None = None,
+    *,
+    adapter: str | Path | None = None,
+    adapter_kind: str | None = None,
+    model=None,
+    tokenizer=None,
+    engine: str = "eager",
+    program: str | Path | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: str | list[str] | None = None,
+    chat: bool | None = None,
+    **fields,
+) -> str | list[str]:
+    """The text the fine-tuned model continues ``prompt`` with (a list of texts for a list of prompts), as
+    ``mobizo generate`` writes it.
+
+    ``run``: a run directory (model, quantization and adapter from it), or ``adapter`` (an adapter or run
+    directory) and/or ``model`` (a model directory, or a Hugging Face model object with its ``tokenizer``;
+    an object is changed in place: the adapter is injected into it). ``engine="executorch"``: generate with
+    the run's program (or ``program``). Greedy unless ``temperature > 0`` (then seeded nucleus sampling,
+    ``top_p``); stops at EOS, ``max_new_tokens`` or a ``stop`` string; a chat model's template is applied
+    unless ``chat=False``. ``fields``: config fields by flat name (``quantize``, ``threads``, ``progress``)."""
+    from .generation import stream as decode
+    from .inference import prompt_token_ids
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise MobizoError("generate needs a non-empty prompt string, or a list of them")
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed, stop)
+    gen = _generator(run, adapter, adapter_kind, model, tokenizer, engine, program, fields)
+    ids = prompt_token_ids(gen, prompts, chat, sampling.max_new_tokens)
+    texts = ["".join(decode(gen.engine, gen.tokenizer, i, sampling)) for i in ids]
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def stream(
+    prompt: str,
+    run: str | Path | None = None,
+    *,
+    adapter: str | Path | None = None,
+    adapter_kind: str | None = None,
+    model=None,
+    tokenizer=None,
+    engine: str = "eager",
+    program: str | Path | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: str | list[str] | None = None,
+    chat: bool | None = None,
+    **fields,
+):
+    """:func:`generate` for one prompt, yielding the text piece by piece as it is decoded (the model loads
+    on the first ``next``)."""
+    from .generation import stream as decode
+    from .inference import prompt_token_ids
+
+    if not isinstance(prompt, str) or not prompt:
+        raise MobizoError("stream needs a non-empty prompt string")
+    sampling = _sampling(max_new_tokens, temperature, top_p, seed, stop)
+    gen = _generator(run, adapter, adapter_kind, model, tokenizer, engine, program, fields)
+    (ids,) = prompt_token_ids(gen, [prompt], chat, sampling.max_new_tokens)
+    yield from decode(gen.engine, gen.tokenizer, ids, sampling)
+
+
+PREDICT_FIELDS = (
+    *GENERATE_FIELDS,
+    "task",
+    "data",
+    "template",
+    "label_words",
+    "max_length",
+    "truncation",
+    "eval_batch_size",
+)
+
+
+def predict(
+    inputs,
+    run: str | Path | None = None,
+    *,
+    adapter: str | Path | None = None,
+    adapter_kind: str | None = None,
+    model=None,
+    tokenizer=None,
+    **fields,
+) -> dict | list[dict]:
+    """The label a classification or multiple-choice run gives new inputs, with every candidate's probability:
+    ``{"label", "index", "candidates", "probabilities"}`` (a list of them for a list of inputs), exactly as
+    ``mobizo predict`` (and eval's ranking: the probabilities are a softmax over eval's scores).
+
+    ``inputs``: a text (put into the task's single field), a record (dict of the template's fields), an
+    :class:`mobizo.Example` (its prompt and candidates), or a list of them. ``run`` / ``adapter`` /
+    ``model`` / ``tokenizer`` as in :func:`generate`; without a run, give the task by its fields
+    (``task``, ``template``, ``label_words``)."""
+    from .inference import input_examples, load_predictor
+    from .inference import predict as rank
+
+    single = not isinstance(inputs, (list, tuple))
+    items = [inputs] if single else list(inputs)
+    if not items:
+        raise MobizoError("predict needs at least one input")
+    cfg, src = _source(run, adapter, adapter_kind, model, fields, PREDICT_FIELDS)
+    obj = None if isinstance(model, (str, Path)) else model
+    pred = load_predictor(cfg, src, model=obj, tokenizer=tokenizer)
+    out = rank(pred, input_examples(pred.task, [(f"input {i + 1}", x) for i, x in enumerate(items)]))
+    return out[0] if single else out
 
 
 def save_adapter(model, path: str | Path) -> None:
@@ -118,10 +288,6 @@ def load_adapter(model, path: str | Path):
 
 def _apply_adapter(model, tensors: dict, config: dict):
     """Inject MP-LoRA layers shaped like the adapter (unless the model has them) and load its tensors."""
-    from .mplora import inject, load_adapter_state, lora_layers
+    from .inference import apply_adapter
 
-    if not lora_layers(model):
-        modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
-        model.mplora_layers = inject(model, modules, int(config["r"]), float(config["lora_alpha"]), 0)
-    load_adapter_state(model, tensors)
-    return model
+    return apply_adapter(model, tensors, config)

@@ -35,8 +35,47 @@ def build_parser() -> argparse.ArgumentParser:
         C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads"),
         {"seed": {"help": "seed for --eval-examples sampling"}},
     )
-    p.add_argument("--adapter", help="PEFT adapter directory (omit to score the untouched model)")
+    _adapter_arguments(p, "omit both to score the untouched model")
     p.add_argument("--json", help="also write the metrics as JSON to this file")
+
+    p = sub.add_parser("generate", help="generate text with a fine-tuned model (streamed to stdout)")
+    _use_arguments(p)
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument(
+        "--input",
+        metavar="FILE",
+        help="prompts from a file: JSONL with a 'prompt' field per line, or plain text, one prompt per line "
+        "('-': stdin)",
+    )
+    p.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="do not apply the tokenizer's chat template (applied by default when the tokenizer has one)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
+    _sampling_arguments(p, 128)
+
+    p = sub.add_parser("chat", help="an interactive conversation with a fine-tuned chat model")
+    _use_arguments(p)
+    p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
+    _sampling_arguments(p, 256)
+
+    p = sub.add_parser("predict", help="label new inputs with a classification / multiple-choice run")
+    _adapter_arguments(p, "omit both to use the untouched model")
+    C.add_arguments(
+        p,
+        C.MODEL_FLAGS + ("task", "template", "label_words", "max_length", "truncation", "eval_batch_size"),
+        {"eval_batch_size": {"help": "inputs per forward"}},
+    )
+    C.add_arguments(p, ("threads", "progress"))
+    p.add_argument(
+        "--input",
+        metavar="FILE",
+        required=True,
+        help="JSONL records with the template's fields, or plain text lines put into its single field ('-': stdin)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per input instead of 'label<TAB>probabilities'")
 
     p = sub.add_parser("export", help="export the ZO training step as an ExecuTorch program")
     C.add_arguments(p, C.EXPORT_FLAGS + ("progress",))
@@ -109,6 +148,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _adapter_arguments(p, none: str) -> None:
+    p.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="PEFT adapter directory, or a run directory (then as --run); " + none,
+    )
+    p.add_argument(
+        "--run",
+        metavar="RUN",
+        help="a 'mobizo train' run directory: its model, task, data, template, label words, max length and "
+        "quantization are the defaults of the flags not given, its adapter is used",
+    )
+    p.add_argument(
+        "--adapter-kind",
+        choices=("best", "last"),
+        help="which adapter of the run: best (best/, the best periodic eval) or last (adapter/, the final one); "
+        "default: best/ when the run has one",
+    )
+
+
+def _use_arguments(p) -> None:
+    """The flags of generate and chat: what to load and with which engine."""
+    _adapter_arguments(p, "omit both to use the untouched model")
+    C.add_arguments(p, C.MODEL_FLAGS + ("threads", "progress"))
+    p.add_argument(
+        "--engine",
+        choices=C.ENGINES,
+        default="eager",
+        help="eager PyTorch (default), or the run's ExecuTorch program (RUN/program or --program) with the adapter",
+    )
+    p.add_argument("--program", metavar="DIR", help="--engine executorch: this program directory ('mobizo export')")
+
+
+def _sampling_arguments(p, max_new_tokens: int) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        help=f"tokens to generate at most (default {max_new_tokens})",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="sample among the most likely tokens of this mass (default 1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop before this text (repeatable)")
+
+
 def config_from(args: argparse.Namespace, names=None) -> tuple[C.TrainConfig, set[str]]:
     """The TrainConfig of the flags given (defaults for the others) and the set of given names."""
     given = C.given(args, names)
@@ -137,13 +224,13 @@ def cmd_eval(args) -> int:
     from .fsio import atomic_write_text
     from .util import dumps
 
-    cfg, _ = config_from(args)
+    cfg, given = config_from(args)
     json_path = Path(args.json) if args.json else None
     if json_path is not None and (json_path.is_dir() or not json_path.absolute().parent.is_dir()):
         raise MobizoError(f"--json {json_path}: not a writable file path")
-    metrics = evaluate(cfg, adapter=args.adapter)
+    metrics = evaluate(cfg, adapter=args.adapter, run=args.run, adapter_kind=args.adapter_kind, given=given)
     print(
-        f"{metrics['task']} ({'zero-shot' if args.adapter is None else 'adapter ' + args.adapter}): "
+        f"{metrics['task']} ({'zero-shot' if metrics['adapter'] is None else 'adapter ' + metrics['adapter']}): "
         f"{metrics['metric']} {metrics[metrics['metric']]:.4f} on {metrics['n']} examples"
     )
     for k, v in metrics.items():
@@ -151,6 +238,110 @@ def cmd_eval(args) -> int:
             print(f"{k}: {v:.4f}")
     if json_path is not None:
         atomic_write_text(json_path, dumps(metrics, indent=1))
+    return 0
+
+
+def _use(args, names):
+    """(config, Source) of generate / chat / predict: the flags given, the run's values for the others."""
+    from .inference import resolve_source, with_run_defaults
+
+    cfg, given = config_from(args, names)
+    src = resolve_source(args.adapter, args.run, args.adapter_kind)
+    return with_run_defaults(cfg, given, src, names), src
+
+
+def _sampling(args):
+    from .generation import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, list(args.stop)).check()
+
+
+USE_FLAGS = C.MODEL_FLAGS + ("threads", "progress")
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from .generation import stream
+    from .inference import load_generator, prompt_token_ids, read_prompts
+    from .util import dumps
+
+    sampling = _sampling(args)  # bad input fails before anything loads
+    if args.engine != "executorch" and args.program:
+        raise MobizoError("--program applies to --engine executorch")
+    prompts = list(args.prompt)
+    if any(not p for p in prompts):
+        raise MobizoError("--prompt must not be empty")
+    if args.input is not None:
+        prompts += read_prompts(args.input)
+    if not prompts:
+        raise MobizoError("nothing to generate from: give --prompt TEXT or --input FILE")
+    cfg, src = _use(args, USE_FLAGS)
+    gen = load_generator(cfg, src, engine=args.engine, program=args.program)
+    chat = None if args.chat_template else False
+    ids = prompt_token_ids(gen, prompts, chat, sampling.max_new_tokens)  # every prompt checked before any output
+    out = sys.stdout
+    midline = False
+    try:
+        for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids)):
+            t0, tokens, info, pieces = time.perf_counter(), [], {}, []
+            if not args.json and len(prompts) > 1:
+                out.write(("\n" if i else "") + f"==> prompt {i + 1} <==\n")
+            for piece in stream(gen.engine, gen.tokenizer, prompt_ids, sampling, tokens, info):
+                pieces.append(piece)
+                if not args.json:
+                    out.write(piece)
+                    out.flush()
+                    midline = not piece.endswith("\n")
+            if args.json:
+                record = {
+                    "prompt": prompt,
+                    "completion": "".join(pieces),
+                    "tokens": len(tokens),
+                    "finish": info["finish"],
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+                out.write(dumps(record, ensure_ascii=False) + "\n")
+            else:
+                out.write("\n")
+                midline = False
+            out.flush()
+    except KeyboardInterrupt:
+        if midline:  # end the cut line: the message that follows stands on its own
+            out.write("\n")
+            out.flush()
+        raise
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+    from .inference import load_generator
+
+    sampling = _sampling(args)
+    if args.engine != "executorch" and args.program:
+        raise MobizoError("--program applies to --engine executorch")
+    cfg, src = _use(args, USE_FLAGS)
+    gen = load_generator(cfg, src, engine=args.engine, program=args.program)
+    return run_chat(gen, sampling, system=args.system)
+
+
+def cmd_predict(args) -> int:
+    from .inference import format_prediction, input_examples, load_predictor, predict, read_inputs
+    from .util import dumps
+
+    names = C.MODEL_FLAGS + ("task", "template", "label_words", "max_length", "truncation", "eval_batch_size")
+    _, items = read_inputs(args.input)  # bad input fails before anything loads
+    cfg, src = _use(args, names + ("threads", "progress"))
+    pred = load_predictor(cfg, src)
+    name = "<stdin>" if args.input == "-" else args.input
+    examples = input_examples(pred.task, [(f"{name}:{n}", value) for n, value in items])
+    lines = [
+        dumps(p, ensure_ascii=False) if args.json else format_prediction(p, pred.task.kind)
+        for p in predict(pred, examples)
+    ]
+    sys.stdout.write("".join(line + "\n" for line in lines))  # all scored first: nothing half-written
+    sys.stdout.flush()
     return 0
 
 
@@ -255,6 +446,9 @@ def cmd_bench(args) -> int:
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "predict": cmd_predict,
     "replay": cmd_replay,
     "demo": cmd_demo,
     "export": cmd_export,
@@ -283,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mobizo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`mobizo generate ... | head`): stop quietly
+        try:  # (and let the interpreter's last flush of stdout go nowhere instead of failing again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe closed
     except OSError as e:  # disk full, permissions, a vanished file: the environment, not a bug
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         _error(f"{where}{e.strerror or e}")

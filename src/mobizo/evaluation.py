@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from .data import Encoder, collate, collate_choices, count_truncated
+from .data import IGNORE, Encoder, collate, collate_choices, count_truncated
 from .errors import MobizoError
 from .tasks.base import Example
 
@@ -172,7 +172,7 @@ def score_choices(
         for chunk in _chunks(order, rows):
             batch = collate_choices(
                 [groups[i] for i in chunk],
-                [examples[i].label for i in chunk],
+                [IGNORE if examples[i].label is None else examples[i].label for i in chunk],  # None: new inputs
                 n_choices,
                 pad_id,
                 max_length,
@@ -289,7 +289,8 @@ def evaluate(
     progress: bool | None = None,
 ) -> dict:
     """Metrics for ``examples`` (see the module docstring). ``predictions``, if given, receives
-    the generated texts of a generation task. ``progress``: a progress bar on stderr (``None``: only
+    the generated texts of a generation task, the index of the chosen candidate of a classification or
+    multiple-choice one. ``progress``: a progress bar on stderr (``None``: only
     on an interactive terminal)."""
     if not examples:
         raise MobizoError("nothing to evaluate: no examples")
@@ -303,27 +304,48 @@ def evaluate(
     return metrics
 
 
+def choice_scores(
+    engine,
+    kind: str,
+    examples: list[Example],
+    encoder: Encoder,
+    pad_id: int,
+    max_length: int,
+    batch_size: int,
+    progress: bool | None = False,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each classification / multiple-choice example: (ranking scores, CE sums, token counts) of its
+    candidates. The score eval ranks by: the summed log-prob of a label word (classification), the mean
+    log-prob per token of a candidate (multiple choice). One prompt row per example when every candidate
+    is one token (:func:`can_share_prompt`), else one row per candidate. ``mobizo predict`` reads the same."""
+    if can_share_prompt(engine, encoder, examples):
+        table, ctable = score_choices(engine, encoder, examples, pad_id, max_length, batch_size, progress)
+        per_example = [
+            (table[i, : len(ex.candidates)], ctable[i, : len(ex.candidates)]) for i, ex in enumerate(examples)
+        ]
+    else:
+        pairs = [(ex.prompt, cand) for ex in examples for cand in ex.candidates]
+        sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size, progress)
+        per_example, pos = [], 0
+        for ex in examples:
+            n = len(ex.candidates)
+            per_example.append((sums[pos : pos + n], counts[pos : pos + n]))
+            pos += n
+    # classification: total log-prob of the label word; multiple choice: per-token mean
+    return [((-s if kind == "classification" else -s / c.clamp(min=1)), s, c) for s, c in per_example]
+
+
 def _evaluate(engine, kind, examples, encoder, pad_id, max_length, batch_size, max_new_tokens, predictions, progress):
     limit = min(max_length, engine.shapes.length) if engine.shapes.length else max_length
     if kind in ("classification", "multiple_choice"):
-        if can_share_prompt(engine, encoder, examples):
-            table, ctable = score_choices(engine, encoder, examples, pad_id, max_length, batch_size, progress)
-            per_example = [
-                (table[i, : len(ex.candidates)], ctable[i, : len(ex.candidates)]) for i, ex in enumerate(examples)
-            ]
-        else:
-            pairs = [(ex.prompt, cand) for ex in examples for cand in ex.candidates]
-            sums, counts = score_pairs(engine, encoder, pairs, pad_id, max_length, batch_size, progress)
-            per_example, pos = [], 0
-            for ex in examples:
-                n = len(ex.candidates)
-                per_example.append((sums[pos : pos + n], counts[pos : pos + n]))
-                pos += n
         correct, gold_ce, gold_tokens = 0, 0.0, 0.0
-        for ex, (s, c) in zip(examples, per_example):
-            # classification: total log-prob of the label word; multiple choice: per-token mean
-            scores = -s if kind == "classification" else -s / c.clamp(min=1)
-            correct += int(int(torch.argmax(scores)) == ex.label)
+        for ex, (scores, s, c) in zip(
+            examples, choice_scores(engine, kind, examples, encoder, pad_id, max_length, batch_size, progress)
+        ):
+            pick = int(torch.argmax(scores))
+            if predictions is not None:
+                predictions.append(pick)
+            correct += int(pick == ex.label)
             gold_ce += float(s[ex.label])
             gold_tokens += float(c[ex.label])
         return {

@@ -92,21 +92,44 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` rendered with the tokenizer's chat template and its generation prompt, exactly as
+    ``--task custom`` renders a chat record's prompt for training (a BOS the template writes is dropped
+    when the tokenizer adds its own, so it is not doubled)."""
+    from .tasks.custom import adds_bos
+
+    if not has_chat_template(tokenizer):
+        raise MobizoError("the tokenizer has no chat template")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja raises many types
+        raise MobizoError(f"the tokenizer's chat template failed: {type(e).__name__}: {e}") from e
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
+
+
 def prompt_ids(tokenizer, prompt: str, chat: bool | None = None) -> list[int]:
     """Token ids of ``prompt`` as a fine-tuned model saw its prompts in training: for a chat model (a
     tokenizer with a chat template; ``chat=None``: use it when there is one) a user message rendered
     with the template and its generation prompt, as ``--task custom`` renders chat records."""
+    if chat is None:
+        chat = has_chat_template(tokenizer)
+    if chat:
+        prompt = chat_text(tokenizer, [{"role": "user", "content": prompt}])
+    return text_ids(tokenizer, prompt)
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of an already rendered prompt (BOS added as the tokenizer does for training)."""
     from .data import Encoder
 
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise MobizoError("the tokenizer has no chat template (generate without --chat-template)")
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return Encoder(tokenizer).prompt_ids(prompt)
+    return Encoder(tokenizer).prompt_ids(text)
 
 
 def check_room(n_prompt: int, max_new_tokens: int, positions: int | None, what: str = "the model") -> None:
@@ -135,9 +158,14 @@ def _held_back(text: str, stops: list[str]) -> int:
     return keep
 
 
-def stream(engine, tokenizer, ids: list[int], config: SamplingConfig, tokens: list[int] | None = None) -> Iterator[str]:
+def stream(
+    engine, tokenizer, ids: list[int], config: SamplingConfig, tokens: list[int] | None = None, info: dict | None = None
+) -> Iterator[str]:
     """Yield the text ``engine`` generates after the prompt ``ids`` piece by piece (see the module docstring).
-    ``tokens``, if given, receives the generated token ids (EOS excluded)."""
+    ``tokens``, if given, receives the generated token ids (EOS excluded); ``info``, if given, receives
+    ``finish``: why it stopped (``eos``, ``stop``: a stop string, ``length``: ``max_new_tokens``)."""
+    info = {} if info is None else info
+    info["finish"] = "length"
     config.check()
     check_room(len(ids), config.max_new_tokens, max_positions(engine))
     decoder = open_decoder(engine, ids)
@@ -150,12 +178,14 @@ def stream(engine, tokenizer, ids: list[int], config: SamplingConfig, tokens: li
     for n in range(config.max_new_tokens):
         token = sampler(logits)
         if token in eos_ids:
+            info["finish"] = "eos"
             break
         new.append(token)
         text = tokenizer.decode(new, skip_special_tokens=True)
         # (text that could begin a stop string is never shown, so one can only start at or after ``shown``)
         found = [i for i in (text.find(s, shown) for s in config.stop) if i >= 0]
         if found:
+            info["finish"] = "stop"
             cut = min(found)
             if cut > shown:
                 yield text[shown:cut]

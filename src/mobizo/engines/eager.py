@@ -84,6 +84,13 @@ class EagerEngine:
         last = torch.tensor([input_ids.shape[1] - 1])
         return lm_logits(self.model, input_ids, attention_mask, last)[:, -1].float()
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the model can embed (its config's limit): a prompt and its continuation must fit them."""
+        from ..models import max_positions
+
+        return max_positions(self.model)
+
     def decoder(self, input_ids, attention_mask) -> KVDecoder:
         """Greedy decoding state with a KV cache, started on left-padded prompts (see :class:`KVDecoder`)."""
         return KVDecoder(self.model, input_ids, attention_mask)

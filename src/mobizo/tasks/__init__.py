@@ -7,12 +7,12 @@ from ..errors import MobizoError
 from . import benchmarks, custom, synthetic  # noqa: F401 - registration
 from .base import KINDS, TASKS, Example, Task, canonical_name, register
 
-__all__ = ["KINDS", "TASKS", "Example", "Task", "get_task", "register"]
+__all__ = ["KINDS", "TASKS", "Example", "Task", "get_task", "register", "task_class"]
 
 
-def get_task(name: str, data: str | None = None, **options) -> Task:
+def task_class(name: str, label_words=None) -> type[Task]:
     key = canonical_name(name)
-    if key == "custom" and options.get("label_words"):
+    if key == "custom" and label_words:
         key = "custom-cls"  # --task custom --template ... --label-words ...: classification
     elif key == "custom":
         from .custom import is_multiple_choice
@@ -21,4 +21,13 @@ def get_task(name: str, data: str | None = None, **options) -> Task:
             key = "custom-mc"  # records with their own "choices": multiple choice
     if key not in TASKS:
         raise MobizoError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[key](data=data, **options)
+    return TASKS[key]
+
+
+def get_task(name: str, data: str | None = None, inputs_only: bool = False, **options) -> Task:
+    """The task ``name``. ``inputs_only``: a task that reads no split (``mobizo predict`` ranks new inputs),
+    so one that trains from files does without ``data``."""
+    cls = task_class(name, options.get("label_words"))
+    if inputs_only and cls.needs_data and not data:
+        data = "-"  # never read: no split is loaded
+    return cls(data=data, **options)

@@ -68,6 +68,15 @@ class Task:
     def load_split(self, split: str) -> list[Example]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def input_fields(self) -> list[str]:
+        """The fields a new input of a classification / multiple-choice task has (``mobizo predict``)."""
+        return []
+
+    def example(self, record: dict, where: str) -> Example:
+        """An unlabelled example (prompt and candidates, ``label`` None) of a new input ``record``:
+        ``mobizo predict``. Classification and multiple-choice tasks implement it."""
+        raise MobizoError(f"task {self.name} ({self.kind}) has no candidates to rank")
+
     def finalize(self, examples: list[Example], tokenizer) -> list[Example]:
         """Tokenizer-dependent rendering (e.g. chat templates), once the model's tokenizer is loaded."""
         return examples

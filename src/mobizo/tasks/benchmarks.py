@@ -109,6 +109,7 @@ class BenchmarkTask(Task):
 
     hf_dataset: ClassVar[str] = ""  # where the layout comes from, for messages and docs/tasks.md
     columns: ClassVar[tuple[str, ...]] = ()
+    label_columns: ClassVar[tuple[str, ...]] = ("label",)  # the gold answer's column(s), absent from new inputs
 
     def __init__(self, data=None, template: str | None = None, label_words=None, **options):
         super().__init__(data=data, **options)
@@ -116,8 +117,25 @@ class BenchmarkTask(Task):
             raise MobizoError(f"task {self.name} has a fixed template; --template is for --task custom")
         self._label_words = label_words
 
-    def build(self, rec: Record) -> Example:  # pragma: no cover - abstract
+    def choices(self, rec: Record) -> tuple[str, list[str]]:  # pragma: no cover - abstract
+        """(prompt, candidates) of a classification / multiple-choice record."""
         raise NotImplementedError
+
+    def label(self, rec: Record) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self, rec: Record) -> Example:
+        prompt, candidates = self.choices(rec)
+        return Example(prompt=prompt, candidates=candidates, label=self.label(rec))
+
+    def input_fields(self) -> list[str]:
+        return [c for c in self.columns if c not in self.label_columns]
+
+    def example(self, record: dict, where: str) -> Example:
+        if self.kind not in ("classification", "multiple_choice"):
+            return super().example(record, where)
+        prompt, candidates = self.choices(Record(record, where))
+        return Example(prompt=prompt, candidates=candidates)
 
     def load_split(self, split: str) -> list[Example]:
         path = find_split(self.data, split)
@@ -150,9 +168,9 @@ class ClassificationTask(BenchmarkTask):
     def label(self, rec: Record) -> int:
         return parse_label(rec.get("label"), self.label_names, rec.where)
 
-    def build(self, rec: Record) -> Example:
+    def choices(self, rec: Record) -> tuple[str, list[str]]:
         prompt = self.prompt(rec)
-        return Example(prompt=prompt, candidates=[follow(prompt, w) for w in self.words], label=self.label(rec))
+        return prompt, [follow(prompt, w) for w in self.words]
 
 
 class MultipleChoiceTask(BenchmarkTask):
@@ -226,6 +244,7 @@ class BoolQ(ClassificationTask):
     name = "boolq"
     hf_dataset = "boolq (answer: bool) or super_glue/boolq (label)"
     columns = ("question", "passage", "answer|label")
+    label_columns = ("answer|label",)
     label_names = ("false", "true")
     label_words = ("No", "Yes")
 
@@ -364,19 +383,17 @@ class COPA(MultipleChoiceTask):
             words[0] = words[0].lower()
         return " ".join(words)
 
-    def build(self, rec):
+    def choices(self, rec):
         premise = rec.text("premise").rstrip()
         premise = premise.removesuffix(".")
         kind = rec.text("question").strip().lower()
         if kind not in ("cause", "effect"):
             raise MobizoError(f"{rec.where}: question {kind!r} should be 'cause' or 'effect'")
         prompt = premise + (" because" if kind == "cause" else " so")
-        choices = [rec.text("choice1"), rec.text("choice2")]
-        return Example(
-            prompt=prompt,
-            candidates=[" " + self._choice(c) for c in choices],
-            label=parse_label(rec.get("label"), ("choice1", "choice2"), rec.where),
-        )
+        return prompt, [" " + self._choice(rec.text(c)) for c in ("choice1", "choice2")]
+
+    def label(self, rec):
+        return parse_label(rec.get("label"), ("choice1", "choice2"), rec.where)
 
 
 @register
@@ -387,8 +404,9 @@ class WinoGrande(MultipleChoiceTask):
     name = "winogrande"
     hf_dataset = "winogrande (winogrande_xl / _debiased)"
     columns = ("sentence", "option1", "option2", "answer")
+    label_columns = ("answer",)
 
-    def build(self, rec):
+    def choices(self, rec):
         sentence = rec.text("sentence")
         if sentence.count("_") != 1:
             found = sentence.count("_")
@@ -399,11 +417,10 @@ class WinoGrande(MultipleChoiceTask):
             prompt, lead = (before.rstrip(), " ") if before[-1:].isspace() else (before, "")
         else:  # the blank opens the sentence: nothing to condition on but the model's BOS
             prompt, lead = "", ""
-        return Example(
-            prompt=prompt,
-            candidates=[lead + o + after for o in options],
-            label=one_based(rec.get("answer"), 2, rec.where),
-        )
+        return prompt, [lead + o + after for o in options]
+
+    def label(self, rec):
+        return one_based(rec.get("answer"), 2, rec.where)
 
 
 def one_based(value: Any, n: int, where: str) -> int:
@@ -422,20 +439,26 @@ class ARC(MultipleChoiceTask):
 
     hf_dataset = "ai2_arc"
     columns = ("question", "choices{text,label}", "answerKey")
+    label_columns = ("answerKey",)
 
-    def build(self, rec):
+    @staticmethod
+    def _choices(rec) -> tuple[list[str], list[str]]:
         texts = [str(t) for t in rec.nested("choices", "text")]
         labels = [str(t).strip() for t in rec.nested("choices", "label")]
         if len(texts) != len(labels) or len(texts) < 2:
             raise MobizoError(f"{rec.where}: choices should have as many labels as texts, and at least two")
+        return texts, labels
+
+    def choices(self, rec):
+        texts, _ = self._choices(rec)
+        return f"Question: {rec.text('question')}\nAnswer:", [" " + t.strip() for t in texts]
+
+    def label(self, rec):
+        _, labels = self._choices(rec)
         key = rec.text("answerKey").strip()
         if key not in labels:
             raise MobizoError(f"{rec.where}: answerKey {key!r} is not one of the choice labels {labels}")
-        return Example(
-            prompt=f"Question: {rec.text('question')}\nAnswer:",
-            candidates=[" " + t.strip() for t in texts],
-            label=labels.index(key),
-        )
+        return labels.index(key)
 
 
 @register

@@ -93,6 +93,12 @@ class CustomClassification(Task):
         template_fields(self.template)
         self.words = parse_label_words(label_words)
 
+    def input_fields(self) -> list[str]:
+        return template_fields(self.template)
+
+    def example(self, record: dict, where: str) -> Example:
+        return Example(prompt=render(self.template, record, where), candidates=[" " + w for w in self.words])
+
     def load_split(self, split: str) -> list[Example]:
         path = find_split(self.data, split)
         candidates = [" " + w for w in self.words]

@@ -69,3 +69,11 @@ class SyntheticTask(Task):
 
     def load_split(self, split: str) -> list[Example]:
         return make_split(split)
+
+    def input_fields(self) -> list[str]:
+        return ["text"]
+
+    def example(self, record: dict, where: str) -> Example:
+        from .custom import render
+
+        return Example(prompt=render(TEMPLATE, record, where), candidates=[" " + w for w in LABEL_WORDS])

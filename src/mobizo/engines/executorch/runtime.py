@@ -228,14 +228,18 @@ class ExecuTorchEngine:
         """Positions of the program's KV cache: a prompt and its continuation must fit them."""
         return self.manifest.max_length
 
-    def decoder(self, input_ids, attention_mask) -> ProgramDecoder:
-        """Greedy/sampled decoding of one unpadded row through ``prefill`` / ``decode`` (see
-        :mod:`mobizo.generation`), with the adapter as it is now."""
+    def check_generates(self) -> None:
+        """One line unless the program has ``prefill`` / ``decode`` (checked before any text is written)."""
         if not self.manifest.generate:
             raise MobizoError(
                 f"the program in {self.dir} has no generation methods (exported by an earlier mobizo, or this "
                 "model's generation could not be traced); re-export it"
             )
+
+    def decoder(self, input_ids, attention_mask) -> ProgramDecoder:
+        """Greedy/sampled decoding of one unpadded row through ``prefill`` / ``decode`` (see
+        :mod:`mobizo.generation`), with the adapter as it is now."""
+        self.check_generates()
         if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
             raise MobizoError("the ExecuTorch program generates one unpadded sequence at a time")
         return ProgramDecoder(self, input_ids[0].tolist())
