@@ -40,7 +40,7 @@ import mobizo
 PKG = Path(mobizo.__file__).resolve().parent
 
 LAYERS = [
-    ("foundation", ["errors", "util", "progress", "threads", "fsio"]),
+    ("foundation", ["errors", "util", "progress", "threads", "fsio", "patches"]),
     ("ZO math", ["perturb", "archs", "schedule", "divergence"]),
     ("adapter", ["mplora"]),
     ("step", ["step"]),
@@ -51,7 +51,7 @@ LAYERS = [
     ("config", ["config"]),
     ("build", ["build"]),
     ("trainer", ["trainer"]),
-    ("above the trainer", ["distributed", "replay", "bundle", "native"]),
+    ("above the trainer", ["distributed", "replay", "bundle", "native", "inference", "chat"]),
     ("api", ["api"]),
     ("front ends", ["cli", "demo", "__main__"]),
 ]

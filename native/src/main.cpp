@@ -442,6 +442,7 @@ struct RunState {
   Monitor monitor;
   double lr_scale = 1.0;  // what divergence rollbacks left of the bundle's lr
   Json rollbacks = Json::array();
+  Json rollback;  // the rollback point kept in this checkpoint (null: the checkpoint is it)
 };
 
 Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
@@ -463,6 +464,7 @@ Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
   st.set("monitor", s.monitor.to_json());
   st.set("lr_scale", Json::number(s.lr_scale));
   st.set("rollbacks", s.rollbacks);
+  if (!s.rollback.is_null()) st.set("rollback", s.rollback);
   // mobizo.checkpoint._state_sha256: sha256 of json.dumps(state without "sha256", sort_keys=True)
   st.set("sha256", Json::string(sha256_hex(dump_json(st, /*sort_keys=*/true))));
   return st;
@@ -588,6 +590,7 @@ int train(const Options& o) {
       st.monitor = Monitor::of(state.find("monitor"));
       if (const Json* v = state.find("lr_scale")) st.lr_scale = v->as_double("lr_scale");
       if (const Json* v = state.find("rollbacks"); v && v->type == Json::Type::Array) st.rollbacks = *v;
+      if (const Json* v = state.find("rollback"); v && v->type == Json::Type::Object) st.rollback = *v;
     } catch (const JsonError& e) {
       throw mobizo::Error("cannot resume: " + join(d, "state.json") + ": unreadable checkpoint state (" + e.what() + ")" + hint);
     } catch (const mobizo::Error& e) {
@@ -649,6 +652,25 @@ int train(const Options& o) {
     atomic_write_file(metrics_path, b.log_header_line + "\n");
   }
 
+  // The last healthy checkpoint, in memory: what a divergence rollback restores.
+  const Bundle::Divergence& div = b.divergence;
+  struct Snapshot {
+    bool valid = false;
+    int64_t step = 0, skipped = 0;
+    double last_loss = NAN;
+    Monitor monitor;
+    std::vector<Tensor> ab, opt;  // (A_0, B_0, A_1, B_1, ...) and the rule's state
+  } snap;
+  bool warned = false;
+  auto take_snapshot = [&](int64_t at) {
+    snap.ab = prog.get_adapter();
+    snap.opt = b.state.empty() ? std::vector<Tensor>() : prog.get_state();
+    snap.step = at;
+    snap.skipped = st.skipped;
+    snap.last_loss = st.last_loss;
+    snap.monitor = st.monitor;
+    snap.valid = true;
+  };
   int mfd = open(metrics_path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
   if (mfd < 0) throw_errno("cannot open", metrics_path);
   int64_t last_ckpt = st.step;
@@ -662,8 +684,29 @@ int train(const Options& o) {
       std::vector<Tensor> now = prog.get_state();
       for (size_t k = 0; k < b.state.size(); ++k) rule_state[b.state[k].name] = now[k];
     }
+    // a checkpoint that is not itself the rollback point keeps that point (mobizo.trainer does the same), so a
+    // resumed run rolls back where the uninterrupted one would
+    TensorMap rollback;
+    if (snap.valid && snap.step != step) {
+      for (size_t k = 0; k < b.layers.size(); ++k) {
+        rollback["adapter." + b.layers[k] + ".lora_A"] = snap.ab[2 * k];
+        rollback["adapter." + b.layers[k] + ".lora_B"] = snap.ab[2 * k + 1];
+      }
+      for (size_t k = 0; k < b.state.size(); ++k) rollback["optimizer." + b.state[k].name] = snap.opt[k];
+      Json r = Json::object();
+      r.set("step", Json::integer(snap.step));
+      r.set("monitor", snap.monitor.to_json());
+      r.set("skipped", Json::integer(snap.skipped));
+      r.set("last_loss", std::isfinite(snap.last_loss) ? Json::number(snap.last_loss) : Json::null());
+      s.rollback = r;
+    }
     atomic_write_dir(ckpt, [&](const std::string& tmp) {
       write_adapter(b, tmp, tensors);
+      if (!rollback.empty()) {
+        Json meta = Json::object();
+        meta.set("format", Json::string("pt"));
+        write_file_synced(join(tmp, "rollback.safetensors"), safetensors_bytes(rollback, meta));
+      }
       if (!rule_state.empty()) {
         Json meta = Json::object();
         meta.set("format", Json::string("pt"));
@@ -675,28 +718,33 @@ int train(const Options& o) {
   };
   if (!o.resume) save_ckpt(0);  // a run killed at any point after this can be resumed
 
-  // The last healthy checkpoint, in memory: what a divergence rollback restores.
-  const Bundle::Divergence& div = b.divergence;
-  struct Snapshot {
-    bool valid = false;
-    int64_t step = 0, skipped = 0;
-    double last_loss = NAN;
-    Monitor monitor;
-    std::vector<Tensor> bs, opt;
-  } snap;
-  bool warned = false;
-  auto take_snapshot = [&](int64_t at) {
-    std::vector<Tensor> ab = prog.get_adapter();
-    snap.bs.clear();
-    for (size_t k = 0; k < b.layers.size(); ++k) snap.bs.push_back(ab[2 * k + 1]);
-    snap.opt = b.state.empty() ? std::vector<Tensor>() : prog.get_state();
-    snap.step = at;
-    snap.skipped = st.skipped;
-    snap.last_loss = st.last_loss;
-    snap.monitor = st.monitor;
+  if (!st.rollback.is_null()) {  // a resumed checkpoint that keeps an earlier rollback point
+    TensorMap r;
+    try {
+      r = read_safetensors_checked(join(resolve_dir(ckpt), "rollback.safetensors"));
+    } catch (const mobizo::Error& e) {
+      throw mobizo::Error(std::string("cannot resume: ") + e.what() + " (start again with --overwrite)");
+    }
+    auto take = [&](const std::string& key) {
+      auto it = r.find(key);
+      if (it == r.end()) throw mobizo::Error("cannot resume: rollback.safetensors lacks " + key);
+      return it->second;
+    };
+    snap.ab.clear();
+    for (const auto& l : b.layers) {
+      snap.ab.push_back(take("adapter." + l + ".lora_A"));
+      snap.ab.push_back(take("adapter." + l + ".lora_B"));
+    }
+    snap.opt.clear();
+    for (const auto& spec : b.state) snap.opt.push_back(take("optimizer." + spec.name));
+    snap.step = st.rollback.at("step").as_int("rollback.step");
+    snap.monitor = Monitor::of(st.rollback.find("monitor"));
+    snap.skipped = st.rollback.at("skipped").as_int("rollback.skipped");
+    snap.last_loss = st.rollback.at("last_loss").is_null() ? NAN : st.rollback.at("last_loss").as_double();
     snap.valid = true;
-  };
-  if (st.monitor.streak == 0) take_snapshot(st.step);
+    st.rollback = Json();
+  }
+  if (!snap.valid && st.monitor.streak == 0) take_snapshot(st.step);
 
   if (!o.quiet)
     std::printf("mobizo-train: %s -> %s, steps %lld..%lld of %lld\n", o.bundle.c_str(), o.out.c_str(),
@@ -817,7 +865,9 @@ int train(const Options& o) {
         atomic_write_file(join(o.out, "summary.json"), dump_json(s, false, true) + "\n");
         throw mobizo::Error(msg);
       } else {  // roll back to the last healthy checkpoint's adapter and state, with a lower lr
-        prog.set_adapter(snap.bs);
+        std::vector<Tensor> bs_back;
+        for (size_t k = 0; k < b.layers.size(); ++k) bs_back.push_back(snap.ab[2 * k + 1]);
+        prog.set_adapter(bs_back);
         if (!snap.opt.empty()) prog.set_state(snap.opt);
         st.monitor = snap.monitor;
         st.skipped = snap.skipped;
@@ -845,8 +895,8 @@ int train(const Options& o) {
     // above the divergence threshold: the last one is healthy
     if (b.save_every && step % b.save_every == 0 && step != total && bad_run == 0 &&
         (div.policy == "off" || st.monitor.streak == 0)) {
-      save_ckpt(step);
       take_snapshot(step);
+      save_ckpt(step);
     }
   }
   step = std::max(st.step, total);
