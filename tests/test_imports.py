@@ -41,7 +41,7 @@ PKG = Path(mobizo.__file__).resolve().parent
 
 LAYERS = [
     ("foundation", ["errors", "util", "progress", "threads", "fsio", "patches"]),
-    ("ZO math", ["perturb", "archs", "schedule", "divergence"]),
+    ("ZO math", ["perturb", "archs", "schedule", "divergence", "zo_optim"]),
     ("adapter", ["mplora"]),
     ("step", ["step"]),
     ("examples", ["tasks", "data"]),
