@@ -135,6 +135,10 @@ def fmt_count(v) -> str:
     return f"{v:.0f}"
 
 
+def fmt_seconds(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.0f}"
+
+
 def order(rule: str) -> int:
     return RULES.index(rule) if rule in RULES else len(RULES)
 
@@ -215,7 +219,7 @@ def markdown(rows: list[dict], budgets: list[int]) -> str:
                 "—" if r["rows_to_target"] is None else fmt_count(r["rows_to_target"]) + reached,
                 "—"
                 if r["seconds_to_target"] is None
-                else ("not reached" if math.isinf(r["seconds_to_target"]) else f"{r['seconds_to_target']:.3g}"),
+                else ("not reached" if math.isinf(r["seconds_to_target"]) else fmt_seconds(r["seconds_to_target"])),
                 fmt(r["seconds_per_step"], 2),
             ]
             out.append("| " + " | ".join(cells) + " |")
@@ -246,6 +250,7 @@ def plots(runs: list[dict], out: Path, all_lrs: bool) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     written = []
     grouped = groups(runs, all_lrs)
@@ -254,7 +259,7 @@ def plots(runs: list[dict], out: Path, all_lrs: bool) -> list[Path]:
         tasks = sorted({s[0] for s in settings})
         several = len({s[2:] for s in settings}) > 1
         for x, xlabel in (("rows", "forward rows (log)"), ("seconds", "training seconds (log)")):
-            fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+            fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.2 * len(tasks), 7.0), 3.8), squeeze=False)
             handles = {}
             for ax, task in zip(axes[0], tasks):
                 zero = None
@@ -283,12 +288,13 @@ def plots(runs: list[dict], out: Path, all_lrs: bool) -> list[Path]:
                 if zero is not None:
                     handles.setdefault("zero-shot", ax.axhline(zero, color="grey", linestyle=":", linewidth=1))
                 ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_count(v)))  # 10k, not 10^4
                 ax.set_title(f"{task}", fontsize=10)
                 ax.set_xlabel(xlabel, fontsize=9)
                 ax.set_ylabel(metric, fontsize=9)
                 ax.tick_params(labelsize=8)
                 ax.grid(True, which="major", alpha=0.3)
-            fig.suptitle(f"{model}: eval metric vs {x} (median over seeds)", fontsize=11)
+            fig.suptitle(f"{model}: eval metric vs {xlabel.split(' (')[0]}, median over seeds", fontsize=10)
             labels = sorted(handles, key=lambda k: (k == "zero-shot", order(k.split()[0])))
             fig.legend(
                 [handles[k] for k in labels],

@@ -16,8 +16,8 @@ steps, q, batch. Every run evaluates at the start, every ``--eval-every`` steps 
 A result RESULTS/runs/<id>.json holds the curve: per eval, the step, the forward rows so far, the
 training seconds so far (the sum of the logged per-step times: model loading and evaluation are not
 counted) and the eval metrics; also the zero-shot, final and best metric and s/step. A run whose
-result says ``completed`` (or ``stopped``: it diverged, which is a result too) is not run again;
-anything else is re-run from scratch. The mobizo run directories are kept in RESULTS/work/.
+result says ``completed`` (or ``stopped``: it diverged, which is a result too), with the same
+``--eval-every`` and ``--eval-examples``, is not run again; anything else is re-run from scratch. The mobizo run directories are kept in RESULTS/work/.
 
 Forward rows: a step's batch has R rows, built by mobizo's own batch code from the run's config
 (``mobizo.trainer.make_batch`` on the run's examples, tokenizer and seed): R = batch for answer-scored
@@ -64,7 +64,7 @@ DEFAULT_LRS = {
     "fo-sgd": 1e-1,
 }
 # the --sweep grids: a decade and a half around the starting point, in half-decade steps
-SWEEP_LRS = {r: [lr * f for f in (0.1, 0.3, 1.0, 3.0, 10.0)] for r, lr in DEFAULT_LRS.items()}
+SWEEP_LRS = {r: [float(f"{lr * f:.3g}") for f in (0.1, 0.3, 1.0, 3.0, 10.0)] for r, lr in DEFAULT_LRS.items()}
 SWEEP_STEPS = 80
 DONE = ("completed", "stopped")
 
@@ -366,7 +366,9 @@ def load_result(path: Path) -> dict | None:
 def run_one(spec: Spec, o: Options, rows_cache: RowsCache, index: str) -> dict:
     path = result_path(o, spec)
     old = load_result(path)
-    if old and old.get("status") in DONE:
+    evals = {"eval_every": o.eval_every, "eval_examples": o.eval_examples}
+    # a result with other eval points (a --sweep's start/end evals) is no curve for this grid: run it again
+    if old and old.get("status") in DONE and all(old.get(k) == v for k, v in evals.items()):
         print(f"{index} {spec.id}: done before ({old['status']})", flush=True)
         return old
     run_dir = o.out / "work" / spec.id
@@ -382,6 +384,7 @@ def run_one(spec: Spec, o: Options, rows_cache: RowsCache, index: str) -> dict:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.time() - t0
     extra = {
+        **evals,
         "command": cmd,
         "returncode": rc,
         "wall_seconds": wall,
@@ -486,7 +489,7 @@ def parse(argv=None):
     ap.add_argument("--queries", "-q", default="4", help="comma-separated q (ignored by fo)")
     ap.add_argument("--batch-sizes", default="8")
     ap.add_argument("--eps", type=float, default=EPS)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=None, help="default 50; --sweep: only at the start and end")
     ap.add_argument(
         "--eval-examples",
         type=int,
@@ -538,7 +541,8 @@ def main(argv=None) -> int:
                                     if s not in seen:  # fo has no q: one run for every q
                                         seen.add(s)
                                         specs.append(s)
-    o = Options(tasks, args.tasks_dir, args.out, args.eval_every, args.eval_examples, args.threads)
+    eval_every = args.eval_every if args.eval_every is not None else (0 if args.sweep else 50)
+    o = Options(tasks, args.tasks_dir, args.out, eval_every, args.eval_examples, args.threads)
     if args.dry_run:
         for s in specs:
             print(shlex.join(command(s, o, args.out / "work" / s.id)))
