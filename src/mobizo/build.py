@@ -267,6 +267,15 @@ def prepare_base(model, cfg: TrainConfig, inject_adapter: bool = True) -> list[s
     return inject(model, a.target_modules, a.rank, a.alpha, cfg.seed) if inject_adapter else []
 
 
+def program_eval_rows(cfg: TrainConfig) -> int:
+    """Rows of an exported program's ``score``: at most the step's examples per batch. Each method of a
+    program holds its own memory-planned arena for as long as the program is loaded (the Python runtime
+    cannot share one between methods), so a ``score`` for ``--eval-batch-size`` rows of ``--max-length``
+    tokens (32 x 256 by default) would hold more activation memory than the training step itself; sized
+    like one copy of the step's batch it holds 1/2q of the step's, and eval is chunked to it."""
+    return min(cfg.data.eval_batch_size, cfg.optim.batch_size)
+
+
 def manifest_for_run(run: Run):
     """The manifest a program for ``run`` must have (what the program is checked against)."""
     from .engines.executorch import manifest_for
@@ -286,7 +295,7 @@ def manifest_for_run(run: Run):
         cfg.optim.batch_size,
         cfg.data.max_length,
         run.answer_len,
-        cfg.data.eval_batch_size,
+        program_eval_rows(cfg),
         cfg.adapter.rank,
         cfg.adapter.alpha,
         run.base_hash(),

@@ -92,7 +92,13 @@ class DataArgs:
         None, "sample this many training examples (default: all)", trajectory=True, minimum=1
     )
     eval_examples: int | None = opt(500, "validation examples to evaluate (0 = all)", setting=True, minimum=0)
-    eval_batch_size: int = opt(32, "rows per eval forward", setting=True, minimum=1)
+    eval_batch_size: int = opt(
+        32,
+        "rows per eval forward (an ExecuTorch program's score method takes at most --batch-size of them: its "
+        "memory is held beside the training step's)",
+        setting=True,
+        minimum=1,
+    )
     max_new_tokens: int = opt(32, "generation tasks: max tokens generated per answer", setting=True, minimum=1)
 
 
