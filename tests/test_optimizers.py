@@ -35,9 +35,15 @@ def _steps(model, batch, config: ZOConfig, n: int, lr: float = 0.5):
     with torch.no_grad():
         for s in range(1, n + 1):
             outs.append(
-                step(batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(s), torch.tensor(lr),
-                     torch.tensor(0.05))
-            )  # fmt: skip
+                step(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.labels,
+                    torch.tensor(s),
+                    torch.tensor(lr),
+                    torch.tensor(0.05),
+                )
+            )
     return step, outs
 
 
@@ -237,3 +243,62 @@ def test_eager_executorch_and_native_follow_one_trajectory(tmp_path, rule):
     replay(tmp_path / "native" / "metrics.jsonl", tmp_path / "re")
     re = read_adapter(tmp_path / "re")[0]
     assert max((re[k] - native_b[k]).abs().max().item() for k in re) <= 1e-5
+
+
+def test_lr_auto_probes_and_logs_its_choice(capsys, tmp_path):
+    """--lr auto trains a few steps at each candidate from the same start, keeps the lowest validation loss,
+    restores the adapter, and the run continues with the chosen lr (in the log, the checkpoint and resume)."""
+    from mobizo.trainer import PROBE_FACTORS
+    from mobizo.zo_optim import DEFAULT_LR
+
+    out = tmp_path / "run"
+    rc, err = cli(
+        capsys,
+        "train",
+        *FAST[:-4],
+        "--lr",
+        "auto",
+        "--optimizer",
+        "momentum",
+        "--steps",
+        3,
+        "--out",
+        out,
+        "--eps",
+        0.05,
+    )
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["lr_probe"]
+    assert [t["lr"] for t in table[1:]] == [float(f"{DEFAULT_LR['momentum'] * f:.3g}") for f in PROBE_FACTORS]
+    better = [t for t in table[1:] if t["loss"] is not None and t["loss"] < table[0]["loss"]]
+    want = min(better, key=lambda t: (t["loss"], -t["lr"]))["lr"] if better else table[1]["lr"]
+    assert summary["config"]["lr"] == want
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["config"]["lr"] == want and all(r["lr"] == want for r in recs[1:])
+    # the probe left no trace on the adapter: the run equals a run started at the chosen lr
+    plain = tmp_path / "plain"
+    assert (
+        cli(
+            capsys,
+            "train",
+            *FAST[:-4],
+            "--lr",
+            want,
+            "--optimizer",
+            "momentum",
+            "--steps",
+            3,
+            "--out",
+            plain,
+            "--eps",
+            0.05,
+        )[0]
+        == 0
+    )
+    a, b = read_adapter(out / "adapter")[0], read_adapter(plain / "adapter")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rc, err = cli(capsys, "train", "--out", out, "--resume", "--lr", "auto", "--steps", 4)
+    assert rc == 2 and "a resumed run keeps its own" in err
+    rc, err = cli(capsys, "bundle", "--lr", "auto", "--out", tmp_path / "b")
+    assert rc == 2 and "--lr auto probes" in err and not (tmp_path / "b").exists()

@@ -279,6 +279,11 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     from .engines.executorch import check_manifest, identity, read_manifest
     from .rundir import log_header
 
+    if cfg.optim.lr == "auto":
+        raise MobizoError(
+            "--lr auto probes learning rates with the Python engines: run `mobizo train --lr auto`, "
+            "then bundle with the lr it chose (its summary.json: lr_probe)"
+        )
     # the native trainer pads every batch to --max-length: a program for exactly that length exports quicker
     cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate()
     out = Path(out_dir)

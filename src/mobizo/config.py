@@ -43,9 +43,11 @@ def opt(
     recovery: bool = False,
     setting: bool = False,
     minimum: float | None = None,
+    auto: bool = False,
 ):
     """A config field. ``trajectory``: it shapes the updates (a resumed run must keep it; ``recovery``
-    ones may change, with a warning); ``setting``: a resumed run keeps it unless it is given again."""
+    ones may change, with a warning); ``setting``: a resumed run keeps it unless it is given again;
+    ``auto``: a number, or the word ``auto`` (the run chooses it)."""
     md = dict(
         help=help,
         choices=choices,
@@ -55,6 +57,7 @@ def opt(
         recovery=recovery,
         setting=setting,
         minimum=minimum,
+        auto=auto,
     )
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=md)
@@ -140,7 +143,14 @@ class OptimArgs:
         choices=("auto", "answer", "choice"),
         trajectory=True,
     )
-    lr: float = opt(1e-2, "learning rate: B -= lr * mean_i(g_i z_i)", trajectory=True, recovery=True)
+    lr: float | str = opt(
+        1e-2,
+        "learning rate: B -= lr * mean_i(g_i z_i); auto: a short probe of a few learning rates at the start picks it "
+        "(docs/optimizers.md)",
+        trajectory=True,
+        recovery=True,
+        auto=True,
+    )
     lr_schedule: str = opt(
         "constant",
         "learning-rate schedule over --steps (after the warmup)",
@@ -324,7 +334,14 @@ class TrainConfig:
                 raise MobizoError(f"{flag(name)} must be a finite number, got {value}")
             if lo is not None and value < lo:
                 raise MobizoError(f"{flag(name)} must be >= {lo:g}, got {value}")
+        if flat["lr"] == "auto":
+            if self.run.resume:
+                raise MobizoError("--lr auto chooses the lr of a new run; a resumed run keeps its own (omit --lr)")
+        elif not isinstance(flat["lr"], (int, float)) or isinstance(flat["lr"], bool):
+            raise MobizoError(f"--lr must be a positive number or auto, got {flat['lr']!r}")
         for name in ("lr", "eps", "alpha"):
+            if name == "lr" and flat[name] == "auto":
+                continue
             if not flat[name] > 0:
                 raise MobizoError(f"{flag(name)} must be a positive number, got {flat[name]}")
         if flat["max_grad"] is not None and not flat["max_grad"] > 0:
@@ -404,6 +421,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _float_or_auto(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _csv_list(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -447,7 +473,9 @@ def add_arguments(parser: argparse.ArgumentParser, names, overrides: dict | None
                 )
             continue
         kind = str(f.type)
-        if "list" in kind:
+        if md.get("auto"):
+            typ = _float_or_auto
+        elif "list" in kind:
             typ = _csv_list
         elif kind.startswith("int"):
             typ = int

@@ -128,6 +128,8 @@ def check_config(cfg, world: int) -> None:
             f"--dist-mode queries splits the q directions over the processes: --queries {o.queries} "
             f"must be divisible by the world size {world}"
         )
+    if o.lr == "auto":
+        raise MobizoError("--lr auto probes learning rates in one process: run it there, then pass the lr it chose")
     if mode != "queries" and rule(o.optimizer or "sgd").center:
         raise MobizoError(
             f"--optimizer {o.optimizer} needs the unperturbed loss of the whole batch on every process: use "

@@ -189,9 +189,102 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
         if not existed and out.path.is_dir() and not any(out.path.iterdir()):
             out.path.rmdir()  # nothing half-written
         raise
+    probe = None
+    if cfg.optim.lr == "auto":
+        try:
+            lr, probe = probe_lr(run)
+        except BaseException:
+            if not existed and out.path.is_dir() and not any(out.path.iterdir()):
+                out.path.rmdir()
+            raise
+        run.cfg = cfg = cfg.replace(lr=lr)  # what the run logs, checkpoints and resumes with
     out.open(cfg.run.resume, cfg.run.overwrite, keep_program=own_program)
     start = restore(run, out) if cfg.run.resume else fresh_start()
-    return Trainer(run, out, start, on_step).fit()
+    return Trainer(run, out, start, on_step, summary_fields={"lr_probe": probe} if probe else None).fit()
+
+
+# --lr auto: a short probe around the rule's usual learning rate (zo_optim.DEFAULT_LR)
+PROBE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+PROBE_STEPS = 20
+PROBE_EXAMPLES = 64
+
+
+def probe_lr(run: Run) -> tuple[float, list[dict]]:
+    """``--lr auto``: train ``PROBE_STEPS`` steps from the starting adapter at each of a few learning rates
+    around the rule's usual one, measure the loss on the first ``PROBE_EXAMPLES`` validation examples
+    after each, and keep the learning rate with the lowest (ties: the larger lr); the adapter and the rule's
+    state are put back before the run starts. Every candidate's result is printed and kept in the summary
+    (``lr_probe``). Costs ``len(PROBE_FACTORS) x PROBE_STEPS`` steps and as many small evals."""
+    from .zo_optim import DEFAULT_LR
+
+    cfg, engine = run.cfg, run.engine
+    if not run.validation:
+        raise MobizoError("--lr auto measures each candidate on the validation split, and this run has none")
+    base = DEFAULT_LR["fo" if cfg.optim.estimator == "fo" else (cfg.optim.optimizer or "sgd")]
+    candidates = [float(f"{base * f:.3g}") for f in PROBE_FACTORS]
+    examples = run.validation[:PROBE_EXAMPLES]
+    adapter, optimizer = engine.adapter_state(), engine.optimizer_state()
+    table = [{"lr": 0.0, "loss": _probe_loss(run, examples)}]  # the starting point
+    quiet = not cfg.run.progress
+    if not quiet:
+        print(
+            f"mobizo: --lr auto: {PROBE_STEPS} steps at each of {candidates} (loss at the start "
+            f"{table[0]['loss']:.4f})",
+            file=sys.stderr,
+        )
+    for lr in candidates:
+        skipped = 0
+        for step in range(1, PROBE_STEPS + 1):
+            res = engine.train_step(make_batch(run, step), step, lr, cfg.optim.eps)
+            skipped += not step_good(res, cfg.optim.max_grad)
+        loss = _probe_loss(run, examples) if not skipped else math.nan
+        table.append({"lr": lr, "loss": loss, "skipped_steps": skipped})
+        engine.load_adapter_state(adapter)
+        engine.load_optimizer_state(optimizer)
+        if not quiet:
+            print(
+                f"mobizo: --lr auto: lr {lr:g}: loss {loss:.4f}" + (f" ({skipped} steps skipped)" if skipped else ""),
+                file=sys.stderr,
+            )
+    tried = [t for t in table[1:] if math.isfinite(t["loss"])]
+    better = [t for t in tried if t["loss"] < table[0]["loss"]]
+    if better:
+        chosen = min(better, key=lambda t: (t["loss"], -t["lr"]))["lr"]
+    else:  # nothing helped within the probe: the most cautious candidate
+        chosen = candidates[0]
+        print(
+            f"mobizo: warning: --lr auto: no candidate lowered the loss within {PROBE_STEPS} steps; using the "
+            f"smallest, {chosen:g}",
+            file=sys.stderr,
+        )
+    if not quiet:
+        print(f"mobizo: --lr auto: lr {chosen:g}", file=sys.stderr)
+    return chosen, table
+
+
+def _probe_loss(run: Run, examples) -> float:
+    """The answer loss per token of ``examples`` (a generation task is not decoded: only its loss counts)."""
+    from .evaluation import score_pairs
+
+    d = run.cfg.data
+    if run.task.kind == "generation":
+        pairs = [(e.prompt, e.answer) for e in examples]
+        sums, counts = score_pairs(
+            run.engine, run.encoder, pairs, run.tokenizer.pad_token_id, d.max_length, d.eval_batch_size
+        )
+        return float(sums.sum() / counts.sum().clamp(min=1))
+    metrics = evaluate(
+        run.engine,
+        run.task.kind,
+        examples,
+        run.encoder,
+        run.tokenizer.pad_token_id,
+        d.max_length,
+        d.eval_batch_size,
+        d.max_new_tokens,
+        progress=False,
+    )
+    return float(metrics["loss"])
 
 
 class Trainer:

@@ -40,6 +40,9 @@ import torch
 from .errors import MobizoError
 
 RULES = ("sgd", "momentum", "adam", "sign", "fzoo", "hizoo")
+# Each rule's usual learning rate for LoRA-FA's B (rank 8 on q/v, SmolLM2-size models): the centre of
+# --lr auto's probe. The rules differ by orders of magnitude: sign and fzoo move every element by about lr.
+DEFAULT_LR = {"sgd": 1e-2, "momentum": 1e-3, "adam": 3e-4, "sign": 3e-5, "fzoo": 1e-3, "hizoo": 1e-2, "fo": 1e-3}
 ADAM_DELTA = 1e-8  # Adam's denominator floor
 RMS_FLOOR = 1e-30  # fzoo: a step whose projections are all 0 moves nothing (0 / floor)
 
