@@ -74,7 +74,8 @@ class Source:
 
 def is_run_dir(path: Path) -> bool:
     """A directory ``mobizo train`` writes (its marker; or, without one, a checkpoint or a summary)."""
-    from .checkpoint import STATE, resolve_dir
+    from .checkpoint import STATE
+    from .fsio import resolve_dir
     from .rundir import CHECKPOINT, SUMMARY, read_marker
 
     path = Path(path)
@@ -90,7 +91,8 @@ def is_run_dir(path: Path) -> bool:
 def saved_config(run: Path) -> dict:
     """The flat fields a run saved: its checkpoint's trajectory config and settings, else ``summary.json``'s
     config, else the ``metrics.jsonl`` header's."""
-    from .checkpoint import STATE, read_state, resolve_dir
+    from .checkpoint import STATE, read_state
+    from .fsio import resolve_dir
     from .rundir import CHECKPOINT, METRICS, SUMMARY
 
     ck = resolve_dir(run / CHECKPOINT)
@@ -111,7 +113,7 @@ def saved_config(run: Path) -> dict:
 def _run_adapter(run: Path, kind: str | None, notes: list[str]) -> Path:
     """The adapter of ``run``: ``best/`` (the best periodic eval) if it has one, else ``adapter/`` (the
     final one), else ``checkpoint/`` (a run stopped before its end); ``kind`` picks best or last."""
-    from .checkpoint import resolve_dir
+    from .fsio import resolve_dir
     from .rundir import ADAPTER, BEST, CHECKPOINT, SUMMARY
 
     have = {name: resolve_dir(run / name) is not None for name in (BEST, ADAPTER, CHECKPOINT)}
@@ -163,7 +165,7 @@ def resolve_source(adapter=None, run=None, kind: str | None = None) -> Source:
                 f"--adapter {p} is a file, not an adapter directory or a run directory (give the directory that "
                 "holds adapter_config.json, or the run directory)"
             )
-        from .checkpoint import resolve_dir
+        from .fsio import resolve_dir
 
         if resolve_dir(p) is None:
             raise MobizoError(f"--adapter {p} does not exist")
