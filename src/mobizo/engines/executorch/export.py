@@ -96,52 +96,22 @@ class UnpackedHead(nn.Module):
         return out.reshape(*hidden.shape[:-1], w.shape[0])
 
 
-class GetAdapter(nn.Module):
+class GetBuffers(nn.Module):
+    """``() -> (buffer, ...)``: copies of the model's buffers ``names`` (``<module>.<buffer>``), in order:
+    ``get_adapter`` (A_0, B_0, A_1, B_1, ...) and ``get_state`` (a stateful update rule's ``zo_*``)."""
+
     def __init__(self, model, names):
         super().__init__()
-        self.model = model
+        self.model = model  # the attribute ZOStep uses: buffer names match across methods
         self.names = names
 
     def forward(self):
-        out = []
-        for n in self.names:
-            layer = self.model.get_submodule(n)
-            out += [layer.lora_A.clone(), layer.lora_B.clone()]
-        return tuple(out)
+        return tuple(self.model.get_buffer(n).clone() for n in self.names)
 
 
-class SetAdapter(nn.Module):
-    def __init__(self, model, names):
-        super().__init__()
-        self.model = model
-        self.names = names
-
-    def forward(self, *bs):
-        total = torch.zeros(())
-        for n, b in zip(self.names, bs):
-            self.model.get_submodule(n).lora_B.copy_(b)
-            total = total + b.sum()
-        return total
-
-
-class GetState(nn.Module):
-    """``get_state() -> (state tensors...)``: a stateful update rule's buffers (``Manifest.state_names``)."""
-
-    def __init__(self, model, names):
-        super().__init__()
-        self.model = model
-        self.names = names
-
-    def forward(self):
-        out = []
-        for n in self.names:
-            layer, _, attr = n.rpartition(".")
-            out.append(getattr(self.model.get_submodule(layer), attr).clone())
-        return tuple(out)
-
-
-class SetState(nn.Module):
-    """``set_state(state tensors...)``: load a rule's state (a fresh start or a resumed checkpoint)."""
+class SetBuffers(nn.Module):
+    """``(tensor, ...) -> ()``: write the model's buffers ``names``: ``set_adapter`` (B_0, B_1, ...) and
+    ``set_state`` (a fresh start or a resumed checkpoint). Returns a sum, so the method has an output."""
 
     def __init__(self, model, names):
         super().__init__()
@@ -151,8 +121,7 @@ class SetState(nn.Module):
     def forward(self, *tensors):
         total = torch.zeros(())
         for n, t in zip(self.names, tensors):
-            layer, _, attr = n.rpartition(".")
-            getattr(self.model.get_submodule(layer), attr).copy_(t)
+            self.model.get_buffer(n).copy_(t)
             total = total + t.sum()
         return total
 
@@ -340,8 +309,10 @@ def export_program(
                     dynamic_shapes=_length_dims(manifest, 3),
                     strict=False,
                 ),
-                "get_adapter": torch.export.export(GetAdapter(model, names), (), strict=False),
-                "set_adapter": torch.export.export(SetAdapter(model, names), bs, strict=False),
+                "get_adapter": torch.export.export(
+                    GetBuffers(model, [f"{n}.lora_{w}" for n in names for w in "AB"]), (), strict=False
+                ),
+                "set_adapter": torch.export.export(SetBuffers(model, [f"{n}.lora_B" for n in names]), bs, strict=False),
                 **trace_state(),
             }
 
@@ -349,14 +320,10 @@ def export_program(
             """get_state / set_state of a stateful update rule (momentum, adam, hizoo); none for the others."""
             if not manifest.state_names:
                 return {}
-            state = [
-                step.model.get_submodule(n.rpartition(".")[0]).get_buffer(n.rpartition(".")[2])
-                for n in manifest.state_names
-            ]
-            state = tuple(t.detach().clone() for t in state)
+            state = tuple(model.get_buffer(n).detach().clone() for n in manifest.state_names)
             return {
-                "get_state": torch.export.export(GetState(model, manifest.state_names), (), strict=False),
-                "set_state": torch.export.export(SetState(model, manifest.state_names), state, strict=False),
+                "get_state": torch.export.export(GetBuffers(model, manifest.state_names), (), strict=False),
+                "set_state": torch.export.export(SetBuffers(model, manifest.state_names), state, strict=False),
             }
 
         def trace_generation(programs) -> None:
