@@ -15,11 +15,12 @@ Per (model, q, batch): every estimator runs one step per round, in turn (A B C A
 step); step time is CUDA-synchronized, the median of the repeats. Reported: seconds per step, forward
 rows per second (2 q batch rows per ZO step; batch for FO), peak device memory
 (``torch.cuda.max_memory_allocated`` over the block, reset before it; not measured on the CPU), the
-CPU time to make the step's noise z (:mod:`mobizo.perturb`; the device path's only CPU-side cost
-that grows with q), and the ratios mezo / prge and prge-outer / prge from the same block. FO: LoRA-FA
-(B trained) with AdamW, forward + backward + step, after the ZO grid of the model (it turns B into
-parameters). A cell that runs out of memory is recorded as ``oom``; cells past ``--budget`` seconds
-are skipped (recorded as such), so the script always finishes and writes its files:
+CPU time to make the step's noise z alone (:mod:`mobizo.perturb`; off the CPU the step makes the next
+step's z on a CPU thread while the device runs, so this is hidden up to the step time), and the
+ratios mezo / prge and prge-outer / prge from the same block. FO: LoRA-FA (B trained) with AdamW,
+forward + backward + step, after the ZO grid of the model (it turns B into parameters). A cell that
+runs out of memory is recorded as ``oom``; cells past ``--budget`` seconds are skipped (recorded as
+such), so the script always finishes and writes its files:
 ``OUT/results.json`` (every number, the environment) and ``OUT/results.md`` (the tables).
 """
 
@@ -160,18 +161,18 @@ def zo_block(model, vocab, q: int, batch: int, args, device) -> dict:
     data = make_batch(vocab, batch, args.seq, seed=q * 1000 + batch)
     times: dict[str, list[float]] = {e: [] for e in ests}
     peak_reset(device)
-    step = 0
     for r in range(args.warmup + args.repeats):
         for e in ests:
-            step += 1
-            dt = timed(lambda e=e, s=step: engines[e].train_step(data, s, 0.0, 1e-2), device)
+            # each engine's own consecutive steps, as in training: off the CPU, ZOStep makes step s+1's
+            # noise on a CPU thread during step s, which only a consecutive step number uses
+            dt = timed(lambda e=e, s=r + 1: engines[e].train_step(data, s, 0.0, 1e-2), device)
             if r >= args.warmup:
                 times[e].append(dt)
     peak = peak_mib(device)
-    # the CPU cost of the step's noise z (made on the CPU whatever the device; moved once per step)
+    # the CPU cost of making the step's noise z (on the CPU whatever the device), without the prefetch
     zo = engines[ests[0]].step
-    z_times = [timed(lambda s=s: zo.noise(torch.tensor(s)), torch.device("cpu")) for s in range(1, 4)]
-    numel = sum(z.numel() for z in zo.noise(torch.tensor(1)))
+    z_times = [timed(lambda s=s: zo._noise(torch.tensor(s)), torch.device("cpu")) for s in range(1, 4)]
+    numel = sum(z.numel() for z in zo._noise(torch.tensor(1)))
     out = {"q": q, "batch": batch, "rows_per_step": 2 * q * batch, "peak_mib": peak}
     out["noise_seconds"], out["noise_elements"] = statistics.median(z_times), numel
     for e in ests:
