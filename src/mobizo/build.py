@@ -38,6 +38,7 @@ class Run:
     truncated: dict = field(default_factory=dict)  # split -> examples whose prompts are cut to fit
     answer_len: int = 0  # longest answer (any candidate) in tokens: the exported answer window K
     engine: object = None
+    device: object = None  # the torch.device the model runs on (the eager engine's; the CPU otherwise)
     given_model: bool = False  # the caller passed the model object (no files name it)
     _base_hash: str | None = None
 
@@ -59,16 +60,42 @@ class Run:
         return self._base_hash
 
 
-def load_base(name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True):
-    """(model, tokenizer) of ``name`` (``tiny``, a local directory or a GGUF file), with a status line.
-    ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`)."""
+def load_base(
+    name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True, dtype: str = "float32"
+):
+    """(model, tokenizer) of ``name`` (``tiny``, a local directory or a GGUF file) in ``dtype``, with a status
+    line. ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`)."""
+    from .devices import torch_dtype
     from .models import load_model, load_skeleton
 
     if not weights:
         with status(f"loading the config and tokenizer of {name}", progress):
             return load_skeleton(name, trust_remote_code=trust_remote_code)
-    with status(f"loading model {name}", progress):
-        return load_model(name, trust_remote_code=trust_remote_code)
+    with status(f"loading model {name}" + ("" if dtype == "float32" else f" in {dtype}"), progress):
+        return load_model(name, torch_dtype(dtype), trust_remote_code=trust_remote_code)
+
+
+def cast_base(model, dtype: str) -> None:
+    """Cast a loaded (or given) base to ``--dtype``, before the adapter is injected (A and B are made
+    float32 beside a bf16/fp16 base: :func:`mobizo.mplora.adapter_dtype`). A no-op when it has that dtype."""
+    import torch
+
+    from .devices import torch_dtype
+    from .models import is_skeleton
+
+    if not isinstance(model, torch.nn.Module) or is_skeleton(model):
+        return
+    want = torch_dtype(dtype)
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if floats and floats != {want}:
+        model.to(want)
+
+
+def run_device(cfg: TrainConfig):
+    """The device a run's model lives on: ``--device`` (checked) for the eager engine, the CPU for ExecuTorch."""
+    import torch
+
+    return cfg.check_device() if cfg.engine.engine == "eager" else torch.device("cpu")
 
 
 def program_base(cfg: TrainConfig):
@@ -195,14 +222,16 @@ def assemble(
     if (model is None) != (tokenizer is None):
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     given = model is not None
+    device = run_device(cfg)
     if model is None:
         model, tokenizer = (None if weights else program_base(cfg)) or load_base(
-            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights
+            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights, cfg.engine.dtype
         )
     else:
         from .models import prepare_tokenizer
 
         prepare_tokenizer(tokenizer)  # the same pad token and left padding load_model gives
+        cast_base(model, cfg.engine.dtype)
     train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
     from .data import check_candidates
     from .models import check_max_length
@@ -215,6 +244,9 @@ def assemble(
         base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
     )
     targets = prepare_base(model, cfg, inject_adapter)
+    if device.type != "cpu":  # (the adapter too; its noise and updates are made on the CPU: mobizo.step)
+        with status(f"moving the model to {device}", cfg.run.progress):
+            model.to(device)
     encoder = Encoder(tokenizer)
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
@@ -240,6 +272,7 @@ def assemble(
         choices,
         truncated,
         answer_len,
+        device=device,
         given_model=given,
         _base_hash=hashed,
     )
@@ -419,8 +452,11 @@ def export(cfg: TrainConfig, out_dir: str | Path, xnnpack: bool = True):
     """``mobizo export``: the program for ``cfg``'s model, task shapes and step (no engine is built)."""
     if cfg.optim.estimator == "fo":
         raise MobizoError("mobizo export builds the zeroth-order step; the fo baseline is exported by the benchmarks")
+    from .devices import check_cpu_float32
+
+    check_cpu_float32(cfg.engine.device, cfg.engine.dtype, "mobizo export")
     from .quantize import check_scheme
 
     q = cfg.quant
     check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=True)  # before loading anything
-    return export_program(assemble(cfg), Path(out_dir), xnnpack=xnnpack)
+    return export_program(assemble(cfg.replace(device="cpu")), Path(out_dir), xnnpack=xnnpack)

@@ -276,6 +276,7 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     collates ``cfg``'s training data and writes the batches of steps 1..``--steps``.
     """
     from .build import assemble, export_program, manifest_for_run
+    from .devices import check_cpu_float32
     from .engines.executorch import check_manifest, identity, read_manifest
     from .rundir import log_header
 
@@ -284,6 +285,7 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
             "--lr auto probes learning rates with the Python engines: run `mobizo train --lr auto`, "
             "then bundle with the lr it chose (its summary.json: lr_probe)"
         )
+    check_cpu_float32(cfg.engine.device, cfg.engine.dtype, "mobizo bundle")
     # the native trainer pads every batch to --max-length: a program for exactly that length exports quicker
     cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate()
     out = Path(out_dir)

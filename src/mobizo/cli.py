@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model (with or without an adapter)")
     C.add_arguments(
         p,
-        C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads"),
+        C.MODEL_FLAGS + ("seed",) + C.DATA_FLAGS + ("progress", "threads", "device", "dtype"),
         {"seed": {"help": "seed for --eval-examples sampling"}},
     )
     _adapter_arguments(p, "omit both to score the untouched model")

@@ -9,7 +9,7 @@ header and in ``state.json``, and the keyword of :meth:`TrainConfig.from_flat`.
 * :class:`AdapterArgs`: the MP-LoRA adapter (rank, alpha, target modules);
 * :class:`OptimArgs`: the estimator and its update (q, lr, eps, guard, steps);
 * :class:`QuantArgs`: the frozen base's quantization (:mod:`mobizo.quantize`);
-* :class:`EngineArgs`: who runs the step (eager PyTorch or an ExecuTorch program);
+* :class:`EngineArgs`: who runs the step (eager PyTorch or an ExecuTorch program), and where (device, dtype);
 * :class:`RunArgs`: the run directory and its cadence (eval, checkpoints, resume).
 
 ``model``, ``seed`` and ``trust_remote_code`` sit on :class:`TrainConfig` itself: every command needs them.
@@ -29,6 +29,8 @@ ESTIMATORS = ("prge", "prge-outer", "mezo", "fo")
 ZO_RULES = ("sgd", "momentum", "adam", "sign", "fzoo", "hizoo")  # mobizo.zo_optim.RULES
 FO_OPTIMIZERS = ("sgd", "adamw")
 ENGINES = ("eager", "executorch")
+DEVICES = ("cpu", "cuda", "mps")  # mobizo.devices
+DTYPES = ("float32", "bfloat16", "float16")
 DIST_MODES = ("queries", "data", "federated")
 
 
@@ -213,6 +215,20 @@ class EngineArgs:
         setting=True,
     )
     reexport: bool = opt(False, "--engine executorch: export OUT/program afresh even if the one there matches")
+    device: str | None = opt(
+        None,
+        "--engine eager: where the model runs: cpu, cuda (under torchrun each process uses cuda:LOCAL_RANK) or "
+        "mps (default: cuda if available, else mps, else cpu). The noise, B's update and all saved tensors stay "
+        "float32 on the CPU, so a run replays and resumes on any device (docs/devices.md)",
+        choices=DEVICES,
+    )
+    dtype: str = opt(
+        "float32",
+        "--engine eager: dtype of the frozen base's weights and activations; with bfloat16 / float16 the "
+        "adapter (A, B, the noise), the losses and B's update stay float32 (docs/devices.md)",
+        choices=DTYPES,
+        trajectory=True,
+    )
     fixed_length: bool = opt(
         False,
         "--engine executorch / export: trace the program for exactly --max-length "
@@ -375,11 +391,35 @@ class TrainConfig:
                     raise MobizoError(f"{flag(name)} applies to --engine executorch only")
         elif e.program and e.reexport:
             raise MobizoError("--reexport exports into OUT/program; it cannot be combined with --program")
+        from .devices import check_cpu_float32
+
+        if e.engine == "executorch":
+            check_cpu_float32(e.device, e.dtype, "--engine executorch")
+        else:
+            self.check_device()
         from .quantize import check_scheme
 
         q = self.quant
+        if q.quantize != "none" and e.dtype != "float32":
+            raise MobizoError(
+                f"--quantize {q.quantize} quantizes a float32 base; it cannot be combined with --dtype {e.dtype}"
+            )
         check_scheme(q.quantize, q.group_size, q.quantize_embeddings, executorch=e.engine == "executorch")
         return self
+
+    def check_device(self):
+        """The eager engine's device (``--device``, or the best available), checked to be here and to run
+        ``--dtype`` (a few-op probe); returns it as a ``torch.device``."""
+        from .devices import check_dtype, resolve
+
+        device = resolve(self.engine.device)
+        check_dtype(device, self.engine.dtype)
+        if self.quant.quantize != "none" and device.type != "cpu":
+            raise MobizoError(
+                f"--quantize {self.quant.quantize} runs on the CPU only (mobizo's quantized bases are tested with "
+                f"the CPU kernels); use --device cpu, not {device.type}"
+            )
+        return device
 
     def zo_config(self, objective: str = "answer", choices: int = 0):
         from .step import ZOConfig
@@ -516,4 +556,4 @@ TRAIN_FLAGS = (
     + tuple(f.name for f in dataclasses.fields(EngineArgs))
     + tuple(f.name for f in dataclasses.fields(RunArgs))
 )
-EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads", "fixed_length")
+EXPORT_FLAGS = MODEL_FLAGS + DATA_FLAGS + ADAPTER_FLAGS + STEP_FLAGS + ("threads", "fixed_length", "device", "dtype")

@@ -51,11 +51,12 @@ from .build import assemble, build_engine, needs_weights
 from .checkpoint import tensors_sha256
 from .config import TrainConfig, flag, non_default
 from .data import Batch
+from .devices import backend_for
 from .engines import StepOutput
 from .errors import MobizoError
 from .rundir import RunDir, default_out
 from .trainer import Trainer, fresh_start, resolve_resume, restore
-from .zo_optim import directions, rule
+from .zo_optim import rule
 
 TIMEOUT_ENV, BACKEND_ENV = "MOBIZO_DIST_TIMEOUT", "MOBIZO_DIST_BACKEND"
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for a silent peer (a dead one is noticed at once)
@@ -161,14 +162,20 @@ class Group:
 
         self.dist, self.created = dist, created
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # where the step's scalars travel: NCCL moves only GPU tensors (they are made and used on the CPU)
+        nccl = dist.get_backend() == "nccl"
+        self.wire_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.timeout = timeout_seconds()
         self.sent, self.waited = 0, 0.0  # bytes and seconds of this rank's last step collective
 
     @classmethod
-    def join(cls) -> Group:
-        """Join (or, when the caller made one, use) the process group of torchrun's environment."""
+    def join(cls, device: torch.device | None = None) -> Group:
+        """Join (or, when the caller made one, use) the process group of torchrun's environment. The backend:
+        ``MOBIZO_DIST_BACKEND`` if set, else NCCL when the run's ``device`` is a GPU (``cuda:LOCAL_RANK``),
+        else gloo."""
         import torch.distributed as dist
 
+        device = torch.device("cpu") if device is None else device
         if dist.is_initialized():
             return cls(created=False)
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -178,8 +185,11 @@ class Group:
                 "processes with torchrun (docs/scaling-out.md)"
             )
         timeout = timeout_seconds()
+        backend = os.environ.get(BACKEND_ENV) or backend_for(device)
+        if backend == "nccl" and device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's object collectives use the current device: this rank's GPU
         try:
-            dist.init_process_group(os.environ.get(BACKEND_ENV, "gloo"), timeout=timedelta(seconds=timeout))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         except Exception as e:  # store/backend errors of every kind
             where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             raise DistError(
@@ -206,7 +216,8 @@ class Group:
     # ------------------------------------------------------------ the step's collectives (scalars)
 
     def _payload(self, step: int, values: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.tensor([float(step)], dtype=WIRE), values.detach().to(WIRE).reshape(-1)])
+        values = values.detach().to("cpu", WIRE).reshape(-1)
+        return torch.cat([torch.tensor([float(step)], dtype=WIRE), values]).to(self.wire_device)
 
     def _timed(self, what: str, payload: torch.Tensor, fn) -> None:
         t0 = time.perf_counter()
@@ -219,7 +230,7 @@ class Group:
         payload = self._payload(step, values)
         out = [torch.empty_like(payload) for _ in range(self.world)]
         self._timed(f"the all-gather of step {step}", payload, lambda: self.dist.all_gather(out, payload))
-        got = torch.stack(out)
+        got = torch.stack(out).cpu()
         if not bool((got[:, 0] == step).all()):
             raise DistError(f"rank {self.rank}: processes out of step (steps {got[:, 0].long().tolist()})")
         return got[:, 1:]
@@ -228,6 +239,7 @@ class Group:
         """The sum of ``values`` over ranks, in float64 (the step number checked as in :meth:`gather`)."""
         payload = self._payload(step, values)
         self._timed(f"the all-reduce of step {step}", payload, lambda: self.dist.all_reduce(payload))
+        payload = payload.cpu()
         if float(payload[0]) != float(step) * self.world:
             raise DistError(f"rank {self.rank}: processes out of step at step {step}")
         return payload[1:]
@@ -327,7 +339,7 @@ class DistEngine:
             zs = zo.noise(step_t)
             if self.mode == "queries":
                 k = q // g.world
-                dirs = directions(zo._layers(), zs, zo.config.rule)
+                dirs = zo.directions(zs)
                 plus, minus, *center = zo.losses(
                     dirs,
                     batch.input_ids,
@@ -351,6 +363,7 @@ class DistEngine:
                     zs, mine.input_ids, mine.attention_mask, mine.labels, eps_t, mine.gold, shared=mine.shared
                 )
                 count = direction_counts(mine, q, self.split, self.objective)
+                plus, minus = plus.cpu(), minus.cpu()
                 tot = g.reduce(step, torch.cat([plus.double() * count, minus.double() * count, count]))
                 denom = tot[2 * q :].clamp(min=1)
                 plus, minus = (tot[:q] / denom).float(), (tot[q : 2 * q] / denom).float()
@@ -389,10 +402,18 @@ def _check_flags(cfg, given_per_rank: list[dict], federated: bool) -> None:
                 )
 
 
+def run_device(cfg) -> torch.device:
+    """This rank's device (``--device``; cuda is ``cuda:LOCAL_RANK``), which picks the backend. Resolved before
+    the config is checked, so an unusable ``--device`` reaches the user as its own one-line error."""
+    from .devices import resolve
+
+    return resolve(cfg.engine.device) if cfg.engine.engine == "eager" else torch.device("cpu")
+
+
 def train(cfg, given=None, on_step=None, **objects) -> dict:
     """:func:`mobizo.trainer.train` for a run of ``WORLD_SIZE > 1`` processes (see the module docstring)."""
     given = non_default(cfg) if given is None else set(given)
-    group = Group.join()
+    group = Group.join(run_device(cfg))
     previous = _on_sigterm(group)
     try:
         return _train(group, cfg, given, on_step, objects)

@@ -51,17 +51,25 @@ class MPLoRALinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        dtype = base.weight.dtype
+        # The adapter is float32 under a bf16/fp16 base (float64 under a float64 one): B +- eps z and
+        # x·Aᵀ must not round an eps-sized perturbation away (docs/devices.md).
+        dtype = adapter_dtype(base.weight.dtype)
         a = torch.empty(rank, self.in_features, dtype=torch.float32)
         # Same init as PEFT's LoRA A (kaiming uniform, a=sqrt(5)), seeded per layer.
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.register_buffer("lora_A", a.to(dtype))
-        self.register_buffer("lora_B", torch.zeros(self.out_features, rank, dtype=dtype))
+        # beside the base weight (made on the CPU, so that A has the same bits on every device)
+        device = base.weight.device if base.weight.device.type != "meta" else torch.device("cpu")
+        self.register_buffer("lora_A", a.to(device=device, dtype=dtype))
+        self.register_buffer("lora_B", torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         self.copies: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        xa = F.linear(x, self.lora_A)  # once for the whole batch
+        # The adapter path runs in the adapter's dtype: under a bf16/fp16 base, x·Aᵀ and the per-copy
+        # product with B +- eps z in float32, and the sum with the base's output rounded once into its dtype.
+        # (The casts are Python-level no-ops for a float32 base: the exported graph is unchanged.)
+        a = self.lora_A
+        xa = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # once for the whole batch
         # Without copies the layer is plain LoRA: the same path with one copy. (B is never the weight
         # operand of a linear op: a backend such as XNNPACK would pack it as a constant at load time.)
         copies = self.lora_B.unsqueeze(0) if self.copies is None else self.copies
@@ -77,11 +85,19 @@ class MPLoRALinear(nn.Module):
             lead = xa.shape[:-1]
             xa = xa.reshape(c, -1, self.rank)  # copy-major batch
             delta = torch.bmm(xa, copies.transpose(1, 2)).reshape(*lead, self.out_features)
-        return y + delta * self.scaling
+        delta = delta * self.scaling
+        if y.dtype == delta.dtype:
+            return y + delta
+        return (y.to(delta.dtype) + delta).to(y.dtype)
 
     def extra_repr(self) -> str:
         kind = ", fan_in_fan_out" if self.fan_in_fan_out else ""
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}{kind}"
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of A, B (and the noise, the update) for a base of ``base_dtype``: at least float32."""
+    return torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -156,11 +172,14 @@ def make_trainable(model: nn.Module, train_a: bool = False) -> list[nn.Parameter
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{module name + '.lora_A' / '.lora_B': tensor} for every MP-LoRA layer."""
+    """{module name + '.lora_A' / '.lora_B': tensor} for every MP-LoRA layer: copies on the CPU, in float32
+    (what checkpoints and adapters hold, whatever the model's device; an adapter someone cast to a
+    half type is widened back, exactly)."""
     state = {}
     for name, layer in lora_layers(model):
-        state[f"{name}.lora_A"] = layer.lora_A.detach().clone()
-        state[f"{name}.lora_B"] = layer.lora_B.detach().clone()
+        for attr in ("lora_A", "lora_B"):
+            t = getattr(layer, attr).detach()
+            state[f"{name}.{attr}"] = t.to(device="cpu", dtype=adapter_dtype(t.dtype), copy=True)
     return state
 
 

@@ -19,6 +19,12 @@ into forward passes, so with the same seed they compute the same update:
 
 Everything is static-shape tensor code with B in buffers, so ``torch.export``
 captures the step (including the buffer update) as a single graph.
+
+On a device other than the CPU (``--device cuda``/``mps``, :mod:`mobizo.devices`) only step 2-3 run
+there: z is made on the CPU and moved to the device once per step, the losses come back, and steps
+4-5 run on float32 CPU copies of B and the rule's state (:class:`HostLayer`), which are then copied
+to the device. So B's trajectory is the CPU's bit for bit given the same losses: ``mobizo replay``
+(on the CPU) rebuilds a GPU run's adapter exactly, and a run resumes on either device.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import to_device
 from .errors import MobizoError
 from .mplora import MPLoRALinear, lora_layers
 from .perturb import layers_noise
@@ -287,6 +294,35 @@ def _directions(z: torch.Tensor, copies: list[tuple[int, float]], queries: int) 
     return torch.stack([z[d] for d in dirs])
 
 
+@functools.cache
+def _noise_thread():
+    """One background thread that makes the next step's noise for models off the CPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1, thread_name_prefix="mobizo-noise")
+
+
+def host_update(device: torch.device) -> bool:
+    """Whether a model on ``device`` gets its update from CPU copies of B (:class:`HostLayer`): off the CPU.
+    (A test patches this to run that path on the CPU.)"""
+    return device.type != "cpu"
+
+
+class HostLayer:
+    """A CPU copy of one MP-LoRA layer's B and update-rule state (``lora_B``, ``zo_*``): what the update
+    changes when the model runs on another device (the update reads and writes these attributes only)."""
+
+    def __init__(self, layer: MPLoRALinear, names: tuple[str, ...]):
+        self.names = ("lora_B", *names)
+        for name in self.names:
+            setattr(self, name, getattr(layer, name).detach().to("cpu", copy=True))
+
+    def mirror(self, layer: MPLoRALinear) -> None:
+        """Copy the values to the device layer (exact: same dtype)."""
+        for name in self.names:
+            getattr(layer, name).copy_(getattr(self, name))
+
+
 class ZOStep(nn.Module):
     """A whole zeroth-order step over a model with MP-LoRA layers (see module docstring)."""
 
@@ -305,19 +341,57 @@ class ZOStep(nn.Module):
                 f"--optimizer {config.optimizer} needs the whole batch's unperturbed loss; use --data-mode repeat"
             )
         ensure_state(self._layers(), config.rule)
+        self._host: list[HostLayer] | None = None
+        self._host_versions: list[int] = []
+        self._ahead = None  # (step, future of its noise): the device path's prefetch (see noise)
 
     def _layers(self) -> list[MPLoRALinear]:
         return [self.model.get_submodule(n) for n in self.layer_names]
 
+    def update_layers(self) -> list:
+        """The layers whose B and rule state the update changes: the model's own on the CPU; on another
+        device their float32 CPU copies (:class:`HostLayer`), remade from the model's whenever those were
+        written by anything but the update (a loaded adapter or checkpoint: their version counters moved)."""
+        layers = self._layers()
+        if not host_update(layers[0].lora_B.device):
+            return layers
+        if self._host is None or self._host_versions != self._versions(layers):
+            self._host = [HostLayer(layer, self.config.rule.spec.buffers()) for layer in layers]
+            self._host_versions = self._versions(layers)
+        return self._host
+
+    def _versions(self, layers) -> list[int]:
+        names = ("lora_B", *self.config.rule.spec.buffers())
+        return [getattr(layer, n)._version for layer in layers for n in names]
+
+    def directions(self, zs) -> list[torch.Tensor]:
+        """The perturbation directions of the step's noise ``zs`` (:func:`mobizo.zo_optim.directions`)."""
+        return directions(self.update_layers(), zs, self.config.rule)
+
     def noise(self, step) -> list[torch.Tensor]:
-        """z for every layer: (q, out, r) each, from (seed, step, layer index)."""
+        """z for every layer: (q, out, r) each, from (seed, step, layer index). Made on the CPU whatever the
+        model's device (the same bits everywhere); :meth:`losses` moves it.
+
+        For a model on another device, step s+1's z is made on a CPU thread while step s runs there (z is
+        a pure function of the step): the hashing costs ~0.15-0.4 us per element and core, comparable to an
+        accelerator's whole step at large q (docs/devices.md)."""
+        layers = self._layers()
+        if not host_update(layers[0].lora_B.device):
+            return self._noise(step)
+        s = int(step)
+        ahead, self._ahead = self._ahead, None
+        zs = ahead[1].result() if ahead is not None and ahead[0] == s else self._noise(torch.tensor(s))
+        self._ahead = (s + 1, _noise_thread().submit(self._noise, torch.tensor(s + 1)))
+        return zs
+
+    def _noise(self, step) -> list[torch.Tensor]:
         layers = self._layers()
         shapes = [tuple(layer.lora_B.shape) for layer in layers]
         return layers_noise(self.config.seed, step, shapes, self.config.queries, layers[0].lora_B.dtype)
 
     def forward(self, input_ids, attention_mask, labels, step, lr, eps, gold=None, shared: bool | None = None):
         zs = self.noise(step)
-        dirs = directions(self._layers(), zs, self.config.rule)
+        dirs = self.directions(zs)
         plus, minus, *center = self.losses(dirs, input_ids, attention_mask, labels, eps, gold, shared=shared)
         return self.update(zs, plus, minus, lr, eps, center=center[0] if center else None, dirs=dirs)
 
@@ -337,6 +411,11 @@ class ZOStep(nn.Module):
         if shared and cfg.objective == "answer":
             raise MobizoError("a shared-prompt batch needs a choice objective")
         layers = self._layers()
+        # to the model's device, once per step (no-ops on the CPU, and in an exported graph)
+        device = layers[0].lora_B.device
+        zs = [to_device(z, device) for z in zs]
+        input_ids, attention_mask, labels = (to_device(t, device) for t in (input_ids, attention_mask, labels))
+        gold = None if gold is None else to_device(gold, device)
         dirs = list(range(q)) if directions is None else list(directions)
         center = cfg.rule.spec.center
         plan = self.plan if directions is None else forward_plan(cfg.estimator, q, dirs, center)
@@ -344,7 +423,9 @@ class ZOStep(nn.Module):
         try:
             for copies in plan:
                 signs = torch.tensor([s for _, s in copies], dtype=torch.float32)
-                coef = (eps * signs).to(zs[0].dtype).reshape(-1, 1, 1)
+                if isinstance(eps, torch.Tensor):
+                    signs = to_device(signs, eps.device)
+                coef = to_device((eps * signs).to(zs[0].dtype), device).reshape(-1, 1, 1)
                 for layer, z in zip(layers, zs):
                     layer.copies = layer.lora_B.unsqueeze(0) + coef * _directions(z, copies, q)
                 sums, counts = row_losses(
@@ -376,7 +457,14 @@ class ZOStep(nn.Module):
         the unperturbed loss (rules that need it). Returns (losses, g), plus HiZOO's curvature scalars."""
         cfg = self.config
         rule = cfg.rule
-        layers = self._layers()
+        layers = self.update_layers()
+        # everything the update reads on the update layers' device: the CPU (no-ops there)
+        host = layers[0].lora_B.device
+        plus, minus, lr, eps, grads, center = (
+            to_device(t, host) if isinstance(t, torch.Tensor) else t for t in (plus, minus, lr, eps, grads, center)
+        )
+        zs = [to_device(z, host) for z in zs]
+        dirs = None if dirs is None else [to_device(d, host) for d in dirs]
         if grads is None:
             grads = (plus - minus) / (2 * eps)
         # Divergence guard, in-graph: a bad step (non-finite loss or g, or |g| > max_grad) leaves B untouched.
@@ -399,6 +487,11 @@ class ZOStep(nn.Module):
             curv,
             ok if stateful else None,
         )
+        if isinstance(layers[0], HostLayer):  # the model's device gets the new B (and state) from the CPU copies
+            model_layers = self._layers()
+            for layer, copy in zip(model_layers, layers):
+                copy.mirror(layer)
+            self._host_versions = self._versions(model_layers)
         # An update that would have overflowed B was not applied either: report its g as NaN so the
         # host (and the log, and `mobizo replay`) count the step as skipped.
         out = torch.stack([plus, minus]), torch.where(applied, grads, torch.full_like(grads, float("nan")))

@@ -582,6 +582,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "seconds_per_step": self.total_time / self.n_timed if self.n_timed else None,
             "engine": cfg.engine.engine,
+            "device": None if self.run.device is None else str(self.run.device),  # this invocation's (not resumed)
             "estimator": cfg.optim.estimator,
             "out": str(self.out.path),
             "config": cfg.trajectory(),

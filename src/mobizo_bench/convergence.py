@@ -122,6 +122,7 @@ def run_convergence(
                     save_every=0,
                     eval_examples=p.eval_examples,
                     progress=False,
+                    device="cpu",  # a CPU benchmark (step times beside the ExecuTorch engine's)
                 )
                 run = build_run(cfg)
                 ev = run_eval(run)
