@@ -40,7 +40,7 @@ import mobizo
 PKG = Path(mobizo.__file__).resolve().parent
 
 LAYERS = [
-    ("foundation", ["errors", "util", "progress", "threads", "fsio", "patches"]),
+    ("foundation", ["errors", "util", "progress", "threads", "fsio", "patches", "devices"]),
     ("ZO math", ["perturb", "archs", "schedule", "divergence", "zo_optim"]),
     ("adapter", ["mplora"]),
     ("step", ["step"]),
