@@ -117,6 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a local Hugging Face checkpoint from a GGUF file")
     p.add_argument("--gguf", required=True, help="the .gguf file")
     p.add_argument("--out", required=True, help="directory for config.json, *.safetensors and the tokenizer")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="an adapter trained on --gguf: point its base_model_name_or_path at --out, so that "
+        "peft.AutoPeftModelForCausalLM loads it (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "export-adapter",
+        help="write an adapter for llama.cpp / llama-server / Ollama (LoRA GGUF) or merged into its base",
+    )
+    p.add_argument("--adapter", required=True, help="adapter directory, or a run directory (its adapter/)")
+    p.add_argument(
+        "--model",
+        help="base model: Hugging Face directory or .gguf file (default: the adapter's base_model_name_or_path, "
+        "else the run's summary.json config.model)",
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("lora-gguf", "merged-hf", "merged-gguf"),
+        help="lora-gguf: llama.cpp LoRA adapter for the base's GGUF; merged-hf: Hugging Face checkpoint with the "
+        "adapter folded in; merged-gguf: the GGUF base with the adapter folded in",
+    )
+    p.add_argument(
+        "--outtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        help="tensor type (default f32 for lora-gguf and merged-hf, f16 for merged-gguf; q8_0: GGUF only, rows "
+        "that are not a multiple of 32 fall back to f16; vectors and norms stay f32)",
+    )
+    p.add_argument("--out", required=True, help="file to write (GGUF formats) or directory (merged-hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("replay", help="rebuild a ZO run's adapter from its metrics.jsonl (no forward pass)")
@@ -390,11 +424,33 @@ def cmd_native(args) -> int:
 
 def cmd_convert(args) -> int:
     from .convert import convert_gguf
+    from .deploy import repoint_adapters, set_adapter_base
     from .progress import status
 
+    adapters = repoint_adapters(args.adapter, args.gguf, args.out)  # every adapter checked before any write
     with status(f"converting {args.gguf}", not args.no_progress):
         out = convert_gguf(args.gguf, args.out)
     print(f"wrote {out} (load it with --model {out}, transformers or peft)")
+    for a in adapters:
+        set_adapter_base(a, out)
+        print(f"adapter {a} now names {out.resolve()} as its base (peft.AutoPeftModelForCausalLM loads it)")
+    return 0
+
+
+def cmd_export_adapter(args) -> int:
+    from .deploy import export_adapter
+    from .progress import status
+
+    with status(f"exporting {args.adapter} as {args.format}", not args.no_progress):
+        r = export_adapter(
+            args.adapter,
+            args.format,
+            args.out,
+            model=args.model,
+            outtype=args.outtype,
+            overwrite=args.overwrite,
+        )
+    print(f"wrote {r['out']} ({r['format']}, {r['outtype']}) for base {r['base']}")
     return 0
 
 
@@ -456,6 +512,7 @@ COMMANDS = {
     "bundle": cmd_bundle,
     "native": cmd_native,
     "convert": cmd_convert,
+    "export-adapter": cmd_export_adapter,
 }
 
 
