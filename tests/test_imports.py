@@ -51,7 +51,7 @@ LAYERS = [
     ("config", ["config"]),
     ("build", ["build"]),
     ("trainer", ["trainer"]),
-    ("above the trainer", ["distributed", "replay", "bundle", "native", "inference", "chat"]),
+    ("above the trainer", ["distributed", "replay", "bundle", "native", "inference", "chat", "deploy"]),
     ("api", ["api"]),
     ("front ends", ["cli", "demo", "__main__"]),
 ]

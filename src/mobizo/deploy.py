@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG, atomic_write_dir, read_adapter, resolve_dir
+from .checkpoint import CONFIG, read_adapter
 from .errors import MobizoError
+from .fsio import atomic_write_dir, atomic_write_file, resolve_dir
 
 FORMATS = ("lora-gguf", "merged-hf", "merged-gguf")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -361,26 +361,6 @@ def _nbytes(shape, qtype) -> int:
 # ---------------------------------------------------------------- writers
 
 
-def _atomic_file(out: Path, write) -> None:
-    """``write(tmp_path)`` then rename it onto ``out``: ``out`` is complete or untouched."""
-    from .checkpoint import _fsync_dir, _umask
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_lora_gguf(adapter: Adapter, layout: GGUFLayout, out: Path, outtype: str) -> dict:
     """The llama.cpp LoRA GGUF of ``adapter`` (see the module docstring for the format)."""
     import gguf
@@ -408,7 +388,7 @@ def write_lora_gguf(adapter: Adapter, layout: GGUFLayout, out: Path, outtype: st
         w.write_tensors_to_file()
         w.close()
 
-    _atomic_file(out, write)
+    atomic_write_file(out, write)
     return {"tensors": 2 * len(adapter.modules), "arch": layout.arch}
 
 
@@ -506,7 +486,7 @@ def write_merged_gguf(adapter: Adapter, layout: GGUFLayout, out: Path, outtype: 
             w.write_tensor_data(encode(x, qtype))
         w.close()
 
-    _atomic_file(out, write)
+    atomic_write_file(out, write)
     return {"tensors": len(reader.tensors), "merged": len(merged), "arch": layout.arch}
 
 
@@ -583,7 +563,7 @@ def _layout_check_any(adapter: Adapter) -> None:
 def set_adapter_base(adapter_dir: Path, base: Path) -> None:
     """Rewrite ``base_model_name_or_path`` in ``adapter_dir``'s adapter_config.json (atomically), so that
     ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` loads ``base``."""
-    from .checkpoint import atomic_write_text
+    from .fsio import atomic_write_text
 
     path = Path(adapter_dir) / CONFIG
     config = json.loads(path.read_text(encoding="utf-8"))

@@ -104,14 +104,17 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, fsync it and rename it onto ``path``: ``path`` is
+    either complete or untouched, whenever a kill lands."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
+        write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _fault_pause()
         os.replace(tmp, path)
@@ -120,6 +123,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 _SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")
