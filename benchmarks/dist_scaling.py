@@ -36,8 +36,8 @@ def free_port() -> int:
 def model_path(name: str, root: Path) -> str:
     if name == "tiny" or Path(name).is_dir():  # built-in, or a local Hugging Face model directory
         return name
-    sys.path.insert(0, str(SRC))
-    from mobizo_bench.common import build_model
+    sys.path.insert(0, str(SRC))  # the mobizo the children run
+    from mobizo_bench.common import build_model  # benchmarks/mobizo_bench, beside this script
 
     model, tok = build_model(name)
     d = root / f"model-{name}"

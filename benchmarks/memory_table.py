@@ -85,7 +85,7 @@ def make_data(d: Path, n: int = 64) -> Path:
     return d
 
 
-def run(cmd: list[str], log: Path) -> tuple[float, float]:
+def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
     """(peak RSS MiB of that child alone, wall seconds)."""
     # through /usr/bin/time, a fresh process: a child's ru_maxrss starts from its parent's high-water
     # mark at fork, and this script grows (it exports the FO program in-process)
@@ -95,7 +95,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
             ["/usr/bin/time", "-f", "MOBIZO-MAXRSS-KB %M", *map(str, cmd)],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            env={**(env or os.environ), "PYTHONWARNINGS": "ignore"},
         )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -122,6 +122,7 @@ def weights_mib(model: str) -> float:
 def measure_et_fo(model: str, w: Path, length: int) -> tuple[float, None]:
     """Peak RSS of the ExecuTorch FO program's steps (batch 4, ``length`` tokens), in its own process."""
     import torch
+    from mobizo_bench.common import child_env  # benchmarks/mobizo_bench, beside this script
 
     from mobizo.engines.executorch.fo import FOManifest, export_fo_program
     from mobizo.models import load_model
@@ -137,7 +138,7 @@ def measure_et_fo(model: str, w: Path, length: int) -> tuple[float, None]:
     ids = torch.randint(3, 500, (4, length))
     torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, -1:].clone()}, batch)
     spec = {"mode": "et-fo", "steps": 3, "threads": 2, "batch_file": str(batch), "program": str(fo_dir)}
-    r = run([sys.executable, "-m", "mobizo_bench.memory_worker", json.dumps(spec)], w / "et-fo.log")
+    r = run([sys.executable, "-m", "mobizo_bench.memory_worker", json.dumps(spec)], w / "et-fo.log", child_env())
     return r[0], None
 
 

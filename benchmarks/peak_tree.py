@@ -10,10 +10,10 @@ between them; sampled every 0.5 s, so a short spike between samples can be misse
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -41,9 +41,13 @@ def _pss_kib(pid: int) -> int:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s [-h] -- COMMAND [ARG ...]")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="the command to run and measure, after --")
+    argv = ap.parse_args().command
     if argv and argv[0] == "--":
         argv = argv[1:]
+    if not argv:
+        ap.error("no command given (peak_tree.py -- COMMAND ...)")
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv)
     peak = [0]

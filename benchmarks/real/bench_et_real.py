@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("data")
     ap.add_argument("out")
@@ -28,17 +28,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
 
-    from mobizo.cli import _quiet_imports
+    from mobizo.util import quiet_third_party
 
-    _quiet_imports()
-    from mobizo import trainer
+    quiet_third_party()
+    from mobizo.build import assemble
+    from mobizo.config import TrainConfig
     from mobizo.data import collate_choices, step_indices
     from mobizo.engines.executorch import ExecuTorchEngine, export_program, manifest_for
-    from mobizo.models import weights_hash
     from mobizo.threads import apply_threads
 
     apply_threads(1)
-    cfg = trainer.TrainConfig(
+    cfg = TrainConfig.from_flat(
         model=args.model,
         task="custom",
         data=args.data,
@@ -51,8 +51,8 @@ def main() -> None:
         eval_batch_size=8,
         progress=False,
     )
-    run = trainer.prepare(cfg)
-    zo = trainer.zo_config(cfg, run.objective, run.choices)
+    run = assemble(cfg)  # model, tokenizer and examples; the programs are exported below, one per layout
+    zo = run.zo_config()
     out = Path(args.out)
     res = {"model": args.model, "max_length": args.max_length, "layouts": {}}
     for layout in args.layouts.split(","):
@@ -68,9 +68,9 @@ def main() -> None:
                 args.max_length,
                 run.answer_len,
                 8,
-                cfg.rank,
-                cfg.alpha,
-                weights_hash(run.model),
+                cfg.adapter.rank,
+                cfg.adapter.alpha,
+                run.base_hash(),
                 shared_prompt=shared,
             )
             export_program(run.model, m, d)
@@ -88,7 +88,7 @@ def main() -> None:
                 run.tokenizer.pad_token_id,
                 args.max_length,
                 length=args.max_length,
-                answer_len=1,
+                answer_len=run.answer_len,  # 1 for one-token label words (the shared layout needs it)
                 examples=8,
                 shared=shared,
             )

@@ -2,9 +2,12 @@
 
     PYTHONPATH=<tree>/src OMP_NUM_THREADS=1 python benchmarks/real/bench_real.py MODEL DATA OUT.json [--label L]
 
-Uses only what both the issue-9 tree and the tree before it have (trainer.prepare / make_batch /
-build_engine / run_eval), so the same script measures "before" and "after": one intra-op thread,
-the word-sentiment task (make_word_sentiment.py), the choice objective, q=4, batch 8.
+One intra-op thread, the word-sentiment task (make_word_sentiment.py), the choice objective, q=4,
+batch 8: the zero-shot eval's speed, then per estimator the median step time (lr 0, so every step
+does the same work), the step's matmul FLOPs and their share of a 2048^3 fp32 matmul's rate measured
+in the same process. The 2026-11-23 before/after prompt-sharing results (results/2026-11-23-*) were
+measured with this script as of commit 280c262, which ran on the trainer API both of those trees had;
+this version runs on today's (mobizo.build / mobizo.trainer).
 """
 
 import argparse
@@ -19,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("data")
     ap.add_argument("out")
@@ -33,16 +36,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=32)
     args = ap.parse_args()
 
-    from mobizo.cli import _quiet_imports
+    from mobizo.util import quiet_third_party
 
-    _quiet_imports()
+    quiet_third_party()
     import torch
 
     torch.set_num_threads(1)
     from torch.utils.flop_counter import FlopCounterMode
 
     import mobizo
-    from mobizo import trainer
+    from mobizo.build import build_engine, build_run
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import make_batch, run_eval
 
     res = {
         "label": args.label,
@@ -61,7 +66,7 @@ def main() -> None:
     task = dict(task="custom", data=args.data, template="Word: {text}\nSentiment:", label_words="negative,positive")
     if args.task != "custom":
         task = dict(task=args.task)
-    cfg = trainer.TrainConfig(
+    cfg = TrainConfig.from_flat(
         model=args.model,
         **task,
         queries=args.queries,
@@ -74,10 +79,10 @@ def main() -> None:
         progress=False,
     )
     t0 = time.perf_counter()
-    run = trainer.prepare(cfg)
+    run = build_run(cfg)
     res["prepare_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ev = trainer.run_eval(run)
+    ev = run_eval(run)
     secs = time.perf_counter() - t0
     res["eval"] = {
         "accuracy": ev["accuracy"],
@@ -89,12 +94,11 @@ def main() -> None:
     print(json.dumps(res["eval"]), file=sys.stderr)
     res["steps"] = {}
     for est in args.estimators.split(","):
-        c2 = dataclasses.replace(cfg, estimator=est)
-        eng = trainer.build_engine(c2, run.model, None, run.objective, run.choices, run.answer_len)
-        r2 = dataclasses.replace(run, cfg=c2, engine=eng)
+        r2 = dataclasses.replace(run, cfg=cfg.replace(estimator=est), engine=None)
+        eng = build_engine(r2)  # the same model (and B) under this estimator's step
         times, flops, rows = [], None, None
         for s in range(1, args.steps + 2):
-            batch = trainer.make_batch(r2, s)
+            batch = make_batch(r2, s)
             rows = tuple(batch.input_ids.shape)
             if s == 1:
                 with FlopCounterMode(display=False) as fc:

@@ -5,13 +5,14 @@
 Prints one JSON line: way, seconds, rss_after_import_mib, peak_rss_mib (VmHWM), rss_after_mib, params_mib.
 """
 
+import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WAYS = ("mobizo", "transformers-gguf")
 
 
 def status() -> dict:
@@ -24,9 +25,9 @@ def status() -> dict:
 
 
 def main(way: str, path: str) -> None:
-    from mobizo.cli import _quiet_imports
+    from mobizo.util import quiet_third_party
 
-    _quiet_imports()
+    quiet_third_party()
     import torch
     import transformers  # noqa: F401  (imports are the same baseline for every way)
 
@@ -64,4 +65,8 @@ def main(way: str, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("way", choices=WAYS, help="mobizo: mobizo.models.load_model; transformers-gguf: from_pretrained")
+    ap.add_argument("path", help="a .gguf file, or (way mobizo) a Hugging Face model directory or 'tiny'")
+    args = ap.parse_args()
+    main(args.way, args.path)

@@ -15,10 +15,10 @@ the positives with as many negatives for training.
         --label-words negative,positive ...
 """
 
+import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 TEMPLATE = "Word: {text}\\nSentiment:"
@@ -64,4 +64,8 @@ def main(lex: str, out: str, n_val: int = 300, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("lex", help="folder with afinn-*/afinn/data/AFINN-en-165.txt and vaderSentiment/vader_lexicon.txt")
+    ap.add_argument("out", help="task directory to write (train.jsonl, validation.jsonl)")
+    args = ap.parse_args()
+    main(args.lex, args.out)

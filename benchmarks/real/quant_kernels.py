@@ -59,17 +59,18 @@ def lower(model: nn.Module, x: torch.Tensor):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="64,512,2048", help="tokens per call (comma-separated)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
     from mobizo.quantize import torchao_config
     from mobizo.util import quiet_third_party
 
     quiet_third_party()
     from torchao.quantization import quantize_
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="64,512,2048", help="tokens per call (comma-separated)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
     torch.manual_seed(0)
     base = MLP().eval()
     models = {}

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("data")
     ap.add_argument("out")
@@ -39,17 +39,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from mobizo.cli import _quiet_imports
+    from mobizo.util import quiet_third_party
 
-    _quiet_imports()
+    quiet_third_party()
     import torch
 
     torch.set_num_threads(1)
-    from mobizo import trainer
+    from mobizo.build import build_run
+    from mobizo.config import TrainConfig
+    from mobizo.trainer import make_batch, run_eval
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = trainer.TrainConfig(
+    cfg = TrainConfig.from_flat(
         model=args.model,
         task="custom",
         data=args.data,
@@ -64,10 +66,10 @@ def main() -> None:
         seed=args.seed,
         progress=False,
     )
-    run = trainer.prepare(cfg)
+    run = build_run(cfg)
     zero = {k: v for k, v in run.engine.adapter_state().items()}
     t0 = time.perf_counter()
-    base = trainer.run_eval(run)
+    base = run_eval(run)
     print("zero-shot", json.dumps(base), file=sys.stderr)
     res = {
         "model": args.model,
@@ -86,10 +88,10 @@ def main() -> None:
         run.engine.load_adapter_state(zero)
         losses, t0 = [], time.perf_counter()
         for step in range(1, args.steps + 1):
-            r = run.engine.train_step(trainer.make_batch(run, step), step, lr, eps)
+            r = run.engine.train_step(make_batch(run, step), step, lr, eps)
             losses.append(r.loss)
         secs = (time.perf_counter() - t0) / args.steps
-        ev = trainer.run_eval(run)
+        ev = run_eval(run)
         rec = {
             "lr": lr,
             "eps": eps,

@@ -476,11 +476,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def benchmarks_dir() -> Path:
+    """The repository's ``benchmarks/`` (it holds ``mobizo_bench``, what ``mobizo bench`` runs), or
+    ``MOBIZO_BENCHMARKS``. The benchmarks are not part of the package: a source checkout or an editable
+    install has them next to ``src/``, a wheel does not."""
+    env = os.environ.get("MOBIZO_BENCHMARKS")
+    d = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (d / "mobizo_bench" / "__init__.py").is_file():
+        raise MobizoError(
+            f"the benchmarks are not at {d} ('mobizo bench' runs from a source checkout; "
+            "set MOBIZO_BENCHMARKS to its benchmarks/ directory)"
+        )
+    return d
+
+
 def cmd_bench(args) -> int:
-    try:
-        from mobizo_bench import run_bench
-    except ImportError as e:  # pragma: no cover - the benchmarks ship in the same distribution
-        raise MobizoError(f"the benchmarks are not installed ({e})") from e
+    d = str(benchmarks_dir())
+    if d not in sys.path:
+        sys.path.insert(0, d)  # first: ahead of any other tree's copy an installed mobizo puts on the path
+    from mobizo_bench import run_bench
 
     run_bench(
         args.which,

@@ -8,8 +8,8 @@ The run is a real ``mobizo train`` run (metrics.jsonl, a checkpoint every --save
 "step" steps/s times the training step alone; "CPU ms/step" is the process's CPU time per step
 (includes checkpoints and logging), which other jobs on a shared machine do not inflate.
 
-    PYTHONPATH=src python scripts/soak.py                 # 5000 steps (default)
-    PYTHONPATH=src python scripts/soak.py --steps 1000    # shorter
+    PYTHONPATH=src python benchmarks/soak.py                 # 5000 steps (default)
+    PYTHONPATH=src python benchmarks/soak.py --steps 1000    # shorter
 """
 
 from __future__ import annotations

@@ -40,13 +40,22 @@ def set_threads(n: int) -> None:
     apply_threads(n)
 
 
+def child_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with PYTHONPATH leading to this mobizo and this mobizo_bench, so a
+    subprocess (``python -m mobizo_bench.memory_worker``) imports the same trees as its parent."""
+    import mobizo
+
+    env = dict(os.environ if env is None else env)
+    paths = [str(Path(mobizo.__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1])]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def thread_env(n: int) -> dict:
-    """Environment for a subprocess that must use ``n`` threads, and find this mobizo."""
-    env = dict(os.environ)
+    """Environment for a subprocess that must use ``n`` threads, and find this mobizo and mobizo_bench."""
+    env = child_env()
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(n)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 

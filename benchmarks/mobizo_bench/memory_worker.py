@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 import time
 
 
@@ -164,7 +163,12 @@ class _null:
 
 
 if __name__ == "__main__":
+    import argparse  # (torch imports it too: no difference to the baseline RSS)
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", type=json.loads, help='JSON: {"mode": ..., "steps": ..., "threads": ..., ...} (memory.py)')
+    spec = ap.parse_args().spec
     from mobizo.util import quiet_third_party
 
     quiet_third_party()
-    print("MOBIZO-MEMORY " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    print("MOBIZO-MEMORY " + json.dumps(main(spec)), flush=True)

@@ -1,6 +1,6 @@
 """Peak RSS and seconds per step: native mobizo-train vs the Python ExecuTorch engine vs eager, on `tiny`.
 
-    PYTHONPATH=src python native/bench_rss.py --out /tmp/bench [--steps 200] [--bundle DIR]
+    PYTHONPATH=src python benchmarks/native_rss.py --out /tmp/bench [--steps 200] [--bundle DIR]
 
 Writes a bundle (demo settings: prge q=4, batch 8, T=48, lr 4, eps 0.02) unless --bundle is
 given, then runs each engine for --steps steps in its own process and reads that process's peak
@@ -91,10 +91,10 @@ print(json.dumps({"seconds_per_step": total / int(sys.argv[2])}))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for the bundle, the runs, bench.md and bench.json")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--bundle")
+    ap.add_argument("--bundle", help="an existing bundle to run (default: write one into OUT/bundle)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def main() -> None:
     bundle = Path(args.bundle) if args.bundle else out / "bundle"
     if not args.bundle:
         t0 = time.perf_counter()
-        make_bundle(TrainConfig(**CONFIG, steps=args.steps, save_every=args.steps), bundle, overwrite=True)
+        make_bundle(TrainConfig.from_flat(**CONFIG, steps=args.steps, save_every=args.steps), bundle, overwrite=True)
         print(f"bundle written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     binary = build()
     pte_mb = (bundle / "train.pte").stat().st_size / 2**20

@@ -5,8 +5,8 @@ Usage: ``python -m mobizo_bench.headline DIR/results.json``.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from .common import md_table
@@ -176,4 +176,6 @@ def main(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="a 'mobizo bench' results.json")
+    print(main(ap.parse_args().results))
