@@ -61,8 +61,12 @@ def parse_args(argv=None):
     ap.add_argument("--smollm2", help="SmolLM2-135M: a .gguf file or a Hugging Face model directory")
     ap.add_argument("--models", default="smollm2,tinyllama-1.1b", help="comma-separated: smollm2, tinyllama-1.1b")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"))
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                    help="the base's dtype (default: bfloat16 on cuda, float32 elsewhere)")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="the base's dtype (default: bfloat16 on cuda, float32 elsewhere)",
+    )
     ap.add_argument("--estimators", default=",".join(ESTIMATORS))
     ap.add_argument("--queries", type=csv_ints, default=[1, 4, 16])
     ap.add_argument("--batches", type=csv_ints, default=[1, 4, 16])

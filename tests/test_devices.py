@@ -129,8 +129,9 @@ def _g(model, batch, eps: float, q: int = 16, steps=(1, 2, 3)) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in steps:
-            plus, minus = st.losses(st.noise(torch.tensor(s)), batch.input_ids, batch.attention_mask, batch.labels,
-                                    torch.tensor(eps))  # fmt: skip
+            plus, minus = st.losses(
+                st.noise(torch.tensor(s)), batch.input_ids, batch.attention_mask, batch.labels, torch.tensor(eps)
+            )
             out.append((plus - minus) / (2 * eps))
     return torch.cat(out).double()
 
@@ -221,8 +222,23 @@ def test_bf16_run_trains_evaluates_generates_and_replays_bitwise(capsys, tmp_pat
     assert cli(capsys, "replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re")[0] == 0
     assert same_bits(trained, read_adapter(tmp_path / "re")[0])
     # eval of the adapter on a bf16 base
-    rc, _ = cli(capsys, "eval", "--model", "tiny", "--adapter", out / "adapter", "--dtype", "bfloat16",
-                "--eval-examples", "8", "--max-length", "32", "--no-progress", "--json", tmp_path / "e.json")  # fmt: skip
+    rc, _ = cli(
+        capsys,
+        "eval",
+        "--model",
+        "tiny",
+        "--adapter",
+        out / "adapter",
+        "--dtype",
+        "bfloat16",
+        "--eval-examples",
+        "8",
+        "--max-length",
+        "32",
+        "--no-progress",
+        "--json",
+        tmp_path / "e.json",
+    )
     assert rc == 0 and json.loads((tmp_path / "e.json").read_text())["n"] == 8
     # a resume keeps --dtype; another dtype is another trajectory: refused, naming both
     rc, err = cli(capsys, "train", *FAST, "--steps", "8", "--resume", "--dtype", "float32", "--out", out)
@@ -257,8 +273,12 @@ def test_bf16_generation_and_fo_baseline(tiny):
     state = fo.adapter_state()
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert any(float(v.abs().sum()) > 0 for k, v in state.items() if k.endswith("lora_B"))
-    assert all(t.device.type == "cpu" for s in fo.optimizer_state()["state"].values() for t in s.values()
-               if isinstance(t, torch.Tensor))  # fmt: skip
+    assert all(
+        t.device.type == "cpu"
+        for s in fo.optimizer_state()["state"].values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -163,8 +163,9 @@ def test_the_native_trainer_rolls_back_exactly_like_the_python_trainer(tmp_path,
     assert run["divergence"] == {"policy": "rollback", **divergence.constants()}
     run["divergence"].update(twitchy)
     (bundle / "run.json").write_text(json.dumps(run))
-    r = subprocess.run([str(build()), str(bundle), "--out", str(tmp_path / "native"), "--quiet"], capture_output=True,
-                       text=True)  # fmt: skip
+    r = subprocess.run(
+        [str(build()), str(bundle), "--out", str(tmp_path / "native"), "--quiet"], capture_output=True, text=True
+    )
     assert r.returncode in (0, 2), r.stderr
     native = json.loads((tmp_path / "native" / "summary.json").read_text())
     assert native["rollbacks"], "the twitchy constants should roll back at least once"

@@ -138,9 +138,20 @@ def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, capsys):
     assert len(new) >= 8 and out == want + "\n"
     # --adapter-kind last: the final adapter; --json: one object per prompt
     code, out, err = cli(
-        capsys, "generate", "--run", run, "--adapter-kind", "last", "--prompt", PROMPT, "--prompt", "hi", "--json",
-        "--max-new-tokens", 16,
-    )  # fmt: skip
+        capsys,
+        "generate",
+        "--run",
+        run,
+        "--adapter-kind",
+        "last",
+        "--prompt",
+        PROMPT,
+        "--prompt",
+        "hi",
+        "--json",
+        "--max-new-tokens",
+        16,
+    )
     assert code == 0 and f"adapter {run / 'adapter'} (the final adapter)" in err
     records = [json.loads(line) for line in out.splitlines()]
     model, tok = with_adapter(run / "adapter")
@@ -154,8 +165,9 @@ def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, capsys):
     Path("p.txt").write_text(f"{PROMPT}\nhi\n")
     outs = []
     for source, stdin in (("p.jsonl", None), ("p.txt", None), ("-", f"{PROMPT}\n\nhi\n")):
-        code, out, _ = cli(capsys, "generate", "--adapter", run / "adapter", "--input", source, "--max-new-tokens", 16,
-                           stdin=stdin)  # fmt: skip
+        code, out, _ = cli(
+            capsys, "generate", "--adapter", run / "adapter", "--input", source, "--max-new-tokens", 16, stdin=stdin
+        )
         assert code == 0
         outs.append(out)
     assert outs[0] == outs[1] == outs[2]
@@ -193,8 +205,21 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(run, capsys):
     greedy = greedy[:-1]
     stop = greedy[6:8]
     assert code == 0 and len(greedy) > 10 and stop.strip()
-    code, out, _ = cli(capsys, "generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 24, "--stop", stop,
-                       "--stop", "never there", "--json")  # fmt: skip
+    code, out, _ = cli(
+        capsys,
+        "generate",
+        "--run",
+        run,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        24,
+        "--stop",
+        stop,
+        "--stop",
+        "never there",
+        "--json",
+    )
     rec = json.loads(out)
     assert code == 0 and rec["completion"] == greedy[: greedy.find(stop)] and rec["finish"] == "stop"
 
@@ -210,8 +235,9 @@ def test_a_chat_model_s_template_is_applied(chat_model, capsys):
         == rendered
     )
     assert out == naive_greedy(model, tok, tok(rendered)["input_ids"], 12)[0] + "\n"
-    code, plain, _ = cli(capsys, "generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12,
-                         "--no-chat-template")  # fmt: skip
+    code, plain, _ = cli(
+        capsys, "generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12, "--no-chat-template"
+    )
     assert code == 0 and plain == naive_greedy(model, tok, tok("hello")["input_ids"], 12)[0] + "\n" != out
 
 
@@ -254,8 +280,15 @@ def test_predict_ranks_like_eval(cls_run, capsys):
     model, tok = with_adapter(cls_run / "best")
     task = get_task("custom", data=str(cls_run.parent / "data"), template="Text: {text} Answer:", label_words="no,yes")
     chosen: list[int] = []
-    evaluate(EagerEngine(model, None), task.kind, task.load("validation"), Encoder(tok), tok.pad_token_id, 24,
-             predictions=chosen)  # fmt: skip
+    evaluate(
+        EagerEngine(model, None),
+        task.kind,
+        task.load("validation"),
+        Encoder(tok),
+        tok.pad_token_id,
+        24,
+        predictions=chosen,
+    )
     assert [p["index"] for p in preds] == chosen
     # plain text lines go into the template's single field; the text format is label<TAB>word=p ...
     Path("in.txt").write_text("".join(r["text"] + "\n" for r in rows))
@@ -274,16 +307,27 @@ def test_predict_multiple_choice_ranks_by_mean_log_prob(run, capsys, tmp_path):
     from mobizo.tasks import get_task
 
     rows = [
-        {"premise": "The man broke his toe.", "question": "cause", "choice1": "He dropped a hammer on his foot.",
-         "choice2": "He got a hole in his sock.", "label": 0},
-        {"premise": "I tipped the bottle.", "question": "effect", "choice1": "The liquid in the bottle froze.",
-         "choice2": "The liquid in the bottle poured out.", "label": 1},
-    ]  # fmt: skip
+        {
+            "premise": "The man broke his toe.",
+            "question": "cause",
+            "choice1": "He dropped a hammer on his foot.",
+            "choice2": "He got a hole in his sock.",
+            "label": 0,
+        },
+        {
+            "premise": "I tipped the bottle.",
+            "question": "effect",
+            "choice1": "The liquid in the bottle froze.",
+            "choice2": "The liquid in the bottle poured out.",
+            "label": 1,
+        },
+    ]
     (tmp_path / "copa").mkdir()
     (tmp_path / "copa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     inputs = "".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in rows)
-    code, out, err = cli(capsys, "predict", "--adapter", run / "best", "--task", "copa", "--model", "tiny",
-                         "--input", "-", stdin=inputs)  # fmt: skip
+    code, out, err = cli(
+        capsys, "predict", "--adapter", run / "best", "--task", "copa", "--model", "tiny", "--input", "-", stdin=inputs
+    )
     assert code == 0, err
     lines = out.splitlines()
     model, tok = with_adapter(run / "best")
@@ -358,8 +402,7 @@ def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, capsy
 
 def test_a_run_whose_model_moved(tiny_dir, capsys, tmp_path):
     shutil.copytree(tiny_dir, tmp_path / "m1")
-    mobizo.train(config(model=str(tmp_path / "m1"), steps=1, eval_every=0,
-                                       out=str(tmp_path / "r")))  # fmt: skip
+    mobizo.train(config(model=str(tmp_path / "m1"), steps=1, eval_every=0, out=str(tmp_path / "r")))
     (tmp_path / "m1").rename(tmp_path / "m2")
     for argv in (["generate", "--prompt", "hi"], ["predict", "--input", "-"], ["eval"]):
         code, out, err = cli(capsys, *argv, "--run", tmp_path / "r", stdin="the plot was dull\n")
@@ -372,8 +415,9 @@ def test_a_run_whose_model_moved(tiny_dir, capsys, tmp_path):
                 "give its new path with --model PATH"
             )
         )
-    code, out, err = cli(capsys, "generate", "--run", tmp_path / "r", "--model", tmp_path / "m2", "--prompt", "hi",
-                         "--max-new-tokens", 4)  # fmt: skip
+    code, out, err = cli(
+        capsys, "generate", "--run", tmp_path / "r", "--model", tmp_path / "m2", "--prompt", "hi", "--max-new-tokens", 4
+    )
     assert code == 0 and out.endswith("\n"), err
 
 
@@ -389,36 +433,71 @@ def test_bad_input_is_one_line_and_exit_2(run, capsys, tmp_path, tiny_pair):
     Path("nofield.jsonl").write_text('{"text": "x"}\n')
     adapter_file = run / "adapter" / "adapter_model.safetensors"
     cases = [
-        (["generate", "--run", run, "--prompt", long_prompt],
-         f"the prompt is {n} tokens, the model holds 512 positions: it leaves no room to generate"),
-        (["generate", "--run", run, "--prompt", "hi", "--prompt", long_prompt, "--json"],
-         f"prompt 2: the prompt is {n} tokens, the model holds 512 positions: it leaves no room to generate"),
-        (["generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 600],
-         ("--max-new-tokens 600 after a 6-token prompt goes past the 512 positions of the model "
-         "(use --max-new-tokens 506 or less)")),
+        (
+            ["generate", "--run", run, "--prompt", long_prompt],
+            f"the prompt is {n} tokens, the model holds 512 positions: it leaves no room to generate",
+        ),
+        (
+            ["generate", "--run", run, "--prompt", "hi", "--prompt", long_prompt, "--json"],
+            f"prompt 2: the prompt is {n} tokens, the model holds 512 positions: it leaves no room to generate",
+        ),
+        (
+            ["generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 600],
+            (
+                "--max-new-tokens 600 after a 6-token prompt goes past the 512 positions of the model "
+                "(use --max-new-tokens 506 or less)"
+            ),
+        ),
         (["generate", "--run", run, "--prompt", PROMPT, "--stop", ""], "--stop strings must not be empty"),
         (["generate", "--run", run], "nothing to generate from: give --prompt TEXT or --input FILE"),
         (["generate", "--run", run, "--input", "empty.txt"], "--input empty.txt: no inputs (the file is empty)"),
-        (["generate", "--run", run, "--input", "nofield.jsonl"], 'nofield.jsonl:1: no "prompt" field (a non-empty string)'),
+        (
+            ["generate", "--run", run, "--input", "nofield.jsonl"],
+            'nofield.jsonl:1: no "prompt" field (a non-empty string)',
+        ),
         (["generate", "--run", run, "--input", "missing.txt"], "--input missing.txt does not exist"),
         (["predict", "--run", run, "--input", "empty.jsonl"], "--input empty.jsonl: no inputs (the file is empty)"),
-        (["predict", "--model", "tiny", "--task", "rte", "--input", "-"],
-         "task rte reads the fields premise, hypothesis: give JSONL records with them, not plain text lines"),
-        (["generate", "--run", run, "--engine", "executorch", "--prompt", "hi"],
-         (f"run {run} has no program/ (it trained with --engine eager): give --program DIR (from 'mobizo export') "
-         "or use --engine eager")),
-        (["chat", "--run", run], ("the tokenizer of tiny has no chat template: mobizo chat needs a chat model "
-         "(use mobizo generate to continue plain text)")),
-        (["eval", "--adapter", adapter_file],
-         (f"--adapter {adapter_file} is a file, not an adapter directory or a run directory (give the directory that "
-         "holds adapter_config.json, or the run directory)")),
-        (["generate", "--run", run / "adapter", "--prompt", "hi"], (f"--run {run / 'adapter'} is not a mobizo run "
-         "directory (no .mobizo marker, checkpoint or summary)")),
-        (["generate", "--adapter", run / "adapter", "--adapter-kind", "best", "--prompt", "hi"],
-         "--adapter-kind chooses among a run directory's adapters; --adapter names one"),
-        (["eval", "--adapter", tmp_path], (f"--adapter {tmp_path} is neither an adapter directory "
-         "(no adapter_config.json) nor a mobizo run directory")),
-    ]  # fmt: skip
+        (
+            ["predict", "--model", "tiny", "--task", "rte", "--input", "-"],
+            "task rte reads the fields premise, hypothesis: give JSONL records with them, not plain text lines",
+        ),
+        (
+            ["generate", "--run", run, "--engine", "executorch", "--prompt", "hi"],
+            (
+                f"run {run} has no program/ (it trained with --engine eager): give --program DIR (from 'mobizo export') "
+                "or use --engine eager"
+            ),
+        ),
+        (
+            ["chat", "--run", run],
+            (
+                "the tokenizer of tiny has no chat template: mobizo chat needs a chat model "
+                "(use mobizo generate to continue plain text)"
+            ),
+        ),
+        (
+            ["eval", "--adapter", adapter_file],
+            (
+                f"--adapter {adapter_file} is a file, not an adapter directory or a run directory (give the directory that "
+                "holds adapter_config.json, or the run directory)"
+            ),
+        ),
+        (
+            ["generate", "--run", run / "adapter", "--prompt", "hi"],
+            (f"--run {run / 'adapter'} is not a mobizo run directory (no .mobizo marker, checkpoint or summary)"),
+        ),
+        (
+            ["generate", "--adapter", run / "adapter", "--adapter-kind", "best", "--prompt", "hi"],
+            "--adapter-kind chooses among a run directory's adapters; --adapter names one",
+        ),
+        (
+            ["eval", "--adapter", tmp_path],
+            (
+                f"--adapter {tmp_path} is neither an adapter directory "
+                "(no adapter_config.json) nor a mobizo run directory"
+            ),
+        ),
+    ]
     for argv, message in cases:
         code, out, err = cli(capsys, *argv, stdin="a line\n")
         assert code == 2 and out == "", (argv, code, out, err)
@@ -630,8 +709,9 @@ def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
     prompts = ["--prompt", PROMPT, "--prompt", "the cast was"]
     code, eager, err = cli(capsys, "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json")
     assert code == 0, err
-    code, et, err = cli(capsys, "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json",
-                        "--engine", "executorch")  # fmt: skip
+    code, et, err = cli(
+        capsys, "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json", "--engine", "executorch"
+    )
     assert code == 0, err
     eager, et = [json.loads(x) for x in eager.splitlines()], [json.loads(x) for x in et.splitlines()]
     assert [r["completion"] for r in et] == [r["completion"] for r in eager] and all(r["tokens"] > 8 for r in et)
@@ -639,8 +719,9 @@ def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
     model, tok = with_adapter(et_run / "best")
     assert et[0]["completion"] == naive_greedy(model, tok, tok(PROMPT)["input_ids"], 24)[0]
     # the program's positions bound the generation
-    code, out, err = cli(capsys, "generate", "--run", et_run, "--prompt", PROMPT, "--max-new-tokens", 60,
-                         "--engine", "executorch")  # fmt: skip
+    code, out, err = cli(
+        capsys, "generate", "--run", et_run, "--prompt", PROMPT, "--max-new-tokens", 60, "--engine", "executorch"
+    )
     assert (
         code == 2
         and out == ""
@@ -655,8 +736,9 @@ def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
     shutil.copytree(et_run / "program", old)
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "generate": False}))
-    code, out, err = cli(capsys, "generate", "--run", et_run, "--program", old, "--engine", "executorch",
-                         "--prompt", PROMPT)  # fmt: skip
+    code, out, err = cli(
+        capsys, "generate", "--run", et_run, "--program", old, "--engine", "executorch", "--prompt", PROMPT
+    )
     assert (
         code == 2
         and out == ""

@@ -842,10 +842,14 @@ def test_custom_records_with_choices_are_multiple_choice(tmp_path, capsys):
     """``{"question", "choices", "answer"}`` records (answer as an index or the choice's text, any number of
     choices per question, an optional template over any field) train and evaluate as multiple choice."""
     rows = [
-        {"question": f"Which one can you eat? ({i})", "choices": [FOODS[i % len(FOODS)], "a rock", "a cloud"][: 2 + i % 2],
-         "answer": 0 if i % 3 else FOODS[i % len(FOODS)], "topic": "food"}
+        {
+            "question": f"Which one can you eat? ({i})",
+            "choices": [FOODS[i % len(FOODS)], "a rock", "a cloud"][: 2 + i % 2],
+            "answer": 0 if i % 3 else FOODS[i % len(FOODS)],
+            "topic": "food",
+        }
         for i in range(12)
-    ]  # fmt: skip
+    ]
     write(tmp_path / "d" / "train", rows, "jsonl")
     write(tmp_path / "d" / "validation", rows[:6], "json")
     task = get_task("custom", data=str(tmp_path / "d"))
@@ -859,8 +863,28 @@ def test_custom_records_with_choices_are_multiple_choice(tmp_path, capsys):
     custom = get_task("custom", data=str(tmp_path / "d"), template="[{topic}] {question} ->").load("validation")
     assert custom[1].prompt == "[food] Which one can you eat? (1) ->"
     out = tmp_path / "run"
-    rc = main(["train", "--task", "custom", "--data", tmp_path / "d", "--steps", 2, "--batch-size", 2, "-q", 1,
-               "--max-length", 48, "--eval-every", 0, "--out", out, "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--task",
+            "custom",
+            "--data",
+            tmp_path / "d",
+            "--steps",
+            2,
+            "--batch-size",
+            2,
+            "-q",
+            1,
+            "--max-length",
+            48,
+            "--eval-every",
+            0,
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and summary["config"]["task"] == "custom"
