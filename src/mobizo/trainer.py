@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .build import Run, assemble, build_engine, needs_weights
 from .checkpoint import read_rollback
@@ -263,28 +265,19 @@ def probe_lr(run: Run) -> tuple[float, list[dict]]:
 
 
 def _probe_loss(run: Run, examples) -> float:
-    """The answer loss per token of ``examples`` (a generation task is not decoded: only its loss counts)."""
-    from .evaluation import score_pairs
+    """What the step minimizes, on held-out ``examples``: the cross-entropy over the candidates' scores
+    (classification and multiple choice, the choice objective: the gold label word's full-vocabulary loss
+    can rise while its rank improves), else the answer loss per token (a generation task is not decoded)."""
+    from .evaluation import choice_scores, score_pairs
 
-    d = run.cfg.data
-    if run.task.kind == "generation":
-        pairs = [(e.prompt, e.answer) for e in examples]
-        sums, counts = score_pairs(
-            run.engine, run.encoder, pairs, run.tokenizer.pad_token_id, d.max_length, d.eval_batch_size
-        )
-        return float(sums.sum() / counts.sum().clamp(min=1))
-    metrics = evaluate(
-        run.engine,
-        run.task.kind,
-        examples,
-        run.encoder,
-        run.tokenizer.pad_token_id,
-        d.max_length,
-        d.eval_batch_size,
-        d.max_new_tokens,
-        progress=False,
-    )
-    return float(metrics["loss"])
+    d, pad = run.cfg.data, run.tokenizer.pad_token_id
+    if run.objective != "answer":
+        scored = choice_scores(run.engine, run.task.kind, examples, run.encoder, pad, d.max_length, d.eval_batch_size)
+        ce = [-torch.log_softmax(score, 0)[ex.label] for (score, _, _), ex in zip(scored, examples)]
+        return float(torch.stack(ce).mean())
+    pairs = [(e.prompt, e.answer) for e in examples]
+    sums, counts = score_pairs(run.engine, run.encoder, pairs, pad, d.max_length, d.eval_batch_size)
+    return float(sums.sum() / counts.sum().clamp(min=1))
 
 
 class Trainer:
