@@ -257,3 +257,14 @@ def test_bad_model_dirs_and_data(tmp_path):
     (d / "train.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": broken\n')
     code, err = run_cli(args)
     assert code == 2 and "malformed JSON" in err
+
+
+def test_help_says_model_takes_a_gguf_file(capsys):
+    from mobizo.cli import main
+
+    for command in ("train", "eval", "export"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at the terminal width
+        model_help = text[text.rindex("--model MODEL") :]  # the option's entry, after the usage line
+        assert model_help.startswith("--model MODEL local Hugging Face model directory, a .gguf file"), model_help[:120]

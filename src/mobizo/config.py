@@ -229,7 +229,12 @@ TOP = ("model", "seed", "trust_remote_code")
 
 @dataclass
 class TrainConfig:
-    model: str = opt("tiny", "local Hugging Face model directory, or 'tiny' (built-in)", trajectory=True)
+    model: str = opt(
+        "tiny",
+        "local Hugging Face model directory, a .gguf file (llama.cpp; dequantized to float at load), or 'tiny' "
+        "(the built-in random model)",
+        trajectory=True,
+    )
     seed: int = opt(0, "run seed: the adapter's A, the noise, the data order", trajectory=True, minimum=0)
     trust_remote_code: bool = opt(False, "allow model code from the model directory", setting=True)
     data: DataArgs = field(default_factory=DataArgs)
