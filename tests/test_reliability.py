@@ -290,6 +290,26 @@ def test_edited_adapter_config_is_caught(capsys, ckpt_run):
         read_adapter(ckpt_run / "adapter")
 
 
+def test_adapter_config_naming_other_modules_is_refused(capsys, ckpt_run):
+    """target_modules k_proj,o_proj on q/v tensors: PEFT would ignore the tensors; eval used to load them."""
+    cfg_path = ckpt_run / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for accepted in (cfg["target_modules"], ["q_proj", "v_proj"], ["self_attn.q_proj", "v_proj"], r".*\.[qv]_proj"):
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": accepted}))
+        read_adapter(ckpt_run / "adapter")
+    cfg_path.write_text(json.dumps({**cfg, "target_modules": ["k_proj", "o_proj"]}))
+    rc, err = run_cli(capsys, "eval", "--adapter", ckpt_run / "adapter", "--eval-examples", "4", "--no-progress")
+    assert rc == 2
+    assert err.strip() == (
+        f"mobizo: error: {cfg_path}: target_modules names k_proj, o_proj, but the weights adapt q_proj, v_proj "
+        "(mismatched files: PEFT would ignore those tensors)"
+    )
+    for refused in (["q_proj"], r".*\.k_proj", "[unclosed", 7):
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": refused}))
+        with pytest.raises(MobizoError, match="target_modules"):
+            read_adapter(ckpt_run / "adapter")
+
+
 def test_optimizer_state_checksum(capsys, tmp_path):
     out = tmp_path / "fo"
     assert train(capsys, out, "--steps", "3", "--estimator", "fo", "--optimizer", "adamw", "--save-every", "0")[0] == 0

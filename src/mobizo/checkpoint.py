@@ -376,7 +376,40 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
                 f"{w_path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"which do not match r={r} of {cfg_path.name}"
             )
+    _check_targets(config.get("target_modules"), sorted({k.rsplit(".", 1)[0] for k in state}), cfg_path)
     return state, config
+
+
+def _targets(modules: list[str]) -> str:
+    """Module names as a short list: their last components (``q_proj, v_proj``), as PEFT users write them."""
+    return ", ".join(sorted({m.rsplit(".", 1)[-1] for m in modules}))
+
+
+def _check_targets(targets, modules: list[str], cfg_path: Path) -> None:
+    """The adapter's tensors must sit on modules its config's ``target_modules`` name, as PEFT matches them
+    (a list: the module's name or a ``.``-separated suffix of it; a string: a regex of the whole name;
+    ``all-linear`` or none: any): PEFT ignores a tensor on a module its config does not target, so such
+    an adapter would score differently in PEFT than in mobizo (mismatched files)."""
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise MobizoError(f"{cfg_path}: target_modules {targets!r} is not a valid regex ({_one_line(e)})") from e
+        outside = [m for m in modules if not pattern.fullmatch(m)]
+        named = repr(targets)
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        names = set(targets)
+        outside = [m for m in modules if m not in names and not any(m.endswith("." + t) for t in names)]
+        named = _targets(targets) if targets else "no modules"
+    else:
+        raise MobizoError(f"{cfg_path}: target_modules must be a list of module names or a regex, got {targets!r}")
+    if outside:
+        raise MobizoError(
+            f"{cfg_path}: target_modules names {named}, but the weights adapt {_targets(outside)} "
+            "(mismatched files: PEFT would ignore those tensors)"
+        )
 
 
 def _one_line(e: BaseException) -> str:
