@@ -268,3 +268,23 @@ def test_help_says_model_takes_a_gguf_file(capsys):
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at the terminal width
         model_help = text[text.rindex("--model MODEL") :]  # the option's entry, after the usage line
         assert model_help.startswith("--model MODEL local Hugging Face model directory, a .gguf file"), model_help[:120]
+
+
+def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path):
+    code, err = run_cli(
+        ["train", *FAST, "--steps", 2, "--warmup-steps", 5000, "--rank", 48, "--eval-every", 0, "--out", tmp_path / "r"]
+    )
+    assert code == 0, err
+    assert err.splitlines() == [
+        (
+            "mobizo: warning: --warmup-steps 5000 outlasts --steps 2: the lr ramps only to 2/5000 of --lr 2 and "
+            "never reaches it"
+        ),
+        # tiny's v_proj maps 64 features to 2 kv heads x 16
+        (
+            "mobizo: warning: --rank 48 exceeds the width of model.layers.0.self_attn.v_proj (64 -> 32): its update "
+            "has rank 32 at most; the rank beyond that adds cost, not capacity (use --rank 32 or less)"
+        ),
+    ]
+    code, err = run_cli(["train", *FAST, "--steps", 2, "--warmup-steps", 2, "--rank", 32, "--out", tmp_path / "s"])
+    assert code == 0 and err == "", err

@@ -152,6 +152,32 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     return n
 
 
+def warn_futile_settings(cfg: TrainConfig, model) -> None:
+    """One warning line each for settings that cannot do what they ask, though the run still means
+    something: a warmup that outlasts the run (the lr never reaches --lr), a rank above an adapted
+    layer's width (its update has rank min(in, out) at most: the rest adds cost, not capacity)."""
+    o = cfg.optim
+    if o.warmup_steps > o.steps:
+        print(
+            f"mobizo: warning: --warmup-steps {o.warmup_steps} outlasts --steps {o.steps}: the lr ramps only to "
+            f"{o.steps}/{o.warmup_steps} of --lr {o.lr:g} and never reaches it",
+            file=sys.stderr,
+        )
+    from .mplora import lora_layers
+
+    layers = lora_layers(model) if hasattr(model, "named_modules") else []  # (a program's base: checked at export)
+    if layers:
+        name, narrow = min(layers, key=lambda t: min(t[1].in_features, t[1].out_features))
+        width = min(narrow.in_features, narrow.out_features)
+        if cfg.adapter.rank > width:
+            print(
+                f"mobizo: warning: --rank {cfg.adapter.rank} exceeds the width of {name} ({narrow.in_features} -> "
+                f"{narrow.out_features}): its update has rank {width} at most; the rank beyond that adds cost, not "
+                f"capacity (use --rank {width} or less)",
+                file=sys.stderr,
+            )
+
+
 def assemble(
     cfg: TrainConfig,
     model=None,
@@ -215,6 +241,7 @@ def assemble(
         base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
     )
     targets = prepare_base(model, cfg, inject_adapter)
+    warn_futile_settings(cfg, model)
     encoder = Encoder(tokenizer)
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
