@@ -71,6 +71,15 @@ def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path):
     assert resumed["config"] == full["config"] and resumed["final_loss"] == full["final_loss"]
     a, b = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("full", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    # and byte for byte: the safetensors metadata used to come out in a random order per write
+    for f in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "checkpoint/adapter_model.safetensors",
+    ):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "part" / f).read_bytes(), f
+    meta = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()[8:120]
+    assert meta.startswith(b'{"__metadata__":{"format":"pt","lora_alpha":"16.0","r":"8","sha256":"'), meta
     # a changed trajectory flag is refused by the API exactly as by the CLI
     with pytest.raises(MobizoError, match="used --queries 2, not 3"):
         mobizo.train(out=str(tmp_path / "part"), resume=True, steps=9, queries=3, progress=False)

@@ -264,8 +264,6 @@ def write_adapter(
     ``fan_in_fan_out``: the adapted layers are ``Conv1D`` (GPT-2); None: read off ``base_model``'s
     config.json (:func:`mobizo.archs.adapter_fan_in_fan_out`). The tensors are the same either way.
     """
-    from safetensors.torch import save_file
-
     from .archs import adapter_fan_in_fan_out
 
     if fan_in_fan_out is None:
@@ -276,7 +274,26 @@ def write_adapter(
     )
     tensors = _peft_tensors(state)
     meta = {"format": "pt", "sha256": tensors_sha256(tensors), **adapter_metadata(rank, alpha)}
-    save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
+    (Path(directory) / WEIGHTS).write_bytes(safetensors_bytes(tensors, meta))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` and ``metadata`` as a safetensors file whose bytes depend on nothing else.
+
+    safetensors serializes the metadata from a Rust ``HashMap``, whose iteration order is seeded at
+    random per process: the same adapter written by two processes (a resumed run and an uninterrupted
+    one) differed in the order of its metadata keys. The header is rewritten with the keys sorted; it
+    keeps its length (the same keys and values), so the tensors' offsets and data stay as written."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # (cannot happen: the same JSON in another order; never write a wrong file)
+        raise MobizoError(f"safetensors header of {len(text)} bytes does not fit the {n} written")
+    return data[:8] + text.ljust(n, b" ") + data[8 + n :]
 
 
 def save_adapter(
