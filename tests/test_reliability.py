@@ -480,7 +480,7 @@ def test_trust_remote_code_flag_reaches_the_loader(monkeypatch, capsys, tmp_path
 
     seen = []
 
-    def fake(path, dtype=torch.float32, trust_remote_code=False):
+    def fake(path, dtype=torch.float32, trust_remote_code=False, before_weights=None):
         seen.append(trust_remote_code)
         raise MobizoError("stop here")
 

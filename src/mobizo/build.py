@@ -59,16 +59,19 @@ class Run:
         return self._base_hash
 
 
-def load_base(name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True):
+def load_base(
+    name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True, before_weights=None
+):
     """(model, tokenizer) of ``name`` (``tiny``, a local directory or a GGUF file), with a status line.
-    ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`)."""
+    ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`).
+    ``before_weights``: see :func:`mobizo.models.load_model`."""
     from .models import load_model, load_skeleton
 
     if not weights:
         with status(f"loading the config and tokenizer of {name}", progress):
             return load_skeleton(name, trust_remote_code=trust_remote_code)
     with status(f"loading model {name}", progress):
-        return load_model(name, trust_remote_code=trust_remote_code)
+        return load_model(name, trust_remote_code=trust_remote_code, before_weights=before_weights)
 
 
 def program_base(cfg: TrainConfig):
@@ -152,6 +155,50 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     return n
 
 
+def check_memory_before(cfg: TrainConfig, config, weight_bytes: int, task, train, validation, encoder) -> None:
+    """Refuse a run whose weights (``weight_bytes`` still to load) plus the peak of its training step or of an
+    eval batch cannot fit the memory available (:mod:`mobizo.resources`), before any work. Sequences are as
+    long as the longest example (up to ``--max-length``; an exported program is planned for
+    ``--max-length`` itself) and the answer window as the longest answer."""
+    from .models import check_max_length
+    from .resources import Dims, check_memory, forward_bytes, step_rows
+
+    d, o = cfg.data, cfg.optim
+    check_max_length(config, d.max_length)
+    dims = Dims.of(config) if config is not None else None
+    if dims is None:  # a program's base (the program was checked when it was exported), or an odd config
+        return
+    exported = cfg.engine.engine == "executorch"
+    objective, choices = resolve_objective(o.objective, task.kind, train or validation)
+    need, what, why = 0, "", ""
+    for split, exs in (("train", train), ("validation", validation)):
+        if not exs:
+            continue
+        encs = [encoder(ex.prompt, c) for ex in exs for c in (ex.candidates or [ex.answer])]
+        answer = max(len(e.answer_ids) for e in encs)
+        tokens = (
+            d.max_length if exported else min(d.max_length, max(len(e.prompt_ids) + len(e.answer_ids) for e in encs))
+        )
+        shared = objective != "answer" and answer == 1  # one row per example, only the candidates' logits
+        per_example = 1 if shared or objective == "answer" else choices
+        if split == "train":
+            rows = step_rows(o.estimator, o.queries, o.batch_size, o.data_mode, per_example)
+            b = forward_bytes(dims, rows, tokens, 0 if shared else answer, backward=o.estimator == "fo")
+            text = f"a training step ({rows} rows x {tokens} tokens: --batch-size {o.batch_size}"
+            text += f", {o.estimator} q={o.queries})" if o.estimator != "fo" else ")"
+            hint = "lower --batch-size, --queries or --max-length"
+        else:
+            rows = d.eval_batch_size * per_example
+            b = forward_bytes(dims, rows, tokens, 1 if shared else answer)
+            text = f"an eval batch ({rows} rows x {tokens} tokens: --eval-batch-size {d.eval_batch_size})"
+            hint = "lower --eval-batch-size or --max-length"
+        if b > need:
+            need, what, why = b, text, hint
+    name = getattr(config, "name_or_path", "") or cfg.model
+    loading = f"the weights of {name} and " if weight_bytes else ""
+    check_memory(weight_bytes + need, f"{loading}{what}", why)
+
+
 def warn_futile_settings(cfg: TrainConfig, model) -> None:
     """One warning line each for settings that cannot do what they ask, though the run still means
     something: a warmup that outlasts the run (the lr never reaches --lr), a rank above an adapted
@@ -195,9 +242,11 @@ def assemble(
     ``inject_adapter=False``: leave the model as it is (eval of a saved adapter injects its own).
     ``weights=False``: load ``cfg.model``'s architecture without its weights (see :func:`needs_weights`).
     """
+    from .resources import cap_threads, warn_batch
     from .threads import apply_threads
 
     cfg.validate()
+    cfg = cfg.replace(threads=cap_threads(cfg.run.threads))
     apply_threads(cfg.run.threads, runtime=False)
     d = cfg.data
     if train is not None:
@@ -210,10 +259,6 @@ def assemble(
         task = ExamplesTask((train or []) + (validation or []))  # examples passed as objects: no task files
     else:
         task = load_task(cfg)
-    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
-        raise MobizoError(
-            f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}"
-        )
     if train is None:
         train = task.load("train", d.train_examples, cfg.seed) if need_train else []
     if validation is None:
@@ -221,15 +266,33 @@ def assemble(
     if (model is None) != (tokenizer is None):
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     given = model is not None
+    # What needs only the model's config and tokenizer runs before the weights are loaded (a refused run
+    # never waits for them): the sequence length, the examples' encodings and the step's memory.
+    ready: dict = {}
+
+    def before_weights(config, weight_bytes: int, tok) -> None:
+        nonlocal cfg, train, validation
+        train, validation = task.finalize(train, tok), task.finalize(validation, tok)
+        ready["encoder"] = Encoder(tok)
+        check_memory_before(cfg, config, weight_bytes, task, train, validation, ready["encoder"])
+        if train:  # (after the memory check: a refused run gets its one line only)
+            warn_batch(cfg.optim.batch_size, len(train))
+
     if model is None:
         model, tokenizer = (None if weights else program_base(cfg)) or load_base(
-            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights
+            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights, before_weights=before_weights
         )
     else:
         from .models import prepare_tokenizer
 
         prepare_tokenizer(tokenizer)  # the same pad token and left padding load_model gives
-    train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
+    if not ready:  # a model object, a weightless architecture or a program's base: nothing left to load
+        before_weights(getattr(model, "config", None), 0, tokenizer)
+    d = cfg.data
+    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
+        raise MobizoError(
+            f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}"
+        )
     from .data import check_candidates
     from .models import check_max_length
 
@@ -242,7 +305,7 @@ def assemble(
     )
     targets = prepare_base(model, cfg, inject_adapter)
     warn_futile_settings(cfg, model)
-    encoder = Encoder(tokenizer)
+    encoder = ready["encoder"]
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
     truncated = {

@@ -293,14 +293,21 @@ def _metadata_parsed_once():
         mod.load_gguf_checkpoint = original
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a GGUF file: float weights in ``dtype``, loaded once (see module docstring)."""
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, before_weights=None
+):
+    """(model, tokenizer) from a GGUF file: float weights in ``dtype``, loaded once (see module docstring).
+    ``before_weights(config, weight_bytes, tokenizer)``: called before any tensor is read
+    (:func:`mobizo.models.load_model`)."""
     import gguf
 
     p = Path(path)
     h = inspect_gguf(p)
     with _metadata_parsed_once():
         tokenizer = _load_tokenizer(p, trust_remote_code)
+        if before_weights is not None:
+            numel = sum(int(np.prod(t.shape)) if t.shape else 1 for t in h.tensors)
+            before_weights(_config_of(p, h, trust_remote_code), numel * dtype.itemsize, tokenizer)
         if h.architecture not in _legacy_archs():
             model = _load_packed(p, dtype, trust_remote_code)
         else:
@@ -310,22 +317,34 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust
     return model.eval(), tokenizer
 
 
+def _config_of(p: Path, h: GGUFHeader, trust_remote_code: bool = False):
+    """The transformers config of a GGUF file (call it inside :func:`_metadata_parsed_once`)."""
+    from transformers import AutoConfig
+
+    try:
+        if h.architecture in _legacy_archs():
+            config = _load_config(p)[0]
+        else:
+            config = AutoConfig.from_pretrained(
+                str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:
+        raise MobizoError(f"cannot read the model config of {p}: {type(e).__name__}: {_first_line(e)}") from e
+    config.name_or_path = str(p.resolve())
+    return config
+
+
 def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False):
     """(model on the meta device, tokenizer) of a GGUF file: config and tokenizer only, no tensor read
     (see :func:`mobizo.models.load_skeleton`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     h = inspect_gguf(p)
     with _metadata_parsed_once():
         tokenizer = _load_tokenizer(p, trust_remote_code)
+        config = _config_of(p, h, trust_remote_code)
         try:
-            if h.architecture in _legacy_archs():
-                config = _load_config(p)[0]
-            else:
-                config = AutoConfig.from_pretrained(
-                    str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
-                )
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except Exception as e:
