@@ -70,7 +70,7 @@ def evaluate(
     if state is not None:
         _apply_adapter(run.model, *state)
     engine = EagerEngine(run.model, estimator=None)  # scoring only
-    d = cfg.data
+    d = run.cfg.data  # (--max-length resolved against the model)
     metrics = run_eval(
         engine,
         run.task.kind,

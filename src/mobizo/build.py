@@ -155,6 +155,18 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     return n
 
 
+def resolve_max_length(cfg: TrainConfig, config) -> TrainConfig:
+    """``--max-length`` not given: :data:`~mobizo.config.DEFAULT_MAX_LENGTH`, or the model's positions when
+    it has fewer (a given one beyond them stays an error: :func:`mobizo.models.check_max_length`)."""
+    from .config import DEFAULT_MAX_LENGTH
+    from .models import max_positions
+
+    if cfg.data.max_length is not None:
+        return cfg
+    limit = max_positions(config)
+    return cfg.replace(max_length=min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH)
+
+
 def check_memory_before(cfg: TrainConfig, config, weight_bytes: int, task, train, validation, encoder) -> None:
     """Refuse a run whose weights (``weight_bytes`` still to load) plus the peak of its training step or of an
     eval batch cannot fit the memory available (:mod:`mobizo.resources`), before any work. Sequences are as
@@ -272,6 +284,7 @@ def assemble(
 
     def before_weights(config, weight_bytes: int, tok) -> None:
         nonlocal cfg, train, validation
+        cfg = resolve_max_length(cfg, config)
         train, validation = task.finalize(train, tok), task.finalize(validation, tok)
         ready["encoder"] = Encoder(tok)
         check_memory_before(cfg, config, weight_bytes, task, train, validation, ready["encoder"])

@@ -28,6 +28,7 @@ from .errors import MobizoError
 ESTIMATORS = ("prge", "prge-outer", "mezo", "fo")
 ENGINES = ("eager", "executorch")
 DIST_MODES = ("queries", "data", "federated")
+DEFAULT_MAX_LENGTH = 128  # --max-length when not given, unless the model has fewer positions (build.assemble)
 
 
 def opt(
@@ -76,7 +77,12 @@ class DataArgs:
         "comma-separated label words (custom classification, or to override a benchmark's), e.g. bad,good",
         trajectory=True,
     )
-    max_length: int = opt(128, "max tokens per sequence (prompt + answer)", trajectory=True, minimum=2)
+    max_length: int | None = opt(
+        None,
+        f"max tokens per sequence (prompt + answer) (default: {DEFAULT_MAX_LENGTH}, or the model's positions if fewer)",
+        trajectory=True,
+        minimum=2,
+    )
     truncation: str = opt(
         "left",
         "prompts longer than --max-length: cut from the left, or fail",
