@@ -8,17 +8,9 @@
 * ``checkpoint/``: the same adapter plus ``state.json`` (step, run config) and,
   for the first-order baseline, ``optimizer.pt`` (loaded with weights_only).
 
-Every directory is written to a temporary sibling, fsync'ed and renamed into
-place, so a kill at any moment leaves either the old or the new version:
-
-* ``.<name>.tmp-*``: a version being written (incomplete; never read);
-* ``.<name>.old``: the previous version during the two renames of a swap;
-  complete, and the one :func:`resolve_dir` returns while ``<name>`` is missing;
-* ``.<name>.trash-*``: an old version being deleted (never read).
-
-:func:`clean_stale` removes the scratch entries a kill can leave behind.
-``MOBIZO_TEST_SLOW_CHECKPOINT=<seconds>`` (tests only) sleeps at each stage of
-an atomic write so a fault-injection test can kill a process inside it.
+Every directory is written with :func:`mobizo.fsio.atomic_write_dir` (to a temporary sibling, fsync'ed
+and renamed into place), so a kill at any moment leaves either the old or the new version; the scratch
+entries a kill can leave behind, and how readers resolve them, are described in :mod:`mobizo.fsio`.
 """
 
 from __future__ import annotations
@@ -26,17 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .errors import MobizoError
+from .fsio import atomic_write_dir, resolve_dir
 from .util import dumps, file_sha256
 
 PEFT_PREFIX = "base_model.model."
@@ -54,148 +42,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fault_pause() -> None:
-    """Test hook: widen the windows inside atomic writes (``MOBIZO_TEST_SLOW_CHECKPOINT`` seconds)."""
-    delay = os.environ.get("MOBIZO_TEST_SLOW_CHECKPOINT")
-    if delay:
-        time.sleep(float(delay))
-
-
-def _discard(path: Path) -> None:
-    """Delete a directory so that no reader ever sees it half-deleted: rename it to trash first."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name.lstrip('.')}.trash-", dir=path.parent))
-    os.replace(path, trash / "x")
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmpdir)`` then swap ``tmpdir`` into ``target`` (old version kept until the swap).
-
-    At every moment either ``target`` or its ``.old`` twin is a complete version
-    (see :func:`resolve_dir`); a kill leaves at most scratch entries behind.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        mode = 0o666 & ~_umask()
-        for root, _, files in os.walk(tmp):
-            for f in files:
-                os.chmod(os.path.join(root, f), mode)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; use the usual permissions
-        _fault_pause()
-        _fsync_tree(tmp)
-        old = target.parent / f".{target.name}.old"
-        if target.exists():
-            if old.exists():
-                _discard(old)  # stale: a kill after the last swap's second rename
-            os.replace(target, old)
-            _fsync_dir(target.parent)
-            _fault_pause()  # target missing, .old complete: resolve_dir finds .old
-        # (target missing and .old present: a killed swap; .old stays until the new version is in place)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old.exists():
-            _fault_pause()
-            _discard(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _fault_pause()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-_SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")
-
-
-def clear_entries(directory: Path, remove: Callable[[str], bool]) -> None:
-    """Delete the entries of ``directory`` for which ``remove(name)`` holds, so that a kill midway leaves
-    only complete entries (plus scratch): they are renamed into a scratch trash directory, then deleted.
-
-    The checkpoint goes first: a kill midway never leaves a checkpoint without the log it relies on.
-    """
-    d = Path(directory)
-    names = sorted((e.name for e in d.iterdir() if remove(e.name)), key=lambda n: ("checkpoint" not in n, n))
-    if not names:
-        return
-    trash = Path(tempfile.mkdtemp(prefix=".overwrite.trash-", dir=d))
-    for name in names:
-        os.replace(d / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def clean_stale(directory: Path) -> list[str]:
-    """Remove what a killed atomic write can leave in ``directory``: scratch entries, and ``.X.old`` next to ``X``."""
-    d = Path(directory)
-    removed: list[str] = []
-    if not d.is_dir():
-        return removed
-    for entry in sorted(d.iterdir()):
-        name = entry.name
-        stale_old = name.startswith(".") and name.endswith(".old") and (d / name[1:-4]).exists()
-        if stale_old and entry.is_dir() and not entry.is_symlink():
-            _discard(entry)  # complete until it is renamed away: never seen half-deleted
-            removed.append(name)
-        elif _SCRATCH.match(name):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(name)
-    return removed
-
-
-def resolve_dir(target: Path) -> Path | None:
-    """``target``, or its ``.old`` twin if a kill struck between the two renames of a swap."""
-    target = Path(target)
-    if target.is_dir():
-        return target
-    old = target.parent / f".{target.name}.old"
-    return old if old.is_dir() else None
 
 
 # ---------------------------------------------------------------- PEFT adapters
