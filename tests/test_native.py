@@ -501,6 +501,24 @@ def test_a_full_log_is_cut_back_to_its_last_whole_line(binary, bundle, tmp_path)
     assert [r["step"] for r in strict_lines(out / "metrics.jsonl")[1:]] == list(range(1, 301))
 
 
+def test_steps_must_be_at_least_one_for_both_trainers(binary, bundle, tmp_path):
+    """`mobizo native train BUNDLE --steps 0` used to exit 0 with a "completed" run of loss null, while
+    `mobizo train --steps 0` is an error: both refuse it, with the same line, and write nothing."""
+    out = tmp_path / "out"
+    assert one_line_error(native(binary, bundle, out, "--steps", 0)).startswith(
+        "mobizo-train: error: --steps must be >= 1, got 0 (usage: mobizo-train BUNDLE"
+    )
+    assert "--steps must be an integer >= 1, got 'x'" in one_line_error(native(binary, bundle, out, "--steps", "x"))
+    for argv in (
+        ["native", "train", bundle, "--steps", 0],
+        ["train", "--steps", 0],
+        ["native", "train", bundle, "--steps", -3],
+    ):
+        code, err = run_cli([*argv, "--out", out, "--no-progress"])
+        assert code == 2 and err == f"mobizo: error: --steps must be >= 1, got {argv[-1]}\n", err
+    assert not out.exists()
+
+
 def test_diverging_run_stops_and_logs_strict_json(binary, bundle, tmp_path):
     # updates overflow B (the program leaves B alone and reports g as NaN), or B blows up the losses
     b = edited_copy(bundle, tmp_path / "b", lr=3e38)

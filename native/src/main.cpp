@@ -74,7 +74,9 @@ Options parse_args(int argc, char** argv) {
       std::string v = value();
       char* end = nullptr;
       o.steps = std::strtoll(v.c_str(), &end, 10);
-      if (v.empty() || *end || o.steps < 0) usage_error("--steps must be an integer >= 0, got '" + v + "'");
+      if (v.empty() || *end) usage_error("--steps must be an integer >= 1, got '" + v + "'");
+      // the rule of `mobizo train --steps` (mobizo.config): a run of 0 steps trains nothing
+      if (o.steps < 1) usage_error("--steps must be >= 1, got " + std::to_string(o.steps));
     } else if (a == "-h" || a == "--help") {
       std::printf("usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]\n");
       std::exit(0);
