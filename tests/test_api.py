@@ -239,3 +239,24 @@ def test_huge_lr_is_caught_by_the_guard_and_all_json_is_strict(tmp_path):
             json.loads(doc, parse_constant=lambda c, f=f: pytest.fail(f"{f}: {c}"))
     code, err = run_cli(["replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re"])
     assert code == 0, err  # a log with null g in skipped steps replays
+
+
+def test_the_api_prints_nothing_with_progress_off(tmp_path, tiny_dir):
+    """mobizo.evaluate(..., progress=False) used to show transformers' "Loading weights" bar and torchao's
+    "Failed to load .../_C_mxfp8...so" lines (printed when transformers imports torchao): a fresh process
+    prints nothing but its result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import mobizo\n"
+        f"m = mobizo.evaluate(mobizo.TrainConfig.from_flat(model={str(tiny_dir)!r}), progress=False, eval_examples=4)\n"
+        "print(m['n'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TORCH_CPP_LOG_LEVEL"):
+        env.pop(k, None)  # (set by this test session's quiet_third_party)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout == "4\n" and p.stderr == "", p.stderr

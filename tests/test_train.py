@@ -288,3 +288,31 @@ def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path):
     ]
     code, err = run_cli(["train", *FAST, "--steps", 2, "--warmup-steps", 2, "--rank", 32, "--out", tmp_path / "s"])
     assert code == 0 and err == "", err
+
+
+def test_off_a_terminal_training_prints_progress_lines(tmp_path, monkeypatch):
+    """A run whose stderr is a log (not a terminal) used to print nothing until its result line: it now
+    prints a progress line every LINE_SECONDS (30 s) and one at the end; --no-progress silences them."""
+    import re
+
+    from mobizo import progress
+
+    flags = [a for a in FAST if a != "--no-progress"] + ["--eval-every", 2, "--steps", 4]
+    code, err = run_cli(["train", *flags, "--out", tmp_path / "a"])  # (run_cli's stderr is not a terminal)
+    assert code == 0, err
+    assert re.fullmatch(
+        r"mobizo: eager/prge step 4/4: loss \d\.\d{4}, accuracy \d\.\d{4}, \d+\.\d\d s/step, \d+s in all\n", err
+    ), err
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)  # a line at every step
+    code, err = run_cli(["train", *flags, "--out", tmp_path / "b"])
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 4, err
+    for step, line in enumerate(lines, 1):
+        eval_part = r", accuracy \d\.\d{4}" if step >= 2 else ""
+        end = r"eta \d+s" if step < 4 else r"\d+s in all"
+        assert re.fullmatch(
+            rf"mobizo: eager/prge step {step}/4: loss \d\.\d{{4}}{eval_part}, \d+\.\d\d s/step, {end}", line
+        ), line
+    code, err = run_cli(["train", *flags, "--no-progress", "--out", tmp_path / "c"])
+    assert code == 0 and err == "", err

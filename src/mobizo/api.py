@@ -29,6 +29,9 @@ def train(
     with its fields) instead of the task's files. With ``resume=True`` the fields you did not change
     from their defaults take the saved run's values, as the CLI's flags not given do.
     """
+    from .util import quiet_imports
+
+    quiet_imports()  # before the model stack is imported (torchao's kernel-loading warnings)
     cfg = (config or TrainConfig()).replace(**fields)
     if model is not None and cfg.model == TrainConfig().model:
         cfg = cfg.replace(model=str(getattr(getattr(model, "config", None), "name_or_path", "") or "custom"))
@@ -63,7 +66,9 @@ def evaluate(
     from .engines.eager import EagerEngine
     from .evaluation import evaluate as run_eval
     from .evaluation import main_metric
+    from .util import quiet_imports
 
+    quiet_imports()  # before the model stack is imported (torchao's kernel-loading warnings)
     cfg = (config or TrainConfig()).replace(**fields)
     state = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the model loads
     run = assemble(cfg, model=model, tokenizer=tokenizer, validation=examples, need_train=False, inject_adapter=False)

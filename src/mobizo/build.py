@@ -66,11 +66,12 @@ def load_base(
     ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`).
     ``before_weights``: see :func:`mobizo.models.load_model`."""
     from .models import load_model, load_skeleton
+    from .util import no_transformers_bars
 
     if not weights:
-        with status(f"loading the config and tokenizer of {name}", progress):
+        with status(f"loading the config and tokenizer of {name}", progress), no_transformers_bars():
             return load_skeleton(name, trust_remote_code=trust_remote_code)
-    with status(f"loading model {name}", progress):
+    with status(f"loading model {name}", progress), no_transformers_bars():
         return load_model(name, trust_remote_code=trust_remote_code, before_weights=before_weights)
 
 

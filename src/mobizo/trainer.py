@@ -218,7 +218,9 @@ class Trainer:
             self._checkpoint(0)  # a run killed at any point after this can be resumed
         if r.eval_at_start:
             self.start_eval = run_eval(self.run)
-        progress = bar(o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step")
+        progress = bar(
+            o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step", lines=True
+        )
         try:
             for step in range(self.start_step + 1, o.steps + 1):
                 self.step = step
@@ -233,13 +235,13 @@ class Trainer:
                         }
                     )
                     self._consider_best(step, self.last_eval)
-                progress.update(1)
                 progress.set_postfix(
                     {
                         "loss": f"{self.last_loss:.4f}",
                         **({self.metric: f"{self.last_eval[self.metric]:.4f}"} if self.last_eval else {}),
                     }
                 )
+                progress.update(1)
                 self.log.append(rec)
                 if self.on_step is not None:
                     self.on_step(step, rec)
