@@ -71,6 +71,15 @@ def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path):
     assert resumed["config"] == full["config"] and resumed["final_loss"] == full["final_loss"]
     a, b = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("full", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    # and byte for byte: the safetensors metadata used to come out in a random order per write
+    for f in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "checkpoint/adapter_model.safetensors",
+    ):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "part" / f).read_bytes(), f
+    meta = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()[8:120]
+    assert meta.startswith(b'{"__metadata__":{"format":"pt","lora_alpha":"16.0","r":"8","sha256":"'), meta
     # a changed trajectory flag is refused by the API exactly as by the CLI
     with pytest.raises(MobizoError, match="used --queries 2, not 3"):
         mobizo.train(out=str(tmp_path / "part"), resume=True, steps=9, queries=3, progress=False)
@@ -231,3 +240,24 @@ def test_huge_lr_is_caught_by_the_guard_and_all_json_is_strict(tmp_path):
             json.loads(doc, parse_constant=lambda c, f=f: pytest.fail(f"{f}: {c}"))
     code, err = run_cli(["replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re"])
     assert code == 0, err  # a log with null g in skipped steps replays
+
+
+def test_the_api_prints_nothing_with_progress_off(tmp_path, tiny_dir):
+    """mobizo.evaluate(..., progress=False) used to show transformers' "Loading weights" bar and torchao's
+    "Failed to load .../_C_mxfp8...so" lines (printed when transformers imports torchao): a fresh process
+    prints nothing but its result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import mobizo\n"
+        f"m = mobizo.evaluate(mobizo.TrainConfig.from_flat(model={str(tiny_dir)!r}), progress=False, eval_examples=4)\n"
+        "print(m['n'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TORCH_CPP_LOG_LEVEL"):
+        env.pop(k, None)  # (set by this test session's quiet_third_party)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout == "4\n" and p.stderr == "", p.stderr

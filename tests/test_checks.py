@@ -28,6 +28,51 @@ def test_max_length_beyond_the_position_table(tiny):
         check_max_length(model, 513)
 
 
+def test_max_length_defaults_to_what_the_model_allows(tmp_path, tiny_dir):
+    """A model with 64 positions: the default --max-length (128) used to be an error there; it is now 64.
+    A --max-length the user gives beyond the positions stays an error."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    d = tmp_path / "short"
+    shutil.copytree(tiny_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    argv = ["train", "--model", d, "--steps", 1, "--queries", 2, "--batch-size", 2, "--eval-examples", 4]
+    code, err = run_cli([*argv, "--no-progress", "--out", tmp_path / "run"])
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    header = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["config"]["max_length"] == header["config"]["max_length"] == 64
+    code, err = run_cli([*argv, "--max-length", 128, "--no-progress", "--out", tmp_path / "given"])
+    assert code == 2 and not (tmp_path / "given").exists()
+    assert (
+        err
+        == f"mobizo: error: --max-length 128 is longer than the 64 positions of model {d}; use --max-length 64 or less\n"
+    )
+    code, err = run_cli(["eval", "--model", d, "--eval-examples", 4, "--no-progress"])
+    assert code == 0, err
+    code, err = run_cli(
+        [
+            "train",
+            "--steps",
+            1,
+            "--queries",
+            2,
+            "--batch-size",
+            2,
+            "--eval-examples",
+            4,
+            "--no-progress",
+            "--out",
+            tmp_path / "tiny",
+        ]
+    )
+    assert code == 0 and json.loads((tmp_path / "tiny" / "summary.json").read_text())["config"]["max_length"] == 128
+
+
 def test_candidates_that_tokenize_to_nothing(tiny):
     _, tok = tiny
     enc = Encoder(tok)

@@ -17,8 +17,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, tokenizer, path, qtype="F32", arch="llama", drop=(), raw_types=None):
-    """Write ``model`` (a transformers Llama) and its byte-level BPE ``tokenizer`` as llama.cpp does."""
+def write_gguf(model, tokenizer, path, qtype="F32", arch="llama", drop=(), raw_types=None, unused_tokens=0):
+    """Write ``model`` (a transformers Llama) and its byte-level BPE ``tokenizer`` as llama.cpp does.
+    ``unused_tokens``: that many more vocabulary entries no merge reaches (a large vocabulary's metadata)."""
     import gguf
 
     c = model.config
@@ -38,6 +39,7 @@ def write_gguf(model, tokenizer, path, qtype="F32", arch="llama", drop=(), raw_t
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"<unused{i}>" for i in range(unused_tokens)]
     specials = {t["content"] for t in spec["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
@@ -214,3 +216,67 @@ def test_bad_gguf_inputs_are_one_line_errors(tiny_pair, tmp_path):
         convert_gguf(q81, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
     assert struct.unpack_from("<I", data, 4)[0] == 3  # the writer's GGUF version, which the reader accepts
+
+
+# The peak is this process's VmHWM (its own address space's high-water mark: ru_maxrss would also count the
+# pytest process it was forked from).
+PEAK = r"""
+import json, sys
+import psutil, torch
+from mobizo.util import quiet_third_party
+quiet_third_party()
+torch.set_num_threads(1)
+import transformers.modeling_utils  # the imports' memory is not the load's
+from mobizo.models import load_model
+model, _ = load_model(sys.argv[1])
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps([peak, psutil.Process().memory_info().rss, sum(p.numel() * 4 for p in model.parameters())]))
+"""
+
+
+@pytest.mark.slow
+def test_loading_peaks_at_the_loaded_footprint(tiny_pair, tmp_path):
+    """A GGUF whose embedding and LM head are 262144 x 128 (Q8_0; 256 MiB of float weights): loading used to
+    dequantize each whole (Llama's tensor processor, like Gemma's, made them skip the row-slab path), a
+    second copy plus the dequantizer's temporaries: peak = loaded + 1.14x the weights. Now the processor is
+    asked whether it changes a tensor, and the slabs go straight into the model: peak = loaded + 0.26x
+    (one slab in flight)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mobizo.models import TINY_CONFIG, random_model
+
+    _, tok = tiny_pair
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(vocab_size=262144, **ids, **{**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256})
+    path = write_gguf(random_model(LlamaForCausalLM, config, 0, "wide"), tok, tmp_path / "wide.gguf", qtype="Q8_0")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak, after, weights = json.loads(p.stdout.splitlines()[-1])
+    assert weights > 2 * 262144 * 128 * 4  # the embedding and the LM head dominate
+    assert peak - after < 0.5 * weights, ((peak - after) / 2**20, weights / 2**20)
+
+
+def test_the_parsed_metadata_is_let_go_before_the_weights_load(tiny_gguf, monkeypatch):
+    """The GGUF metadata parsed once for the tokenizer and the config (a 262k-token vocabulary: ~130 MiB for
+    Gemma 3) used to stay in memory while the weights loaded; it is released first."""
+    import transformers.modeling_gguf_pytorch_utils as mod
+
+    from mobizo import convert
+    from mobizo.models import load_model
+
+    original, seen = mod.load_gguf_checkpoint, []
+    real = convert._load_streaming
+
+    def streaming(*args, **kwargs):
+        seen.append(mod.load_gguf_checkpoint is original)  # the memoizing wrapper is gone, and its memo with it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_load_streaming", streaming)
+    load_model(str(tiny_gguf))
+    assert seen == [True]

@@ -17,7 +17,7 @@ higher one: each layer is what the one above it is built from.
 4. ``step``: the one ZO step every engine runs.
 5. examples: ``tasks`` (task definitions and readers), ``data`` (tokenising, collating, batch order).
 6. what works on a model or the examples without running training: ``evaluation``, ``quantize``,
-   ``convert`` (GGUF), ``models`` (loading bases).
+   ``convert`` (GGUF), ``models`` (loading bases), ``resources`` (memory and thread checks).
 7. ``engines``: the eager engine and ExecuTorch's export / manifest / runtime; they run the step.
 8. files of a run: ``checkpoint`` (PEFT adapters, checkpoints), ``rundir`` (``--out``),
    ``program_cache`` (exported programs kept for reuse).
@@ -45,7 +45,7 @@ LAYERS = [
     ("adapter", ["mplora"]),
     ("step", ["step"]),
     ("examples", ["tasks", "data"]),
-    ("models and eval", ["evaluation", "generation", "quantize", "convert", "models"]),
+    ("models and eval", ["evaluation", "generation", "quantize", "convert", "models", "resources"]),
     ("engines", ["engines"]),
     ("run files", ["checkpoint", "rundir", "program_cache"]),
     ("config", ["config"]),

@@ -481,6 +481,44 @@ def test_write_errors_are_one_line(binary, bundle, tmp_path):
     assert not [e.name for e in out.iterdir() if ".tmp-" in e.name]
 
 
+def test_a_full_log_is_cut_back_to_its_last_whole_line(binary, bundle, tmp_path):
+    """A write of metrics.jsonl that fails midway (a full disk; here a 16 KB file-size limit, above the
+    adapter's 14 KB) names the file and leaves only whole lines (it used to leave the line cut)."""
+    from mobizo.bundle import make_bundle
+
+    long = tmp_path / "long"
+    make_bundle(TrainConfig.from_flat(**COMMON, steps=300, save_every=0), long, program=bundle)  # the same program
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+    out = tmp_path / "out"
+    line = one_line_error(native(binary, long, out, preexec_fn=limit))
+    assert line == f"mobizo-train: error: cannot write {out}/metrics.jsonl: File too large"
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and 15000 < len(text) < 16384
+    steps = [r["step"] for r in strict_lines(out / "metrics.jsonl")[1:]]
+    assert steps == list(range(1, len(steps) + 1))
+    p = native(binary, long, out, "--resume")  # with room again
+    assert p.returncode == 0, p.stderr
+    assert [r["step"] for r in strict_lines(out / "metrics.jsonl")[1:]] == list(range(1, 301))
+
+
+def test_steps_must_be_at_least_one_for_both_trainers(binary, bundle, tmp_path):
+    """`mobizo native train BUNDLE --steps 0` used to exit 0 with a "completed" run of loss null, while
+    `mobizo train --steps 0` is an error: both refuse it, with the same line, and write nothing."""
+    out = tmp_path / "out"
+    assert one_line_error(native(binary, bundle, out, "--steps", 0)).startswith(
+        "mobizo-train: error: --steps must be >= 1, got 0 (usage: mobizo-train BUNDLE"
+    )
+    assert "--steps must be an integer >= 1, got 'x'" in one_line_error(native(binary, bundle, out, "--steps", "x"))
+    for argv in (
+        ["native", "train", bundle, "--steps", 0],
+        ["train", "--steps", 0],
+        ["native", "train", bundle, "--steps", -3],
+    ):
+        code, err = run_cli([*argv, "--out", out, "--no-progress"])
+        assert code == 2 and err == f"mobizo: error: --steps must be >= 1, got {argv[-1]}\n", err
+    assert not out.exists()
+
+
 def test_diverging_run_stops_and_logs_strict_json(binary, bundle, tmp_path):
     # updates overflow B (the program leaves B alone and reports g as NaN), or B blows up the losses
     b = edited_copy(bundle, tmp_path / "b", lr=3e38)

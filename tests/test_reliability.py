@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,6 +293,26 @@ def test_edited_adapter_config_is_caught(capsys, ckpt_run):
         read_adapter(ckpt_run / "adapter")
 
 
+def test_adapter_config_naming_other_modules_is_refused(capsys, ckpt_run):
+    """target_modules k_proj,o_proj on q/v tensors: PEFT would ignore the tensors; eval used to load them."""
+    cfg_path = ckpt_run / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for accepted in (cfg["target_modules"], ["q_proj", "v_proj"], ["self_attn.q_proj", "v_proj"], r".*\.[qv]_proj"):
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": accepted}))
+        read_adapter(ckpt_run / "adapter")
+    cfg_path.write_text(json.dumps({**cfg, "target_modules": ["k_proj", "o_proj"]}))
+    rc, err = run_cli(capsys, "eval", "--adapter", ckpt_run / "adapter", "--eval-examples", "4", "--no-progress")
+    assert rc == 2
+    assert err.strip() == (
+        f"mobizo: error: {cfg_path}: target_modules names k_proj, o_proj, but the weights adapt q_proj, v_proj "
+        "(mismatched files: PEFT would ignore those tensors)"
+    )
+    for refused in (["q_proj"], r".*\.k_proj", "[unclosed", 7):
+        cfg_path.write_text(json.dumps({**cfg, "target_modules": refused}))
+        with pytest.raises(MobizoError, match="target_modules"):
+            read_adapter(ckpt_run / "adapter")
+
+
 def test_optimizer_state_checksum(capsys, tmp_path):
     out = tmp_path / "fo"
     assert train(capsys, out, "--steps", "3", "--estimator", "fo", "--optimizer", "adamw", "--save-every", "0")[0] == 0
@@ -405,6 +428,45 @@ def test_unwritable_out(capsys, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- safe loading
 
 
+def _train_with_file_limit(out: Path, limit: int, *extra) -> subprocess.CompletedProcess:
+    """`mobizo train` in a process whose files may not grow past ``limit`` bytes: a full disk, for one file."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mobizo", "train", *FAST, "--save-every", "0", "--out", str(out), *extra],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_file_and_leaves_no_torn_line(capsys, tmp_path):
+    """metrics.jsonl used to be left cut mid-line at the limit (16,384 bytes) with `mobizo: error: File too
+    large`, naming no file."""
+    out = tmp_path / "run"
+    p = _train_with_file_limit(out, 16384, "--steps", "150")
+    assert p.returncode == 2
+    assert p.stderr == (
+        f"mobizo: error: cannot write {out}/metrics.jsonl: File too large (the log keeps every whole line; "
+        "free space and resume with --resume)\n"
+    )
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and 15000 < len(text) < 16384
+    records = [json.loads(line) for line in text.splitlines()]  # every line whole, strict JSON
+    assert [r["step"] for r in records[1:]] == list(range(1, len(records)))
+    rc, _ = train(capsys, out, "--steps", "150", "--save-every", "0", "--resume")  # with room again
+    assert rc == 0 and [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()[1:]] == [
+        *range(1, 151)
+    ]
+    # a checkpoint that cannot be written: named, and no scratch left behind
+    out = tmp_path / "small"
+    p = _train_with_file_limit(out, 8192, "--steps", "3")
+    assert p.returncode == 2 and p.stderr == f"mobizo: error: cannot write {out}/checkpoint: File too large\n"
+    assert sorted(e.name for e in out.iterdir()) == [".mobizo", "metrics.jsonl"]
+
+
 def test_weights_are_only_loaded_safely():
     """No pickle: safetensors, or torch.load(weights_only=True); no remote code by default."""
     for path in SRC.rglob("*.py"):
@@ -460,7 +522,7 @@ def test_trust_remote_code_flag_reaches_the_loader(monkeypatch, capsys, tmp_path
 
     seen = []
 
-    def fake(path, dtype=torch.float32, trust_remote_code=False):
+    def fake(path, dtype=torch.float32, trust_remote_code=False, before_weights=None):
         seen.append(trust_remote_code)
         raise MobizoError("stop here")
 

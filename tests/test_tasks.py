@@ -510,6 +510,38 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a record with more fields than the header (an unquoted comma) used to be read with the extra dropped
+        ("sentence,label\ngood,0\ngreat, fun movie,1\n", r"v\.csv:3: 3 fields, but the header has 2: sentence, label"),
+        ("sentence,label\ngood,0\nbad\n", r"v\.csv:3: 1 field, but the header has 2"),
+        # an unclosed quote used to swallow the rest of the file into one field ("missing column 'label'", on
+        # record 1) or, closed by a later quote, merge the lines into one record
+        ('sentence,label\n"good movie,1\nbad,0\nok,1\n', r"v\.csv:2: unclosed quote in the record on line 2 .*line 4"),
+        ('sentence,label\nfine,1\n"good movie,1\nbad,0\n"ok",1\n', r"v\.csv:3: unclosed quote .* on to line 5"),
+        ('sentence,label\n"a"b,1\n', r"v\.csv:2: malformed CSV: ',' expected after '\"'"),
+    ],
+)
+def test_csv_errors_name_the_line_and_the_cause(tmp_path, text, message):
+    from mobizo.tasks.io import read_records
+
+    (tmp_path / "v.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(MobizoError, match=message) as info:
+        read_records(tmp_path / "v.csv")
+    assert "\n" not in str(info.value)
+
+
+def test_csv_quoted_fields_may_span_lines(tmp_path):
+    from mobizo.tasks.io import read_records
+
+    (tmp_path / "v.csv").write_text('sentence,label\n"two\nlines, one field",1\n\nplain,0\n', encoding="utf-8")
+    assert read_records(tmp_path / "v.csv") == [
+        {"sentence": "two\nlines, one field", "label": "1"},
+        {"sentence": "plain", "label": "0"},
+    ]
+
+
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     write(tmp_path / "validation", [{"sentence": "x", "label": 7}], "jsonl")
     assert main(["eval", "--task", "sst2", "--data", str(tmp_path)]) == 2

@@ -257,3 +257,62 @@ def test_bad_model_dirs_and_data(tmp_path):
     (d / "train.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": broken\n')
     code, err = run_cli(args)
     assert code == 2 and "malformed JSON" in err
+
+
+def test_help_says_model_takes_a_gguf_file(capsys):
+    from mobizo.cli import main
+
+    for command in ("train", "eval", "export"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at the terminal width
+        model_help = text[text.rindex("--model MODEL") :]  # the option's entry, after the usage line
+        assert model_help.startswith("--model MODEL local Hugging Face model directory, a .gguf file"), model_help[:120]
+
+
+def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path):
+    code, err = run_cli(
+        ["train", *FAST, "--steps", 2, "--warmup-steps", 5000, "--rank", 48, "--eval-every", 0, "--out", tmp_path / "r"]
+    )
+    assert code == 0, err
+    assert err.splitlines() == [
+        (
+            "mobizo: warning: --warmup-steps 5000 outlasts --steps 2: the lr ramps only to 2/5000 of --lr 2 and "
+            "never reaches it"
+        ),
+        # tiny's v_proj maps 64 features to 2 kv heads x 16
+        (
+            "mobizo: warning: --rank 48 exceeds the width of model.layers.0.self_attn.v_proj (64 -> 32): its update "
+            "has rank 32 at most; the rank beyond that adds cost, not capacity (use --rank 32 or less)"
+        ),
+    ]
+    code, err = run_cli(["train", *FAST, "--steps", 2, "--warmup-steps", 2, "--rank", 32, "--out", tmp_path / "s"])
+    assert code == 0 and err == "", err
+
+
+def test_off_a_terminal_training_prints_progress_lines(tmp_path, monkeypatch):
+    """A run whose stderr is a log (not a terminal) used to print nothing until its result line: it now
+    prints a progress line every LINE_SECONDS (30 s) and one at the end; --no-progress silences them."""
+    import re
+
+    from mobizo import progress
+
+    flags = [a for a in FAST if a != "--no-progress"] + ["--eval-every", 2, "--steps", 4]
+    code, err = run_cli(["train", *flags, "--out", tmp_path / "a"])  # (run_cli's stderr is not a terminal)
+    assert code == 0, err
+    assert re.fullmatch(
+        r"mobizo: eager/prge step 4/4: loss \d\.\d{4}, accuracy \d\.\d{4}, \d+\.\d\d s/step, \d+s in all\n", err
+    ), err
+    monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)  # a line at every step
+    code, err = run_cli(["train", *flags, "--out", tmp_path / "b"])
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 4, err
+    for step, line in enumerate(lines, 1):
+        eval_part = r", accuracy \d\.\d{4}" if step >= 2 else ""
+        end = r"eta \d+s" if step < 4 else r"\d+s in all"
+        assert re.fullmatch(
+            rf"mobizo: eager/prge step {step}/4: loss \d\.\d{{4}}{eval_part}, \d+\.\d\d s/step, {end}", line
+        ), line
+    code, err = run_cli(["train", *flags, "--no-progress", "--out", tmp_path / "c"])
+    assert code == 0 and err == "", err

@@ -74,7 +74,9 @@ Options parse_args(int argc, char** argv) {
       std::string v = value();
       char* end = nullptr;
       o.steps = std::strtoll(v.c_str(), &end, 10);
-      if (v.empty() || *end || o.steps < 0) usage_error("--steps must be an integer >= 0, got '" + v + "'");
+      if (v.empty() || *end) usage_error("--steps must be an integer >= 1, got '" + v + "'");
+      // the rule of `mobizo train --steps` (mobizo.config): a run of 0 steps trains nothing
+      if (o.steps < 1) usage_error("--steps must be >= 1, got " + std::to_string(o.steps));
     } else if (a == "-h" || a == "--help") {
       std::printf("usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]\n");
       std::exit(0);
@@ -518,12 +520,20 @@ std::string kept_metrics(const std::string& path, int64_t upto, const std::strin
 }
 
 void append_line(int fd, const std::string& path, const std::string& line) {
-  // one write per record: a kill leaves at most a partial last line, which readers drop
+  // one write per record: a kill leaves at most a partial last line, which readers drop; a write that
+  // fails (a full disk after part of the line went out) is cut back to the last whole line
+  struct stat st;
+  const off_t before = fstat(fd, &st) == 0 ? st.st_size : -1;
   size_t off = 0;
   while (off < line.size()) {
     ssize_t n = write(fd, line.data() + off, line.size() - off);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) throw_errno("cannot write", path);
+    if (n < 0) {
+      int err = errno;
+      if (before >= 0) (void)!ftruncate(fd, before);  // best effort: readers drop a torn last line anyway
+      errno = err;
+      throw_errno("cannot write", path);
+    }
     off += size_t(n);
   }
 }

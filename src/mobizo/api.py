@@ -30,6 +30,9 @@ def train(
     with its fields) instead of the task's files. With ``resume=True`` the fields you did not change
     from their defaults take the saved run's values, as the CLI's flags not given do.
     """
+    from .util import quiet_imports
+
+    quiet_imports()  # before the model stack is imported (torchao's kernel-loading warnings)
     cfg = (config or TrainConfig()).replace(**fields)
     if model is not None and cfg.model == TrainConfig().model:
         cfg = cfg.replace(model=str(getattr(getattr(model, "config", None), "name_or_path", "") or "custom"))
@@ -75,7 +78,9 @@ def evaluate(
     from .evaluation import evaluate as run_eval
     from .evaluation import main_metric
     from .inference import apply_adapter, resolve_source, task_warning, with_run_defaults
+    from .util import quiet_imports
 
+    quiet_imports()  # before the model stack is imported (torchao's kernel-loading warnings)
     cfg = (config or TrainConfig()).replace(**fields)
     given = set(given) if given is not None else non_default(cfg) | set(fields)
     if model is not None:
@@ -90,7 +95,7 @@ def evaluate(
         apply_adapter(run_.model, *src.state, where=src.adapter, model_name=cfg.model)
     src.announce()
     engine = EagerEngine(run_.model, estimator=None)  # scoring only
-    d = cfg.data
+    d = run_.cfg.data  # (--max-length resolved against the model)
     metrics = run_eval(
         engine,
         run_.task.kind,

@@ -61,18 +61,28 @@ class Run:
 
 
 def load_base(
-    name: str, trust_remote_code: bool = False, progress: bool = True, weights: bool = True, dtype: str = "float32"
+    name: str,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    weights: bool = True,
+    dtype: str = "float32",
+    before_weights=None,
 ):
     """(model, tokenizer) of ``name`` (``tiny``, a local directory or a GGUF file) in ``dtype``, with a status
-    line. ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`)."""
+    line. ``weights=False``: config and tokenizer only (:func:`mobizo.models.load_skeleton`).
+    ``before_weights``: see :func:`mobizo.models.load_model`."""
     from .devices import torch_dtype
     from .models import load_model, load_skeleton
+    from .util import no_transformers_bars
 
     if not weights:
-        with status(f"loading the config and tokenizer of {name}", progress):
+        with status(f"loading the config and tokenizer of {name}", progress), no_transformers_bars():
             return load_skeleton(name, trust_remote_code=trust_remote_code)
-    with status(f"loading model {name}" + ("" if dtype == "float32" else f" in {dtype}"), progress):
-        return load_model(name, torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    with (
+        status(f"loading model {name}" + ("" if dtype == "float32" else f" in {dtype}"), progress),
+        no_transformers_bars(),
+    ):
+        return load_model(name, torch_dtype(dtype), trust_remote_code=trust_remote_code, before_weights=before_weights)
 
 
 def cast_base(model, dtype: str) -> None:
@@ -179,6 +189,88 @@ def warn_truncated(encoder: Encoder, examples, max_length: int, truncation: str,
     return n
 
 
+def resolve_max_length(cfg: TrainConfig, config) -> TrainConfig:
+    """``--max-length`` not given: :data:`~mobizo.config.DEFAULT_MAX_LENGTH`, or the model's positions when
+    it has fewer (a given one beyond them stays an error: :func:`mobizo.models.check_max_length`)."""
+    from .config import DEFAULT_MAX_LENGTH
+    from .models import max_positions
+
+    if cfg.data.max_length is not None:
+        return cfg
+    limit = max_positions(config)
+    return cfg.replace(max_length=min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH)
+
+
+def check_memory_before(cfg: TrainConfig, config, weight_bytes: int, task, train, validation, encoder) -> None:
+    """Refuse a run whose weights (``weight_bytes`` still to load) plus the peak of its training step or of an
+    eval batch cannot fit the memory available (:mod:`mobizo.resources`), before any work. Sequences are as
+    long as the longest example (up to ``--max-length``; an exported program is planned for
+    ``--max-length`` itself) and the answer window as the longest answer."""
+    from .models import check_max_length
+    from .resources import Dims, check_memory, forward_bytes, step_rows
+
+    d, o = cfg.data, cfg.optim
+    check_max_length(config, d.max_length)
+    dims = Dims.of(config) if config is not None else None
+    if dims is None:  # a program's base (the program was checked when it was exported), or an odd config
+        return
+    exported = cfg.engine.engine == "executorch"
+    objective, choices = resolve_objective(o.objective, task.kind, train or validation)
+    need, what, why = 0, "", ""
+    for split, exs in (("train", train), ("validation", validation)):
+        if not exs:
+            continue
+        encs = [encoder(ex.prompt, c) for ex in exs for c in (ex.candidates or [ex.answer])]
+        answer = max(len(e.answer_ids) for e in encs)
+        tokens = (
+            d.max_length if exported else min(d.max_length, max(len(e.prompt_ids) + len(e.answer_ids) for e in encs))
+        )
+        shared = objective != "answer" and answer == 1  # one row per example, only the candidates' logits
+        per_example = 1 if shared or objective == "answer" else choices
+        if split == "train":
+            rows = step_rows(o.estimator, o.queries, o.batch_size, o.data_mode, per_example)
+            b = forward_bytes(dims, rows, tokens, 0 if shared else answer, backward=o.estimator == "fo")
+            text = f"a training step ({rows} rows x {tokens} tokens: --batch-size {o.batch_size}"
+            text += f", {o.estimator} q={o.queries})" if o.estimator != "fo" else ")"
+            hint = "lower --batch-size, --queries or --max-length"
+        else:
+            rows = d.eval_batch_size * per_example
+            b = forward_bytes(dims, rows, tokens, 1 if shared else answer)
+            text = f"an eval batch ({rows} rows x {tokens} tokens: --eval-batch-size {d.eval_batch_size})"
+            hint = "lower --eval-batch-size or --max-length"
+        if b > need:
+            need, what, why = b, text, hint
+    name = getattr(config, "name_or_path", "") or cfg.model
+    loading = f"the weights of {name} and " if weight_bytes else ""
+    check_memory(weight_bytes + need, f"{loading}{what}", why)
+
+
+def warn_futile_settings(cfg: TrainConfig, model) -> None:
+    """One warning line each for settings that cannot do what they ask, though the run still means
+    something: a warmup that outlasts the run (the lr never reaches --lr), a rank above an adapted
+    layer's width (its update has rank min(in, out) at most: the rest adds cost, not capacity)."""
+    o = cfg.optim
+    if o.warmup_steps > o.steps:
+        print(
+            f"mobizo: warning: --warmup-steps {o.warmup_steps} outlasts --steps {o.steps}: the lr ramps only to "
+            f"{o.steps}/{o.warmup_steps} of --lr {o.lr:g} and never reaches it",
+            file=sys.stderr,
+        )
+    from .mplora import lora_layers
+
+    layers = lora_layers(model) if hasattr(model, "named_modules") else []  # (a program's base: checked at export)
+    if layers:
+        name, narrow = min(layers, key=lambda t: min(t[1].in_features, t[1].out_features))
+        width = min(narrow.in_features, narrow.out_features)
+        if cfg.adapter.rank > width:
+            print(
+                f"mobizo: warning: --rank {cfg.adapter.rank} exceeds the width of {name} ({narrow.in_features} -> "
+                f"{narrow.out_features}): its update has rank {width} at most; the rank beyond that adds cost, not "
+                f"capacity (use --rank {width} or less)",
+                file=sys.stderr,
+            )
+
+
 def assemble(
     cfg: TrainConfig,
     model=None,
@@ -196,9 +288,11 @@ def assemble(
     ``inject_adapter=False``: leave the model as it is (eval of a saved adapter injects its own).
     ``weights=False``: load ``cfg.model``'s architecture without its weights (see :func:`needs_weights`).
     """
+    from .resources import cap_threads, warn_batch
     from .threads import apply_threads
 
     cfg.validate()
+    cfg = cfg.replace(threads=cap_threads(cfg.run.threads))
     apply_threads(cfg.run.threads, runtime=False)
     d = cfg.data
     if train is not None:
@@ -211,10 +305,6 @@ def assemble(
         task = ExamplesTask((train or []) + (validation or []))  # examples passed as objects: no task files
     else:
         task = load_task(cfg)
-    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
-        raise MobizoError(
-            f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}"
-        )
     if train is None:
         train = task.load("train", d.train_examples, cfg.seed) if need_train else []
     if validation is None:
@@ -222,17 +312,36 @@ def assemble(
     if (model is None) != (tokenizer is None):
         raise MobizoError("pass both model and tokenizer, or neither (then config.model is loaded)")
     given = model is not None
+    # What needs only the model's config and tokenizer runs before the weights are loaded (a refused run
+    # never waits for them): the sequence length, the examples' encodings and the step's memory.
+    ready: dict = {}
+
+    def before_weights(config, weight_bytes: int, tok) -> None:
+        nonlocal cfg, train, validation
+        cfg = resolve_max_length(cfg, config)
+        train, validation = task.finalize(train, tok), task.finalize(validation, tok)
+        ready["encoder"] = Encoder(tok)
+        check_memory_before(cfg, config, weight_bytes, task, train, validation, ready["encoder"])
+        if train:  # (after the memory check: a refused run gets its one line only)
+            warn_batch(cfg.optim.batch_size, len(train))
+
     device = run_device(cfg)
     if model is None:
         model, tokenizer = (None if weights else program_base(cfg)) or load_base(
-            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights, cfg.engine.dtype
+            cfg.model, cfg.trust_remote_code, cfg.run.progress, weights, cfg.engine.dtype, before_weights
         )
     else:
         from .models import prepare_tokenizer
 
         prepare_tokenizer(tokenizer)  # the same pad token and left padding load_model gives
         cast_base(model, cfg.engine.dtype)
-    train, validation = task.finalize(train, tokenizer), task.finalize(validation, tokenizer)
+    if not ready:  # a model object, a weightless architecture or a program's base: nothing left to load
+        before_weights(getattr(model, "config", None), 0, tokenizer)
+    d = cfg.data
+    if task.kind == "generation" and d.max_new_tokens >= d.max_length:
+        raise MobizoError(
+            f"--max-new-tokens {d.max_new_tokens} leaves no room for a prompt in --max-length {d.max_length}"
+        )
     from .data import check_candidates
     from .models import check_max_length
 
@@ -244,10 +353,11 @@ def assemble(
         base_hash(cfg.model, model, given) if (given or cfg.model == TINY) and cfg.quant.quantize != "none" else None
     )
     targets = prepare_base(model, cfg, inject_adapter)
+    warn_futile_settings(cfg, model)
     if device.type != "cpu":  # (the adapter too; its noise and updates are made on the CPU: mobizo.step)
         with status(f"moving the model to {device}", cfg.run.progress):
             model.to(device)
-    encoder = Encoder(tokenizer)
+    encoder = ready["encoder"]
     for what, exs in (("train", train), ("validation", validation)):
         check_candidates(encoder, exs, what)
     truncated = {

@@ -291,6 +291,7 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     out = Path(out_dir)
     check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)  # before any work
     run = assemble(cfg)
+    cfg = run.cfg  # as assemble resolved it (--threads capped, --max-length)
     manifest = manifest_for_run(run)
     with tempfile.TemporaryDirectory(prefix="mobizo-bundle-") as tmp:
         if program is None:

@@ -8,10 +8,9 @@
 * ``checkpoint/``: the same adapter plus ``state.json`` (step, run config) and,
   for the first-order baseline, ``optimizer.pt`` (loaded with weights_only).
 
-Every directory is written to a temporary sibling, fsync'ed and renamed into place
-(:func:`mobizo.fsio.atomic_write_dir`), so a kill at any moment leaves either the old or the
-new version; a reader takes :func:`mobizo.fsio.resolve_dir`'s answer (the ``.old`` twin while a
-swap is half done). :mod:`mobizo.fsio` has those rules and the scratch entries they leave.
+Every directory is written with :func:`mobizo.fsio.atomic_write_dir` (to a temporary sibling, fsync'ed
+and renamed into place), so a kill at any moment leaves either the old or the new version; the scratch
+entries a kill can leave behind, and how readers resolve them, are described in :mod:`mobizo.fsio`.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -110,8 +110,6 @@ def write_adapter(
     ``fan_in_fan_out``: the adapted layers are ``Conv1D`` (GPT-2); None: read off ``base_model``'s
     config.json (:func:`mobizo.archs.adapter_fan_in_fan_out`). The tensors are the same either way.
     """
-    from safetensors.torch import save_file
-
     from .archs import adapter_fan_in_fan_out
 
     if fan_in_fan_out is None:
@@ -122,7 +120,26 @@ def write_adapter(
     )
     tensors = _peft_tensors(state)
     meta = {"format": "pt", "sha256": tensors_sha256(tensors), **adapter_metadata(rank, alpha)}
-    save_file(tensors, str(Path(directory) / WEIGHTS), metadata=meta)
+    (Path(directory) / WEIGHTS).write_bytes(safetensors_bytes(tensors, meta))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` and ``metadata`` as a safetensors file whose bytes depend on nothing else.
+
+    safetensors serializes the metadata from a Rust ``HashMap``, whose iteration order is seeded at
+    random per process: the same adapter written by two processes (a resumed run and an uninterrupted
+    one) differed in the order of its metadata keys. The header is rewritten with the keys sorted; it
+    keeps its length (the same keys and values), so the tensors' offsets and data stay as written."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # (cannot happen: the same JSON in another order; never write a wrong file)
+        raise MobizoError(f"safetensors header of {len(text)} bytes does not fit the {n} written")
+    return data[:8] + text.ljust(n, b" ") + data[8 + n :]
 
 
 def save_adapter(
@@ -222,7 +239,40 @@ def read_adapter(directory: str | Path, require_checksum: bool = False) -> tuple
                 f"{w_path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"which do not match r={r} of {cfg_path.name}"
             )
+    _check_targets(config.get("target_modules"), sorted({k.rsplit(".", 1)[0] for k in state}), cfg_path)
     return state, config
+
+
+def _targets(modules: list[str]) -> str:
+    """Module names as a short list: their last components (``q_proj, v_proj``), as PEFT users write them."""
+    return ", ".join(sorted({m.rsplit(".", 1)[-1] for m in modules}))
+
+
+def _check_targets(targets, modules: list[str], cfg_path: Path) -> None:
+    """The adapter's tensors must sit on modules its config's ``target_modules`` name, as PEFT matches them
+    (a list: the module's name or a ``.``-separated suffix of it; a string: a regex of the whole name;
+    ``all-linear`` or none: any): PEFT ignores a tensor on a module its config does not target, so such
+    an adapter would score differently in PEFT than in mobizo (mismatched files)."""
+    if targets is None or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise MobizoError(f"{cfg_path}: target_modules {targets!r} is not a valid regex ({_one_line(e)})") from e
+        outside = [m for m in modules if not pattern.fullmatch(m)]
+        named = repr(targets)
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        names = set(targets)
+        outside = [m for m in modules if m not in names and not any(m.endswith("." + t) for t in names)]
+        named = _targets(targets) if targets else "no modules"
+    else:
+        raise MobizoError(f"{cfg_path}: target_modules must be a list of module names or a regex, got {targets!r}")
+    if outside:
+        raise MobizoError(
+            f"{cfg_path}: target_modules names {named}, but the weights adapt {_targets(outside)} "
+            "(mismatched files: PEFT would ignore those tensors)"
+        )
 
 
 def _one_line(e: BaseException) -> str:

@@ -32,6 +32,7 @@ ENGINES = ("eager", "executorch")
 DEVICES = ("cpu", "cuda", "mps")  # mobizo.devices
 DTYPES = ("float32", "bfloat16", "float16")
 DIST_MODES = ("queries", "data", "federated")
+DEFAULT_MAX_LENGTH = 128  # --max-length when not given, unless the model has fewer positions (build.assemble)
 
 
 def opt(
@@ -86,7 +87,12 @@ class DataArgs:
         "comma-separated label words (custom classification, or to override a benchmark's), e.g. bad,good",
         trajectory=True,
     )
-    max_length: int = opt(128, "max tokens per sequence (prompt + answer)", trajectory=True, minimum=2)
+    max_length: int | None = opt(
+        None,
+        f"max tokens per sequence (prompt + answer) (default: {DEFAULT_MAX_LENGTH}, or the model's positions if fewer)",
+        trajectory=True,
+        minimum=2,
+    )
     truncation: str = opt(
         "left",
         "prompts longer than --max-length: cut from the left, or fail",
@@ -289,7 +295,12 @@ TOP = ("model", "seed", "trust_remote_code")
 
 @dataclass
 class TrainConfig:
-    model: str = opt("tiny", "local Hugging Face model directory, or 'tiny' (built-in)", trajectory=True)
+    model: str = opt(
+        "tiny",
+        "local Hugging Face model directory, a .gguf file (llama.cpp; dequantized to float at load), or 'tiny' "
+        "(the built-in random model)",
+        trajectory=True,
+    )
     seed: int = opt(0, "run seed: the adapter's A, the noise, the data order", trajectory=True, minimum=0)
     trust_remote_code: bool = opt(False, "allow model code from the model directory", setting=True)
     data: DataArgs = field(default_factory=DataArgs)

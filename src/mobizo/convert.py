@@ -266,39 +266,66 @@ def _load_config(p: Path):
     return AutoConfig.for_model(model_type, **cfg), parsed["config"]
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a GGUF file: float weights in ``dtype``, loaded once (see module docstring)."""
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, before_weights=None
+):
+    """(model, tokenizer) from a GGUF file: float weights in ``dtype``, loaded once (see module docstring).
+    ``before_weights(config, weight_bytes, tokenizer)``: called before any tensor is read
+    (:func:`mobizo.models.load_model`)."""
     import gguf
 
     p = Path(path)
     h = inspect_gguf(p)
+    streaming = h.architecture in _legacy_archs()
     with patches.gguf_metadata_once():  # the metadata is parsed once for tokenizer and config
         tokenizer = _load_tokenizer(p, trust_remote_code)
-        if h.architecture not in _legacy_archs():
+        if streaming:
+            config, raw_config = _config_of(p, h, raw=True)
+        if before_weights is not None:
+            numel = sum(int(np.prod(t.shape)) if t.shape else 1 for t in h.tensors)
+            hook_config = config if streaming else _config_of(p, h, trust_remote_code)
+            before_weights(hook_config, numel * dtype.itemsize, tokenizer)
+        if not streaming:
             model = _load_packed(p, dtype, trust_remote_code)
-        else:
-            model = _load_streaming(p, h, dtype, gguf)
-    _trim_heap()  # the dequantizer's temporaries
+    # The parsed metadata (a 262k-token vocabulary's strings, scores and merges: ~130 MiB for Gemma 3) is
+    # let go before the weights arrive: kept, it raised the load's peak above the loaded model's footprint.
+    _trim_heap()
+    if streaming:
+        model = _load_streaming(p, h, dtype, gguf, config, raw_config)
+        _trim_heap()  # the dequantizer's temporaries
     model.config.name_or_path = str(p.resolve())
     return model.eval(), tokenizer
+
+
+def _config_of(p: Path, h: GGUFHeader, trust_remote_code: bool = False, raw: bool = False):
+    """The transformers config of a GGUF file (call it inside :func:`mobizo.patches.gguf_metadata_once`); ``raw``
+    (streamed architectures): (config, the config dict transformers' tensor processors take)."""
+    from transformers import AutoConfig
+
+    try:
+        if h.architecture in _legacy_archs():
+            config, raw_config = _load_config(p)
+        else:
+            config = AutoConfig.from_pretrained(
+                str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:
+        raise MobizoError(f"cannot read the model config of {p}: {type(e).__name__}: {_first_line(e)}") from e
+    config.name_or_path = str(p.resolve())
+    return (config, raw_config) if raw else config
 
 
 def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False):
     """(model on the meta device, tokenizer) of a GGUF file: config and tokenizer only, no tensor read
     (see :func:`mobizo.models.load_skeleton`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     h = inspect_gguf(p)
     with patches.gguf_metadata_once():  # the metadata is parsed once for tokenizer and config
         tokenizer = _load_tokenizer(p, trust_remote_code)
+        config = _config_of(p, h, trust_remote_code)
         try:
-            if h.architecture in _legacy_archs():
-                config = _load_config(p)[0]
-            else:
-                config = AutoConfig.from_pretrained(
-                    str(p.parent), gguf_file=p.name, local_files_only=True, trust_remote_code=trust_remote_code
-                )
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except Exception as e:
@@ -307,16 +334,11 @@ def load_gguf_skeleton(path: str | os.PathLike, trust_remote_code: bool = False)
     return model.eval(), tokenizer
 
 
-def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
+def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf, config, raw_config: dict):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    try:
-        config, raw_config = _load_config(p)
-    except Exception as e:
-        raise MobizoError(f"cannot read the model config of {p}: {type(e).__name__}: {_first_line(e)}") from e
-    _trim_heap()  # hand the metadata parser's freed memory back before the weights arrive
     try:
         with no_init_weights():  # parameters are allocated, not initialised: each page is written once, below
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -359,26 +381,44 @@ def _load_streaming(p: Path, h: GGUFHeader, dtype: torch.dtype, gguf):
         with torch.no_grad():
             targets[name][start : start + t.shape[0]].copy_(t)
 
+    def unchanged(name: str, weights: np.ndarray) -> bool:
+        """Whether the architecture's processor passes tensor ``name`` through as it is (Gemma's subtracts 1
+        from norm weights, Llama's permutes q/k rows; their embeddings pass): asked on a slab of it, with
+        scratch state, so a processor that assembles tensors itself (MoE experts) is left untouched."""
+        if plain:
+            return True
+        scratch = {"tensors": {}, "config": raw_config}
+        try:
+            r = processor.process(weights=weights, name=name, tensor_key_mapping=mapping, parsed_parameters=scratch)
+        except Exception:  # noqa: BLE001 - the whole-tensor path below reports what is wrong
+            return False
+        return r.name == name and r.weights is weights and not scratch["tensors"]
+
     n_done = 0
     for info in h.tensors:
         qtype = gguf.GGMLQuantizationType(info.qtype)
         target = targets.get(mapping.get(info.name, ""))
         if (
-            plain
-            and target is not None
+            target is not None
             and len(info.shape) == 2
             and tuple(target.shape) == info.shape
             and target.numel() > _CHUNK
         ):
-            # a big tensor (the embedding): dequantize a slab of rows at a time straight into the model,
-            # never the whole float tensor plus the dequantizer's temporaries at once
+            # a big tensor (the embedding: 262144 x 640 in Gemma 3): dequantize a slab of rows at a time
+            # straight into the model, never the whole float tensor plus the dequantizer's temporaries at
+            # once (a second copy of the embedding, and more), when the processor leaves it as it is
             data = _tensor_data(blob, h, info, gguf)
             step = max(1, _CHUNK // info.shape[1])
-            for i in range(0, info.shape[0], step):
-                put_rows(mapping[info.name], i, gguf.dequantize(data[i : i + step], qtype))
-            written.add(mapping[info.name])
-            _drop_pages(blob, h.data_start + info.offset, _nbytes(info, gguf))
-            continue
+            first = gguf.dequantize(data[:step], qtype)
+            if unchanged(info.name, first):
+                put_rows(mapping[info.name], 0, first)
+                del first
+                for i in range(step, info.shape[0], step):
+                    put_rows(mapping[info.name], i, gguf.dequantize(data[i : i + step], qtype))
+                written.add(mapping[info.name])
+                _drop_pages(blob, h.data_start + info.offset, _nbytes(info, gguf))
+                continue
+            del first
         try:
             weights = gguf.dequantize(_tensor_data(blob, h, info, gguf), qtype)
         except NotImplementedError as e:

@@ -465,7 +465,8 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
     def build():
         run = assemble(local, weights=needs_weights(local), **objects)
         build_engine(run)
-        run.cfg = run_cfg  # logged and checkpointed as rank 0's config (federated: the --data template)
+        # logged and checkpointed as rank 0's config (federated: the --data template), with what assemble resolved
+        run.cfg = run_cfg.replace(max_length=run.cfg.data.max_length, threads=run.cfg.run.threads)
         return run, _fingerprint(run)
 
     run, fingerprint = group.agreed(build)

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import MobizoError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -99,8 +101,9 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         if old.exists():
             _fault_pause()
             _discard(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming(e, target, tmp)
         raise
 
 
@@ -119,14 +122,22 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> None:
         _fault_pause()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _raise_naming(e, path, Path(tmp))
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _raise_naming(e: BaseException, target: Path, scratch: Path) -> None:
+    """A write that failed (a full disk, a file-size limit: ``OSError`` without a file name, or naming the
+    scratch copy) as one line naming what was being written; any other error is left as it is."""
+    if isinstance(e, OSError) and (not e.filename or str(e.filename).startswith(str(scratch))):
+        raise MobizoError(f"cannot write {target}: {e.strerror or e}") from e
 
 
 _SCRATCH = re.compile(r"^\..+\.(tmp|trash)-")

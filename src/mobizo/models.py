@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -83,15 +85,25 @@ def random_model(cls, config, seed: int, name: str):
     return model.eval()
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from ``tiny``, a local Hugging Face model directory or a ``.gguf`` file, offline."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, before_weights=None):
+    """(model, tokenizer) from ``tiny``, a local Hugging Face model directory or a ``.gguf`` file, offline.
+
+    ``before_weights(config, weight_bytes, tokenizer)`` is called once the model's config and (prepared)
+    tokenizer are read and before any weight is: the checks of a run that need only those
+    (:func:`mobizo.build.assemble`) refuse it without waiting for the weights. ``weight_bytes``: what the
+    weights will take in ``dtype`` (0 for ``tiny``, built before the call: it is ~1 MB).
+    """
     if path == TINY:
-        return build_tiny(dtype)
+        model, tokenizer = build_tiny(dtype)
+        if before_weights is not None:
+            before_weights(model.config, 0, tokenizer)
+        return model, tokenizer
     p = Path(path)
     from .convert import is_gguf, load_gguf
 
     if is_gguf(p) or p.suffix.lower() == ".gguf":
-        model, tokenizer = load_gguf(p, dtype, trust_remote_code)
+        hook = None if before_weights is None else lambda c, n, tok: before_weights(c, n, prepare_tokenizer(tok))
+        model, tokenizer = load_gguf(p, dtype, trust_remote_code, before_weights=hook)
         return model, prepare_tokenizer(tokenizer)
     if not p.exists():
         raise MobizoError(
@@ -101,9 +113,15 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise MobizoError(f"{path} is not a Hugging Face model directory (no config.json) or a GGUF file")
     if not any(p.glob("*.safetensors")):
         raise MobizoError(f"{path} has no *.safetensors weights (mobizo loads weights only from safetensors)")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = _tokenizer(p, trust_remote_code)
+    tokenizer = prepare_tokenizer(_tokenizer(p, trust_remote_code))
+    if before_weights is not None:
+        try:
+            config = AutoConfig.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as e:  # any loader failure is a bad model dir
+            raise MobizoError(f"cannot read the config of {path}: {type(e).__name__}: {_first_line(e)}") from e
+        before_weights(config, safetensors_numel(weight_files(path)) * dtype.itemsize, tokenizer)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, local_files_only=True, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -111,7 +129,19 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     except Exception as e:  # any loader failure is a bad model dir
         raise MobizoError(f"cannot load the model from {path}: {type(e).__name__}: {_first_line(e)}") from e
     model.config.name_or_path = str(p.resolve())
-    return model.eval(), prepare_tokenizer(tokenizer)
+    return model.eval(), tokenizer
+
+
+def safetensors_numel(files) -> int:
+    """Elements of the tensors in ``files`` (read from their headers, no tensor data); 0 for an unreadable file
+    (the loader says what is wrong with it)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with contextlib.suppress(Exception), safe_open(str(f), framework="pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return n
 
 
 def _tokenizer(p: Path, trust_remote_code: bool):
@@ -236,8 +266,9 @@ POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_lengt
 
 
 def max_positions(model) -> int | None:
-    """The number of positions the model's config declares (its position table / trained context), if any."""
-    config = getattr(model, "config", None)
+    """The number of positions the model's config declares (its position table / trained context), if any.
+    ``model``: a model, or its config."""
+    config = getattr(model, "config", model)
     for name in POSITION_LIMITS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -250,7 +281,8 @@ def check_max_length(model, max_length: int, flag: str = "--max-length") -> None
     the position embedding, or RoPE positions the model never saw). Call it once the model is loaded."""
     limit = max_positions(model)
     if limit is not None and max_length > limit:
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        config = getattr(model, "config", model)
+        name = getattr(config, "name_or_path", "") or type(model).__name__
         raise MobizoError(
             f"{flag} {max_length} is longer than the {limit} positions of model {name}; use {flag} {limit} or less"
         )

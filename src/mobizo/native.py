@@ -187,6 +187,8 @@ def train(
 
     Raises :class:`MobizoError` with the binary's one-line error when it fails.
     """
+    if steps is not None and not (isinstance(steps, int) and steps >= 1):  # `mobizo train --steps`'s rule
+        raise MobizoError(f"--steps must be >= 1, got {steps}")
     exe = Path(binary) if binary is not None else build()
     cmd = [str(exe), str(bundle), "--out", str(out)]
     if resume:

@@ -25,6 +25,7 @@ the formats of :mod:`mobizo.checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -256,9 +257,11 @@ def read_log(path: str | Path, upto: int | None = None) -> tuple[dict | None, li
 class MetricsLog:
     """The one writer of metrics.jsonl: a header record, then one whole line per step.
 
-    Line-buffered, so every record reaches the file in one write and a kill leaves at most a
-    partial last line (which :func:`read_log` drops); :meth:`sync` before each checkpoint makes
-    the log always cover the checkpoint (resume and replay rely on it).
+    Every record goes out with its own ``os.write`` calls (no buffer holding part of a line), so a kill
+    leaves at most a partial last line (which :func:`read_log` drops). A write that fails (a full disk,
+    a file-size limit) after part of the line went out is cut back to the last whole line, so the log
+    stays strict JSON lines, and the error names the file. :meth:`sync` before each checkpoint makes the
+    log always cover the checkpoint (resume and replay rely on it).
     """
 
     def __init__(self, path: Path, header: dict, resume_step: int | None = None):
@@ -270,10 +273,25 @@ class MetricsLog:
         lines = [dumps(header)] + [dumps({k: v for k, v in r.items() if k != "_line"}) for r in keep]
         atomic_write_text(self.path, "".join(line + "\n" for line in lines))
         self.kept = keep
-        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise MobizoError(f"cannot open {self.path}: {e.strerror or e}") from e
 
     def append(self, record: dict) -> None:
-        self._file.write(dumps(record) + "\n")
+        data = (dumps(record) + "\n").encode("utf-8")
+        size = os.fstat(self._fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError as e:
+            with contextlib.suppress(OSError):  # best effort: readers drop a torn last line anyway
+                os.ftruncate(self._fd, size)
+            raise MobizoError(
+                f"cannot write {self.path}: {e.strerror or e} (the log keeps every whole line; free space and "
+                "resume with --resume)"
+            ) from e
 
     def rewind(self, step: int) -> None:
         """Drop the records after ``step`` (a rollback redoes those steps), atomically."""
@@ -284,12 +302,16 @@ class MetricsLog:
         self._file = self.path.open("a", encoding="utf-8", buffering=1)
 
     def sync(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise MobizoError(f"cannot write {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class NoLog:

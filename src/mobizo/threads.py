@@ -15,7 +15,8 @@ import os
 from .errors import MobizoError
 
 
-def _allowed_cpus() -> int:
+def allowed_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -39,7 +40,7 @@ def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, _allowed_cpus() // _smt_per_core())
+    return max(1, allowed_cpus() // _smt_per_core())
 
 
 def apply_threads(threads: int | None = None, runtime: bool = True) -> int:

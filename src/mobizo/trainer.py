@@ -335,7 +335,9 @@ class Trainer:
             self._checkpoint(0)
         if self.snapshot is None and self.monitor.healthy:
             self.snapshot = self._snap(self.start_step)
-        progress = bar(o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step")
+        progress = bar(
+            o.steps, f"{cfg.engine.engine}/{o.estimator}", r.progress, initial=self.start_step, unit="step", lines=True
+        )
         try:
             step = self.start_step
             while step < o.steps:
@@ -352,13 +354,13 @@ class Trainer:
                         }
                     )
                     self._consider_best(step, self.last_eval)
-                progress.update(1)
                 progress.set_postfix(
                     {
                         "loss": f"{self.last_loss:.4f}",
                         **({self.metric: f"{self.last_eval[self.metric]:.4f}"} if self.last_eval else {}),
                     }
                 )
+                progress.update(1)
                 diverged = rec.pop("_diverged", False)
                 self.log.append(rec)
                 if self.on_step is not None:

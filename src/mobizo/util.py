@@ -86,10 +86,40 @@ def dumps(obj, **kwargs) -> str:
     return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
 
 
-def quiet_third_party() -> None:
-    """Silence third-party chatter: import warnings (torchao's optional CUDA kernels, pytree deprecations),
-    transformers' and datasets' progress bars. mobizo's own messages go to stderr explicitly."""
+def quiet_imports() -> None:
+    """Silence what importing the model stack prints, where it comes from: torchao's ``Failed to load
+    .../_C_mxfp8...so`` warnings (its ``torchao`` logger, when transformers' quantizers import it: the CUDA
+    kernels it ships cannot load on a CPU-only machine, and mobizo needs none of them) and torch's
+    pytree deprecation notices. Only those loggers are touched: the Python API calls this too."""
     import logging
+
+    logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def no_transformers_bars():
+    """transformers' progress bars (``Loading weights``) off while mobizo loads a model (it reports its
+    own progress, or none with ``--no-progress`` / ``progress=False``); restored afterwards."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def quiet_third_party() -> None:
+    """The command line's silence: :func:`quiet_imports`, import warnings (torchao's optional CUDA kernels,
+    pytree deprecations), transformers' and datasets' progress bars. mobizo's own messages go to stderr
+    explicitly."""
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -97,6 +127,4 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    logging.getLogger("torchao").setLevel(logging.CRITICAL)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    quiet_imports()

@@ -86,13 +86,39 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV file with a header line. Each record must have the header's number of fields, and
+    quotes are parsed strictly: an unclosed quote would otherwise swallow the lines after it into one
+    field (and merge records). Errors name the line the bad record starts on."""
     import csv
 
+    rows: list[dict] = []
     with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        header, start = None, 1  # start: the line the record being read begins on
         try:
-            return [dict(r) for r in csv.DictReader(f)]
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not fields:  # a blank line (csv.DictReader skips them too)
+                    continue
+                if header is None:
+                    header = fields
+                    continue
+                if len(fields) != len(header):
+                    hint = " (a comma inside an unquoted field? quote the field)" if len(fields) > len(header) else ""
+                    raise MobizoError(
+                        f"{path}:{line}: {len(fields)} field{'s' * (len(fields) != 1)}, but the header has {len(header)}: "
+                        f"{', '.join(header)}{hint}"
+                    )
+                rows.append(dict(zip(header, fields)))
         except csv.Error as e:
-            raise MobizoError(f"{path}: malformed CSV: {e}") from e
+            end = reader.line_num
+            if end > start or "end of data" in str(e) or "field larger" in str(e):
+                raise MobizoError(
+                    f"{path}:{start}: unclosed quote in the record on line {start} (its quoted field runs on to "
+                    f'line {end}: {e}); close it, or write a quote inside a quoted field as ""'
+                ) from e
+            raise MobizoError(f"{path}:{start}: malformed CSV: {e}") from e
+    return rows
 
 
 def _read_parquet(path: Path) -> list[dict]:
