@@ -399,7 +399,9 @@ def test_a_failed_write_leaves_nothing(world, tmp_path, monkeypatch):
 
     real = deploy.encode
     monkeypatch.setattr(deploy, "encode", boom)
-    with pytest.raises(OSError):
+    from mobizo.errors import MobizoError
+
+    with pytest.raises(MobizoError, match=r"cannot write .*m\.gguf: No space left on device"):  # one line, the path
         export_adapter(world["adapter"], "merged-gguf", out, overwrite=True)
     assert out.read_bytes() == b"the previous file"
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
