@@ -389,7 +389,8 @@ def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, capsy
     # an adapter of another model given --model: what it adapts that the model lacks, and its base
     from safetensors.torch import load_file, save_file
 
-    (bare / "adapter_config.json").write_text(json.dumps(config))
+    moved = [m.replace("layers.1.", "layers.7.") for m in config["target_modules"]]
+    (bare / "adapter_config.json").write_text(json.dumps({**config, "target_modules": moved}))
     w = load_file(str(bare / "adapter_model.safetensors"))
     w = {k.replace("layers.1.", "layers.7."): v for k, v in w.items()}
     save_file(w, str(bare / "adapter_model.safetensors"))

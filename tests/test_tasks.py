@@ -265,8 +265,9 @@ def test_task_trains_and_evaluates_end_to_end(task, tmp_path, capsys):
     assert math.isfinite(summary["eval_loss"])
     recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
     assert [r["step"] for r in recs] == [1, 2] and all(f"eval_{metric}" in r for r in recs)
-    # best/ is the step with the highest metric (the earlier one on ties), in PEFT format
-    best_step = max(recs, key=lambda r: (r[f"eval_{metric}"], -r["step"]))["step"]
+    # best/ is the step with the highest metric (the earlier one on ties; the start counts as step 0)
+    evals = [(0, summary["eval_start"][metric])] + [(r["step"], r[f"eval_{metric}"]) for r in recs]
+    best_step = max(evals, key=lambda e: (e[1], -e[0]))[0]
     assert summary["best"]["step"] == best_step and summary["best"]["metric"] == metric
     for d in ("adapter", "best"):
         assert (out / d / "adapter_config.json").is_file() and (out / d / "adapter_model.safetensors").is_file()
@@ -827,9 +828,10 @@ def test_custom_prompt_completion_trains_and_keeps_the_best_adapter(tmp_path):
     summary = train(cfg)
     assert summary["metric"] == "loss"
     recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-    best = min(recs, key=lambda r: r["eval_loss"])
-    assert summary["best"] == {"step": best["step"], "metric": "loss", "value": best["eval_loss"]}
-    assert len({r["eval_loss"] for r in recs}) > 1  # training moved the loss: "best" is a real choice
+    evals = [(0, summary["eval_start"]["loss"])] + [(r["step"], r["eval_loss"]) for r in recs]
+    best = min(evals, key=lambda e: e[1])  # the start (step 0) is a candidate too
+    assert summary["best"] == {"step": best[0], "metric": "loss", "value": best[1]}
+    assert len({e[1] for e in evals}) > 1  # training moved the loss: "best" is a real choice
     assert (
         main(
             [
@@ -848,7 +850,7 @@ def test_custom_prompt_completion_trains_and_keeps_the_best_adapter(tmp_path):
         )
         == 0
     )
-    assert json.loads((tmp_path / "b.json").read_text())["loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "b.json").read_text())["loss"] == pytest.approx(best[1], rel=1e-5)
     # a run stopped after step 2 and resumed to step 4 keeps the same best (remembered from metrics.jsonl)
     part = cfg.replace(steps=2, out=str(tmp_path / "part"))
     train(part)

@@ -487,7 +487,7 @@ class Predictor:
 
 def load_predictor(cfg: TrainConfig, src: Source, model=None, tokenizer=None) -> Predictor:
     """The run's task (it must be classification or multiple choice) and the model with the adapter."""
-    from .build import load_base, prepare_base
+    from .build import load_base, prepare_base, resolve_max_length
     from .data import Encoder
     from .engines.eager import EagerEngine
     from .models import check_max_length, prepare_tokenizer
@@ -512,6 +512,8 @@ def load_predictor(cfg: TrainConfig, src: Source, model=None, tokenizer=None) ->
     else:
         prepare_tokenizer(tokenizer)
         name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "the model")
+    cfg = resolve_max_length(cfg, getattr(model, "config", None))
+    d = cfg.data
     check_max_length(model, d.max_length)
     prepare_base(model, cfg, inject_adapter=False)
     if state is not None:

@@ -270,11 +270,17 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             old_header, keep = read_log(self.path, upto=resume_step)  # steps after the checkpoint are redone
             header = old_header or header
-        lines = [dumps(header)] + [dumps({k: v for k, v in r.items() if k != "_line"}) for r in keep]
-        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+        self._write(header, keep)
         self.kept = keep
+        self._fd: int | None = self._open()
+
+    def _write(self, header: dict, records: list[dict]) -> None:
+        lines = [dumps(header)] + [dumps({k: v for k, v in r.items() if k != "_line"}) for r in records]
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+
+    def _open(self) -> int:
         try:
-            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            return os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as e:
             raise MobizoError(f"cannot open {self.path}: {e.strerror or e}") from e
 
@@ -295,11 +301,9 @@ class MetricsLog:
 
     def rewind(self, step: int) -> None:
         """Drop the records after ``step`` (a rollback redoes those steps), atomically."""
-        self._file.close()
-        header, keep = read_log(self.path, upto=step)
-        lines = [dumps(header)] + [dumps({k: v for k, v in r.items() if k != "_line"}) for r in keep]
-        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
-        self._file = self.path.open("a", encoding="utf-8", buffering=1)
+        self.close()
+        self._write(*read_log(self.path, upto=step))
+        self._fd = self._open()
 
     def sync(self) -> None:
         if self._fd is not None:

@@ -547,11 +547,12 @@ class Trainer:
         )
 
     def _best_so_far(self, records: list[dict]) -> dict | None:
-        """The best periodic eval among the kept records (resume), if its ``best/`` adapter exists."""
+        """The best eval among the start's and the kept records' (resume), if its ``best/`` adapter exists."""
         if not self.out.has(BEST):
             return None
         key, best = f"eval_{self.metric}", None
-        for rec in records:
+        start = [{"step": 0, key: self.start_eval[self.metric]}] if self.start_eval else []
+        for rec in start + records:
             if isinstance(rec.get(key), (int, float)):
                 score = metric_score(self.kind, {self.metric: rec[key]})
                 if best is None or score > best["score"]:
