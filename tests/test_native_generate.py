@@ -200,6 +200,10 @@ def test_greedy_generation_equals_python_eager_and_executorch(binary, cls_bundle
         assert g["completion"] == x_text == e_text
         assert g["finish"] == ("eos" if len(g["ids"]) < new else "length") and g["tokens"] == len(g["ids"])
         assert len(g["ids"]) >= 4  # (the trained tiny model writes text, not an immediate EOS)
+    # one thread (no thread pool: XNNPACK and the kernels on the calling thread) decodes the same tokens
+    one = native(binary, "generate", cls_run, "--prompt", PROMPTS[1], "--max-new-tokens", new, "--json", "--threads", 1)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["ids"] == got[1]["ids"]
     # the base model (a bare bundle: B = 0) continues differently from the trained adapter
     base = native(binary, "generate", cls_bundle, "--prompt", PROMPTS[0], "--max-new-tokens", new, "--json")
     assert base.returncode == 0, base.stderr
@@ -399,6 +403,16 @@ def test_bundles_without_generation_or_tokenizer_are_refused(binary, cls_bundle,
     msg = one_line_error(native(binary, "generate", tmp_path / "short", "--prompt", "hi"))
     assert msg.startswith(f"the bundle {tmp_path / 'short'} was trained on, {gone}, is missing (moved?)")
     assert "is neither a bundle" in one_line_error(native(binary, "generate", tmp_path, "--prompt", "hi"))
+
+
+def test_a_binary_without_the_tokenizer_library_says_so(cls_bundle, tmp_path):
+    from mobizo.native import build, has_tokenizer
+
+    plain = build(tokenizer=False)
+    assert not has_tokenizer(plain)
+    msg = one_line_error(native(plain, "generate", cls_bundle, "--prompt", "hi"))
+    assert msg.startswith("this mobizo-train was built without the tokenizer library (pytorch-tokenizers)")
+    assert native(plain, cls_bundle, "--out", tmp_path / "run", "--steps", 2, "--quiet").returncode == 0
 
 
 def test_format_1_bundle_still_trains(binary, cls_bundle, cls_run, tmp_path):

@@ -258,7 +258,14 @@ struct Generator {
   const Bundle* b = nullptr;
   int64_t chunk = 0, vocab = 0;
 
+  std::vector<std::string> ran;
   std::vector<EValue> run(const char* method, const std::vector<EValue>& inputs) {
+    // the runtime's thread pool starts on a method's first call, and its cpuinfo probe prints to stderr
+    std::optional<QuietStderr> quiet;
+    if (std::find(ran.begin(), ran.end(), method) == ran.end()) {
+      quiet.emplace();
+      ran.push_back(method);
+    }
     auto res = module->execute(method, inputs);
     if (!res.ok()) throw Error(std::string("ExecuTorch ") + method + " failed (" + et_error(res.error()) + ")");
     return std::move(*res);

@@ -1,6 +1,7 @@
 #include "records.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "fsutil.h"
@@ -140,11 +141,11 @@ int64_t parse_label(const Json& value, const std::vector<std::string>& names, co
       if (names[k] == s) return int64_t(k);
     for (size_t k = 0; k < names.size(); ++k)
       if (ascii_lower(names[k]) == ascii_lower(s)) return int64_t(k);
-    std::string digits = s[0] == '-' ? s.substr(1) : s;
+    std::string digits = !s.empty() && s[0] == '-' ? s.substr(1) : s;
     bool decimal = !digits.empty() && std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; });
-    if (decimal && digits.size() < 18) {
+    if (decimal) {
       is_int = true;
-      v = std::stoll(s);
+      v = digits.size() < 18 ? std::stoll(s) : (s[0] == '-' ? -1 : INT64_MAX);  // (past any class count)
     } else if (names.size() == 2 && (ascii_lower(s) == "true" || ascii_lower(s) == "false")) {
       is_int = true;
       v = ascii_lower(s) == "true" ? 1 : 0;
