@@ -149,6 +149,43 @@ def test_tokenizer_ids_equal_python_on_the_synthetic_task(binary, cls_bundle):
     assert spec["checked"]["texts"] == 18 * 2  # every train + validation (prompt, candidate), checked at bundle time
 
 
+def test_a_tokenizer_the_library_reads_otherwise_refuses_the_bundle(binary, cls_bundle, tmp_path, monkeypatch):
+    """A tokenizer feature the C++ library does not have (here a Lowercase normalizer, which it skips) makes
+    its ids differ on the bundle's own texts: `mobizo bundle` refuses with one line, and writes nothing."""
+    from tokenizers import normalizers
+
+    import mobizo.models
+    from mobizo.bundle import make_bundle
+    from mobizo.errors import MobizoError
+
+    plain = mobizo.models.tiny_tokenizer
+
+    def lowercasing():
+        tok = plain()
+        tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+        return tok
+
+    monkeypatch.setattr(mobizo.models, "tiny_tokenizer", lowercasing)
+    cfg = TrainConfig.from_flat(
+        **COMMON,
+        data=str(cls_bundle.parent / "data"),
+        template=TEMPLATE,
+        label_words="bad,good",
+        max_length=48,
+        steps=STEPS,
+    )
+    out = tmp_path / "bundle"
+    with pytest.raises(MobizoError) as e:
+        make_bundle(cfg, out, program=cls_bundle)  # the program fits: no export
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        "the native tokenizer (pytorch-tokenizers 1.0.1) reads tiny's tokenizer otherwise than the Python one: "
+        "prompt 'Review: "
+    )
+    assert msg.endswith("(mobizo bundle --no-tokenizer writes the bundle without text on the device)")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -977,9 +977,11 @@ int train(const Options& o) {
 int main(int argc, char** argv) {
   std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit is a write error, reported like a full disk
   try {
+    // a subcommand, unless --out says this is training a bundle that happens to be called so
     std::string cmd = argc > 1 ? argv[1] : "";
-    if (cmd == "generate") return mobizo::generate_main(argc, argv);
-    if (cmd == "tokenize") return mobizo::tokenize_main(argc, argv);
+    bool training = std::any_of(argv + 1, argv + argc, [](const char* a) { return std::string(a) == "--out"; });
+    if (cmd == "generate" && !training) return mobizo::generate_main(argc, argv);
+    if (cmd == "tokenize" && !training) return mobizo::tokenize_main(argc, argv);
     return mobizo::train(mobizo::parse_args(argc, argv));
   } catch (const std::exception& e) {
     std::fflush(stdout);
