@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 
 #include "fsutil.h"
+#include "pyrandom.h"
 #include "sha256.h"
 
 namespace mobizo {
@@ -89,8 +91,10 @@ Bundle Bundle::load(const std::string& dir) {
   try {
     const Json& r = b.run;
     const Json& m = b.manifest;
-    if (r.type != Json::Type::Object || !r.find("mobizo_bundle") || r.at("mobizo_bundle").as_int() != 1)
-      throw Error(join(dir, "run.json") + " is not a mobizo bundle (format 1)");
+    const Json* fmt = r.type == Json::Type::Object ? r.find("mobizo_bundle") : nullptr;
+    if (!fmt || fmt->type != Json::Type::Int || (fmt->i != 1 && fmt->i != 2))
+      throw Error(join(dir, "run.json") + " is not a mobizo bundle (format 1 or 2)");
+    b.format = fmt->i;
     // the program must be the one the manifest describes, and the one run.json was written for
     size_t size = 0;
     std::string pte = b.pte_path();
@@ -138,6 +142,10 @@ Bundle Bundle::load(const std::string& dir) {
     int64_t choices = m.at("choices").as_int("choices");
     bool shared = m.find("shared_prompt") && m.at("shared_prompt").type == Json::Type::Bool &&
                   m.at("shared_prompt").as_bool();
+    b.shared = shared;
+    b.choices = choices;
+    b.program_answer_len = m.at("answer_len").as_int("answer_len");
+    b.generate = m.find("generate") && m.at("generate").type == Json::Type::Bool && m.at("generate").as_bool();
     int64_t want_rows = (b.choice && !shared) ? choices : 1;
     int64_t want_k = shared ? choices : m.at("answer_len").as_int();
     if (objective != m.at("objective").as_string() || b.length != m.at("max_length").as_int() ||
@@ -209,17 +217,31 @@ std::pair<double, double> Bundle::lr_eps(int64_t step) const {
 }
 
 void Bundle::gather(int64_t step, std::vector<int64_t>& ids, std::vector<int64_t>& mask, std::vector<int64_t>& lab,
-                    std::vector<int64_t>& gold_out) const {
+                    std::vector<int64_t>& gold_out, const Examples* raw) const {
   const size_t B = size_t(batch_size), R = size_t(rows_per_example), T = size_t(length), K = size_t(answer_len);
-  std::vector<int32_t> idx(B);
-  batches.read_at(size_t(step - 1) * B, idx.data(), B);
+  std::vector<int64_t> idx(B);
+  if (raw) {
+    idx = step_indices(raw->n, batch_size, step, raw->seed);
+  } else {
+    std::vector<int32_t> stored(B);
+    batches.read_at(size_t(step - 1) * B, stored.data(), B);
+    std::copy(stored.begin(), stored.end(), idx.begin());
+  }
+  const int64_t n_examples = raw ? raw->n : examples;
   ids.assign(B * R * T, 0);
   mask.assign(B * R * T, 0);
   lab.assign(B * R * K, IGNORE);
   gold_out.assign(B, IGNORE);
   for (size_t b = 0; b < B; ++b) {
-    if (idx[b] < 0 || idx[b] >= examples) throw Error("batches.bin holds an invalid example index (corrupted bundle)");
+    if (idx[b] < 0 || idx[b] >= n_examples) throw Error("batches.bin holds an invalid example index (corrupted bundle)");
     size_t e = size_t(idx[b]);
+    if (raw) {
+      std::copy_n(&raw->ids[e * R * T], R * T, &ids[b * R * T]);
+      std::copy_n(&raw->mask[e * R * T], R * T, &mask[b * R * T]);
+      std::copy_n(&raw->labels[e * R * K], R * K, &lab[b * R * K]);
+      if (choice) gold_out[b] = raw->gold[e];
+      continue;
+    }
     input_ids.read_at(e * R * T, &ids[b * R * T], R * T);
     attention_mask.read_at(e * R * T, &mask[b * R * T], R * T);
     labels.read_at(e * R * K, &lab[b * R * K], R * K);
@@ -228,7 +250,7 @@ void Bundle::gather(int64_t step, std::vector<int64_t>& ids, std::vector<int64_t
   // Filler rows (an example with fewer candidates than R): mobizo.data.collate fills them with the
   // next real sequence of the batch (wrapping to the first) and supervises nothing.
   for (size_t b = 0; b < B; ++b) {
-    size_t real = size_t(real_rows[size_t(idx[b])]);
+    size_t real = size_t(raw ? raw->real_rows[size_t(idx[b])] : real_rows[size_t(idx[b])]);
     size_t next = (b + 1) % B;
     for (size_t r = real; r < R; ++r) {
       size_t row = b * R + r, src = next * R;

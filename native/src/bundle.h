@@ -7,6 +7,7 @@
 //   schedule.bin (S, 2) float64 (optional: lr, eps per step)
 //
 // Every array is raw little-endian, row-major, checked against run.json (size and sha256).
+// Format 2 adds run.json "text" and tokenizer.json (text.h): generation and --data on the device.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,14 @@ struct ArrayFile {
   void read_at(size_t element_offset, void* out, size_t elements) const;
 };
 
+// Examples collated on the device from a JSONL (records.h): the bundle arrays' layout, in memory, taken
+// in the batch order mobizo.data.step_indices gives for their number and the bundle's seed.
+struct Examples {
+  int64_t n = 0, seed = 0;
+  std::vector<int64_t> ids, mask, labels, real_rows, gold;  // (n, R, T), (n, R, T), (n, R, K), (n,), (n,)
+  std::string file, sha256;
+};
+
 struct Bundle {
   std::string dir;
   Json run, manifest;
@@ -32,7 +41,11 @@ struct Bundle {
   std::string log_header_line;
   int64_t examples = 0, rows_per_example = 0, length = 0, answer_len = 0, batch_size = 0, steps = 0;
   int64_t queries = 0, save_every = 0, max_bad_steps = 0;
+  int64_t format = 1;
   bool choice = false;      // choice objectives take a `gold` input
+  bool shared = false;      // one prompt row per example, labels = the candidates' token ids (manifest shared_prompt)
+  int64_t choices = 0, program_answer_len = 0;  // the manifest's C and K (K: the answer window of one row)
+  bool generate = false;    // the program has prefill / decode (manifest "generate")
   double lr = 0, eps = 0, max_grad = 0;
   std::vector<std::string> layers;                   // adapted modules, in the program's order
   std::vector<std::vector<int64_t>> adapter_shapes;  // B's shape per layer (out, r)
@@ -60,9 +73,10 @@ struct Bundle {
   std::string pte_path() const;
   // lr, eps of 1-based `step`
   std::pair<double, double> lr_eps(int64_t step) const;
-  // The rows of `step` exactly as mobizo.trainer.make_batch builds them (see gather in bundle.py).
+  // The rows of `step` exactly as mobizo.trainer.make_batch builds them (see gather in bundle.py): from
+  // the bundle's arrays and batches.bin, or from `raw` examples in their step_indices order.
   void gather(int64_t step, std::vector<int64_t>& ids, std::vector<int64_t>& mask, std::vector<int64_t>& lab,
-              std::vector<int64_t>& gold_out) const;
+              std::vector<int64_t>& gold_out, const Examples* raw = nullptr) const;
 };
 
 }  // namespace mobizo

@@ -48,6 +48,14 @@ std::string parent_dir(const std::string& path) {
   return k == 0 ? "/" : p.substr(0, k);
 }
 
+std::string real_path(const std::string& path) {
+  char* r = ::realpath(path.c_str(), nullptr);
+  if (!r) throw_errno("cannot resolve", path);
+  std::string out(r);
+  std::free(r);
+  return out;
+}
+
 std::string base_name(const std::string& path) {
   std::string p = path;
   while (p.size() > 1 && p.back() == '/') p.pop_back();

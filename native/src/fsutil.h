@@ -43,6 +43,7 @@ void clear_entries(const std::string& dir, const std::function<bool(const std::s
 std::vector<std::string> list_dir(const std::string& dir);  // names, without . and ..
 std::string parent_dir(const std::string& path);
 std::string base_name(const std::string& path);
+std::string real_path(const std::string& path);  // absolute, links resolved (realpath(3))
 std::string join(const std::string& a, const std::string& b);
 // Test hook, like MOBIZO_TEST_SLOW_CHECKPOINT in Python: sleep that many seconds at each stage
 // of an atomic write so a fault-injection test can kill the process inside it.

@@ -1,8 +1,10 @@
 // mobizo-train: the on-device zeroth-order trainer. Runs a bundle's train.pte (the whole P-RGE
 // step exported by `mobizo export`) in the stock ExecuTorch runtime, with no Python and no torch:
 //
-//   mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]
+//   mobizo-train BUNDLE --out RUN [--data FILE.jsonl] [--resume | --overwrite] [--steps N] [--quiet]
+//   mobizo-train generate BUNDLE_OR_RUN --prompt TEXT ...     (generate.h)
 //
+// --data trains on new records tokenized on the device (records.h) instead of the bundle's arrays.
 // It writes what `mobizo train` writes: RUN/metrics.jsonl (the bundle's header line, then one
 // record per step), RUN/checkpoint/ (PEFT adapter + state.json, every save_every steps and at the
 // end), RUN/adapter/ (PEFT format), RUN/summary.json and the RUN/.mobizo marker, all atomically.
@@ -28,8 +30,11 @@
 #include "adapter.h"
 #include "bundle.h"
 #include "fsutil.h"
+#include "generate.h"
 #include "json.h"
+#include "records.h"
 #include "sha256.h"
+#include "text.h"
 
 #ifndef MOBIZO_EXECUTORCH_VERSION
 #define MOBIZO_EXECUTORCH_VERSION ""
@@ -49,13 +54,14 @@ namespace {
 const char* const PEFT_PREFIX = "base_model.model.";
 
 struct Options {
-  std::string bundle, out;
+  std::string bundle, out, data;
   bool resume = false, overwrite = false, quiet = false;
   int64_t steps = -1;
 };
 
 [[noreturn]] void usage_error(const std::string& msg) {
-  throw mobizo::Error(msg + " (usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet])");
+  throw mobizo::Error(msg + " (usage: mobizo-train BUNDLE --out RUN [--data FILE.jsonl] [--resume | --overwrite] "
+                           "[--steps N] [--quiet]; mobizo-train generate BUNDLE_OR_RUN --prompt TEXT ...)");
 }
 
 Options parse_args(int argc, char** argv) {
@@ -67,6 +73,7 @@ Options parse_args(int argc, char** argv) {
       return argv[++k];
     };
     if (a == "--out") o.out = value();
+    else if (a == "--data") o.data = value();
     else if (a == "--resume") o.resume = true;
     else if (a == "--overwrite") o.overwrite = true;
     else if (a == "--quiet") o.quiet = true;
@@ -77,8 +84,17 @@ Options parse_args(int argc, char** argv) {
       if (v.empty() || *end) usage_error("--steps must be an integer >= 1, got '" + v + "'");
       // the rule of `mobizo train --steps` (mobizo.config): a run of 0 steps trains nothing
       if (o.steps < 1) usage_error("--steps must be >= 1, got " + std::to_string(o.steps));
+    } else if (a == "--version") {
+      std::string tk = tokenizer_library();
+      std::printf("mobizo-train (executorch %s; tokenizer: %s)\n", MOBIZO_EXECUTORCH_VERSION,
+                  tk.empty() ? "none" : tk.c_str());
+      std::exit(0);
     } else if (a == "-h" || a == "--help") {
-      std::printf("usage: mobizo-train BUNDLE --out RUN [--resume | --overwrite] [--steps N] [--quiet]\n");
+      std::printf("usage: mobizo-train BUNDLE --out RUN [--data FILE.jsonl] [--resume | --overwrite] [--steps N] [--quiet]\n"
+                  "       mobizo-train generate BUNDLE_OR_RUN (--prompt TEXT)... [--input FILE|-] [--adapter DIR]\n"
+                  "                    [--max-new-tokens N] [--stop STR]... [--temperature T] [--top-p P] [--seed S]\n"
+                  "                    [--no-chat-template] [--json] [--threads 1]\n"
+                  "       mobizo-train --version\n");
       std::exit(0);
     } else if (!a.empty() && a[0] == '-') usage_error("unknown option " + a);
     else if (o.bundle.empty()) o.bundle = a;
@@ -447,7 +463,24 @@ struct RunState {
   Json rollback;  // the rollback point kept in this checkpoint (null: the checkpoint is it)
 };
 
-Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
+// Where the run's bundle is and what it trained on (generate finds the program by it; --resume checks the data)
+Json bundle_record(const Bundle& b) {
+  Json r = Json::object();
+  r.set("path", Json::string(real_path(b.dir)));
+  r.set("pte_sha256", b.manifest.at("pte_sha256"));
+  return r;
+}
+
+Json data_record(const Examples* raw) {
+  if (!raw) return Json::null();  // the bundle's own arrays
+  Json r = Json::object();
+  r.set("file", Json::string(real_path(raw->file)));
+  r.set("sha256", Json::string(raw->sha256));
+  r.set("examples", Json::integer(raw->n));
+  return r;
+}
+
+Json state_json(const Bundle& b, const RunState& s, int64_t total_steps, const Examples* raw) {
   Json st = Json::object();
   st.set("step", Json::integer(s.step));
   st.set("config", b.log_header.at("config"));
@@ -462,6 +495,8 @@ Json state_json(const Bundle& b, const RunState& s, int64_t total_steps) {
   st.set("settings", settings);
   st.set("engine", Json::string("native"));
   st.set("pte_sha256", b.manifest.at("pte_sha256"));
+  st.set("bundle", bundle_record(b));
+  if (raw) st.set("data", data_record(raw));
   if (!b.state.empty()) st.set("zo_state", Json::boolean(true));  // zo_state.safetensors beside it
   st.set("monitor", s.monitor.to_json());
   st.set("lr_scale", Json::number(s.lr_scale));
@@ -553,6 +588,13 @@ int train(const Options& o) {
   if (total > b.steps)
     throw mobizo::Error("--steps " + std::to_string(total) + ": the bundle holds batches for " +
                         std::to_string(b.steps) + " steps (write a bundle with more steps)");
+  // --data: every record read, tokenized and collated before the program loads (errors are quick)
+  std::unique_ptr<Examples> raw;
+  if (!o.data.empty()) {
+    TextSpec spec = TextSpec::of(b.dir, b.run);
+    TextTokenizer tok(spec);
+    raw = std::make_unique<Examples>(read_examples(b, spec, Encoder(tok), o.data));
+  }
   TrainProgram prog;
   prog.load(b);
 
@@ -609,6 +651,14 @@ int train(const Options& o) {
     if (!json_equal(state.at("config"), b.log_header.at("config")) || !state.find("pte_sha256") ||
         !json_equal(state.at("pte_sha256"), b.manifest.at("pte_sha256")))
       throw mobizo::Error("--resume: the checkpoint in " + o.out + " belongs to another bundle or run configuration");
+    const Json* trained = state.find("data");
+    bool had_data = trained && trained->type == Json::Type::Object;
+    if (had_data != bool(raw) || (raw && trained->at("sha256").as_string() != raw->sha256))
+      throw mobizo::Error("--resume: the run in " + o.out + " trained on " +
+                          (had_data ? "--data " + trained->at("file").as_string() + " (sha256 " +
+                                          trained->at("sha256").as_string().substr(0, 12) + "...)"
+                                    : "the bundle's own examples") +
+                          (raw ? ", not on this --data file" : ": give the same --data"));
     if (st.step > total)
       throw mobizo::Error("--resume: the checkpoint in " + o.out + " is at step " + std::to_string(st.step) +
                           ", past --steps " + std::to_string(total));
@@ -722,7 +772,7 @@ int train(const Options& o) {
         meta.set("format", Json::string("pt"));
         write_file_synced(join(tmp, "zo_state.safetensors"), safetensors_bytes(rule_state, meta));
       }
-      write_file_synced(join(tmp, "state.json"), dump_json(state_json(b, s, total), true) + "\n");
+      write_file_synced(join(tmp, "state.json"), dump_json(state_json(b, s, total, raw.get()), true) + "\n");
     });
     last_ckpt = step;
   };
@@ -768,7 +818,7 @@ int train(const Options& o) {
   int64_t report_step = st.step;
   int64_t step = st.step;
   for (step = st.step + 1; step <= total; ++step) {
-    b.gather(step, ids, mask, lab, gold);
+    b.gather(step, ids, mask, lab, gold, raw.get());
     auto [bundle_lr, eps] = b.lr_eps(step);
     const double lr = bundle_lr * st.lr_scale;  // logged as applied: replay follows a rollback
     auto t0 = std::chrono::steady_clock::now();
@@ -922,6 +972,8 @@ int train(const Options& o) {
   s.set("rollbacks", st.rollbacks);
   s.set("seconds_per_step", timed ? Json::number(total_time / double(timed)) : Json::null());
   s.set("engine", Json::string("native"));
+  s.set("bundle", bundle_record(b));
+  if (raw) s.set("data", data_record(raw.get()));
   s.set("estimator", b.manifest.at("estimator"));
   s.set("config", b.log_header.at("config"));
   s.set("mobizo_version", b.run.find("mobizo_version") ? *b.run.find("mobizo_version") : Json::null());
@@ -935,6 +987,11 @@ int train(const Options& o) {
 int main(int argc, char** argv) {
   std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit is a write error, reported like a full disk
   try {
+    // a subcommand, unless --out says this is training a bundle that happens to be called so
+    std::string cmd = argc > 1 ? argv[1] : "";
+    bool training = std::any_of(argv + 1, argv + argc, [](const char* a) { return std::string(a) == "--out"; });
+    if (cmd == "generate" && !training) return mobizo::generate_main(argc, argv);
+    if (cmd == "tokenize" && !training) return mobizo::tokenize_main(argc, argv);
     return mobizo::train(mobizo::parse_args(argc, argv));
   } catch (const std::exception& e) {
     std::fflush(stdout);

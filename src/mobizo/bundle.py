@@ -16,6 +16,7 @@ file               content
 ``gold.bin``       int64 (N,): gold candidate index (choice objectives only)
 ``batches.bin``    int32 (S, B): example indices of step s (1-based) in row s-1 (= ``data.step_indices``)
 ``schedule.bin``   float64 (S, 2): lr, eps of every step (only when they vary; else ``run.json`` lr/eps)
+``tokenizer.json`` the model's tokenizer (Hugging Face ``tokenizers`` format): text on the device (format 2)
 ================== ====================================================================================
 
 N examples, R = rows per example (the number of candidates C for the choice objectives, else 1),
@@ -24,7 +25,7 @@ raw little-endian, row-major, no header; ``run.json`` gives each one's file, dty
 
 ``run.json``::
 
-    {"mobizo_bundle": 1, "mobizo_version": "0.1.0",
+    {"mobizo_bundle": 2, "mobizo_version": "0.1.0",
      "pte_sha256": "<sha256 of train.pte, as in the manifest>",
      "examples": N, "rows_per_example": R, "length": T, "answer_len": K, "batch_size": B, "steps": S,
      "objective": "answer" | "choice-sum" | "choice-mean",
@@ -34,7 +35,25 @@ raw little-endian, row-major, no header; ``run.json`` gives each one's file, dty
                 "batches": {"file": "batches.bin", "dtype": "int32", "shape": [S, B], "sha256": "..."}},
      "log_header": "<first line of metrics.jsonl, verbatim: {\\"mobizo_log\\": 1, \\"config\\": ..., ...}>",
      "adapter": {"config": "<adapter_config.json text>",
-                 "metadata": {"format": "pt", "r": "8", "lora_alpha": "16.0", "writer": "mobizo"}}}
+                 "metadata": {"format": "pt", "r": "8", "lora_alpha": "16.0", "writer": "mobizo"}},
+     "text": null | {  # format 2: what mobizo-train needs to tokenize (generate, --data), see text_spec
+        "tokenizer": {"file": "tokenizer.json", "sha256": "...", "library": "pytorch-tokenizers 1.0.1",
+                      "prefix": [1], "suffix": [], "eos": [2], "special": [0, 1, 2], "pad": 0},
+        "chat": null | {"prefix": "...", "suffix": "..."} | {"unsupported": "<why>"},
+        "data": null | {"records": "classification" | "multiple_choice" | "prompt_completion",
+                        "template": "Review: {text} Sentiment:", "label_words": ["bad", "good"],
+                        "max_length": 48, "truncation": "left", "seed": 3},
+        "checked": {"texts": 8000}}}
+
+Format 1 (no ``text``, no ``tokenizer.json``) is still read. ``text`` describes the tokenizer beyond
+``tokenizer.json``: the special ids its post-processor puts around one sequence (``prefix``, ``suffix``:
+``mobizo.data.Encoder``'s ids are ``prefix + ids + suffix``, a trailing EOS dropped), the EOS ids that end
+generation, the special ids decoding skips, the pad id; the chat template as the text around one user
+message, when it renders a message verbatim; and the task's record format for new training data on the
+device (null for a task whose records are read by Python code: the benchmarks). Before a bundle with
+``text`` is written, ``mobizo-train tokenize`` (the C++ tokenizer library) encodes and decodes every
+training and validation text of the bundle, and any difference from the Python tokenizer refuses the
+bundle (``--no-tokenizer`` writes it without ``text``).
 
 Batches are pre-collated per example: sequences are left-padded to the fixed T, so an example's rows
 do not depend on the other examples of its batch, and gathering rows gives exactly the batch
@@ -69,7 +88,9 @@ from .schedule import lr_at
 from .step import step_good
 from .util import dumps
 
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)  # read
+TOKENIZER = "tokenizer.json"
 
 RUN = "run.json"
 ARRAYS = {  # name -> (file, dtype)
@@ -81,7 +102,13 @@ ARRAYS = {  # name -> (file, dtype)
     "batches": ("batches.bin", "int32"),
     "schedule": ("schedule.bin", "float64"),
 }
-BUNDLE_ENTRIES = (PROGRAM, MANIFEST, RUN, *(file for file, _ in ARRAYS.values()))  # what --overwrite may replace
+BUNDLE_ENTRIES = (
+    PROGRAM,
+    MANIFEST,
+    RUN,
+    TOKENIZER,
+    *(file for file, _ in ARRAYS.values()),
+)  # what --overwrite may replace
 
 
 @dataclass
@@ -157,13 +184,16 @@ def write_bundle(
     max_bad_steps: int = 3,
     divergence: str = "rollback",
     overwrite: bool = False,
+    text: DeviceText | None = None,
 ) -> Path:
     """Write a bundle (format above) into ``out_dir``, atomically.
 
     ``program_dir`` holds ``train.pte`` + ``manifest.json`` (``mobizo export``); ``data`` the
     pre-collated examples (:func:`collate_examples`); ``batches`` the (steps, batch_size) example
     indices (:func:`batch_indices`); ``lr``/``eps`` a number, or one value per step; ``log_header``
-    the first record of metrics.jsonl; ``adapter_config``/``adapter_metadata`` from :func:`adapter_files`.
+    the first record of metrics.jsonl; ``adapter_config``/``adapter_metadata`` from :func:`adapter_files`;
+    ``text``: the tokenizer for the device (:func:`device_text`), checked with ``mobizo-train tokenize``
+    before the bundle is committed.
     """
     from .engines.executorch import read_manifest
 
@@ -255,6 +285,7 @@ def write_bundle(
         "arrays": specs,
         "log_header": header_line,
         "adapter": {"config": adapter_config, "metadata": adapter_metadata},
+        "text": text.spec if text is not None else None,
     }
 
     def write(d: Path) -> None:
@@ -263,17 +294,24 @@ def write_bundle(
         for file, blob in blobs.items():
             (d / file).write_bytes(blob)
         (d / RUN).write_text(dumps(run, indent=1), encoding="utf-8")
+        if text is not None:
+            (d / TOKENIZER).write_text(text.tokenizer_json, encoding="utf-8")
+            text.check(d)  # before the bundle exists: a tokenizer the device reads otherwise refuses it
         (d / MARKER).write_text(dumps({"mobizo": __version__, "kind": "bundle"}) + "\n", encoding="utf-8")
 
     atomic_write_dir(out, write)
     return out
 
 
-def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, overwrite: bool = False) -> Path:
+def make_bundle(
+    cfg, out_dir: str | Path, program: str | Path | None = None, overwrite: bool = False, tokenizer: bool = True
+) -> Path:
     """``mobizo bundle``: a bundle for training ``cfg`` (a :class:`mobizo.TrainConfig`) natively.
 
     Exports the program (or checks that ``program``, a ``mobizo export`` directory, fits ``cfg``),
-    collates ``cfg``'s training data and writes the batches of steps 1..``--steps``.
+    collates ``cfg``'s training data and writes the batches of steps 1..``--steps``. ``tokenizer``:
+    carry the tokenizer for text on the device (generation, ``--data``), checked against the native
+    tokenizer library (mobizo-train is built first, with it, if needed).
     """
     from .build import assemble, export_program, manifest_for_run
     from .devices import check_cpu_float32
@@ -290,6 +328,14 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
     cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate()
     out = Path(out_dir)
     check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)  # before any work
+    binary = None
+    if tokenizer:  # before the export: a build that cannot happen fails in seconds, not after minutes
+        from .native import build
+
+        try:
+            binary = build()
+        except MobizoError as e:
+            raise MobizoError(f"{e} (mobizo bundle --no-tokenizer writes a bundle without text on the device)") from e
     run = assemble(cfg)
     cfg = run.cfg  # as assemble resolved it (--threads capped, --max-length)
     manifest = manifest_for_run(run)
@@ -323,7 +369,155 @@ def make_bundle(cfg, out_dir: str | Path, program: str | Path | None = None, ove
             max_bad_steps=o.max_bad_steps,
             divergence=cfg.run.divergence,
             overwrite=overwrite,
+            text=device_text(run, binary) if tokenizer else None,
         )
+
+
+# ---------------------------------------------------------------- text on the device (run.json "text")
+
+CHAT_PROBE = "MOBIZOMESSAGE0"  # stands for the user's message while the chat template is rendered
+CHAT_CHECKS = ("Hello", "two\nlines", " spaced out ", "{braces} <angles> 'quotes'")
+
+
+@dataclass
+class DeviceText:
+    """run.json's ``text`` section, ``tokenizer.json``'s text and the check that the device reads them the same."""
+
+    spec: dict
+    tokenizer_json: str
+    check: object  # callable(bundle_dir): raises MobizoError on the first text tokenized otherwise
+
+
+def record_format(run) -> dict | None:
+    """How the device reads new training records of ``run``'s task (see the module docstring), or None."""
+    from .tasks.custom import CustomClassification, CustomLM, CustomMultipleChoice
+    from .tasks.synthetic import LABEL_WORDS, TEMPLATE, SyntheticTask
+
+    task, d = run.task, run.cfg.data
+    if isinstance(task, SyntheticTask):
+        spec = {"records": "classification", "template": TEMPLATE, "label_words": list(LABEL_WORDS)}
+    elif isinstance(task, CustomClassification):
+        spec = {"records": "classification", "template": task.template, "label_words": list(task.words)}
+    elif isinstance(task, CustomMultipleChoice):
+        spec = {"records": "multiple_choice", "template": task.template}
+    elif isinstance(task, CustomLM):
+        spec = {"records": "prompt_completion"}
+    else:
+        return None
+    return {**spec, "max_length": d.max_length, "truncation": d.truncation, "seed": run.cfg.seed}
+
+
+def _chat_spec(tokenizer) -> dict | None:
+    """The chat template as ``prefix + message + suffix`` (what mobizo.generation.chat_text renders for one
+    user message), checked on a few messages; ``{"unsupported": why}`` when it does not render them verbatim."""
+    from .generation import chat_text, has_chat_template
+
+    if not has_chat_template(tokenizer):
+        return None
+    try:
+        text = chat_text(tokenizer, [{"role": "user", "content": CHAT_PROBE}])
+    except MobizoError as e:
+        return {"unsupported": str(e)}
+    if text.count(CHAT_PROBE) != 1:
+        return {"unsupported": "it does not write a user message once, verbatim"}
+    prefix, suffix = text.split(CHAT_PROBE)
+    for msg in CHAT_CHECKS:
+        if chat_text(tokenizer, [{"role": "user", "content": msg}]) != prefix + msg + suffix:
+            return {"unsupported": "it changes the text of a user message"}
+    return {"prefix": prefix, "suffix": suffix}
+
+
+def device_text(run, binary: Path) -> DeviceText:
+    """The tokenizer of ``run`` for the device, and the check of it with the native library (``binary``:
+    mobizo-train built with it): every training and validation text (prompt + each candidate or answer) must
+    give the Python ids (:class:`mobizo.data.Encoder`) and decode to the Python text, and with a chat template,
+    the first prompts wrapped in it must give :func:`mobizo.generation.prompt_ids`'s ids."""
+    import subprocess
+
+    from .generation import prompt_ids
+    from .native import TOKENIZERS_VERSION, has_tokenizer
+
+    tok, enc = run.tokenizer, run.encoder
+    backend = getattr(tok, "backend_tokenizer", None)
+    no = "mobizo bundle --no-tokenizer writes the bundle without text on the device"
+    if backend is None:
+        raise MobizoError(f"the tokenizer of {run.cfg.model} is not a Hugging Face 'tokenizers' tokenizer ({no})")
+    if not has_tokenizer(binary):
+        raise MobizoError(f"{binary} was built without the tokenizer library ({no})")
+    tokenizer_json = backend.to_str()
+    with_special, plain = enc._ids("a", True), enc._ids("a", False)
+    at = next((i for i in range(len(with_special) - len(plain) + 1) if with_special[i : i + len(plain)] == plain), None)
+    if not plain or at is None:
+        raise MobizoError(f"the post-processor of {run.cfg.model}'s tokenizer rewrites a text's ids ({no})")
+    eos = tok.eos_token_id
+    chat = _chat_spec(tok)
+    spec = {
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+            "library": f"pytorch-tokenizers {TOKENIZERS_VERSION}",
+            "prefix": with_special[:at],
+            "suffix": with_special[at + len(plain) :],
+            "eos": sorted(set(eos)) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)]),
+            # what decode(skip_special_tokens=True) skips: every added token marked special, not only the named ones
+            "special": sorted(
+                {int(i) for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+            ),
+            "pad": int(tok.pad_token_id),
+        },
+        "chat": chat,
+        "data": record_format(run),
+    }
+
+    # what the device must reproduce: (probe, Python's ids and text)
+    probes, expected, seen = [], [], set()
+    for ex in run.train + run.validation:
+        for answer in ex.candidates or [ex.answer]:
+            if (ex.prompt, answer) in seen:
+                continue
+            seen.add((ex.prompt, answer))
+            e = enc(ex.prompt, answer)
+            probes.append({"prompt": ex.prompt, "answer": answer})
+            expected.append(
+                (e.prompt_ids, e.answer_ids, tok.decode(e.prompt_ids + e.answer_ids, skip_special_tokens=True))
+            )
+    if chat is not None and "prefix" in chat:
+        for ex in run.train[:64]:
+            ids = prompt_ids(tok, ex.prompt, chat=True)
+            probes.append({"prompt": chat["prefix"] + ex.prompt + chat["suffix"]})
+            expected.append((ids, [], tok.decode(ids, skip_special_tokens=True)))
+    spec["checked"] = {"texts": len(probes)}
+
+    def check(bundle_dir: Path) -> None:
+        lines = "".join(json.dumps(p) + "\n" for p in probes)
+        r = subprocess.run(
+            [str(binary), "tokenize", str(bundle_dir), "--input", "-"], input=lines, capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+            raise MobizoError(f"the native tokenizer cannot run: {msg} ({no})")
+        got = [json.loads(line) for line in r.stdout.splitlines()]
+        for probe, want, have in zip(probes, expected, got):
+            what = (
+                "prompt "
+                + repr(probe["prompt"][:60])
+                + (f" with answer {probe['answer']!r}" if "answer" in probe else "")
+            )
+            if "error" in have or (have["prompt_ids"], have["answer_ids"]) != (want[0], want[1]):
+                found = have.get("error") or f"ids {have['prompt_ids']} + {have['answer_ids']}"
+                raise MobizoError(
+                    f"the native tokenizer (pytorch-tokenizers {TOKENIZERS_VERSION}) reads {run.cfg.model}'s "
+                    f"tokenizer otherwise than the Python one: {what} gives {found}, not {want[0]} + {want[1]} ({no})"
+                )
+            if have["text"] != want[2]:
+                raise MobizoError(
+                    f"the native tokenizer (pytorch-tokenizers {TOKENIZERS_VERSION}) decodes {what} to "
+                    f"{have['text']!r}, the Python tokenizer to {want[2]!r} ({no})"
+                )
+        if len(got) != len(probes):
+            raise MobizoError(f"the native tokenizer answered {len(got)} of {len(probes)} texts ({no})")
+
+    return DeviceText(spec, tokenizer_json, check)
 
 
 # ---------------------------------------------------------------- reading a bundle (Python twin of the C++ side)
@@ -356,8 +550,8 @@ def read_bundle(bundle_dir: str | Path) -> Bundle:
         run = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MobizoError(f"{path}: malformed JSON ({e})") from e
-    if not isinstance(run, dict) or run.get("mobizo_bundle") != FORMAT:
-        raise MobizoError(f"{path} is not a mobizo bundle (format {FORMAT})")
+    if not isinstance(run, dict) or run.get("mobizo_bundle") not in FORMATS:
+        raise MobizoError(f"{path} is not a mobizo bundle (format {' or '.join(map(str, FORMATS))})")
     arrays = {}
     for name, spec in run["arrays"].items():
         f = d / spec["file"]

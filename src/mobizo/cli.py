@@ -100,18 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--program", help="reuse this 'mobizo export' directory instead of exporting (checked to fit)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace the bundle in --out")
+    p.add_argument(
+        "--no-tokenizer",
+        dest="tokenizer",
+        action="store_false",
+        help="do not carry the tokenizer (no generation or --data on the device; no native build needed to check it)",
+    )
 
     p = sub.add_parser("native", help="build or run the native trainer mobizo-train (C++, ExecuTorch runtime)")
     nsub = p.add_subparsers(dest="native_command", required=True)
     q = nsub.add_parser("build", help="compile mobizo-train against the installed executorch wheel; prints its path")
     q.add_argument("--out", help="build directory (default: a cache under ~/.cache/mobizo/native)")
     q.add_argument("--force", action="store_true", help="rebuild even if a build for these sources exists")
+    q.add_argument(
+        "--no-tokenizer",
+        dest="tokenizer",
+        action="store_false",
+        help="without the tokenizer library (pytorch-tokenizers, built once from its PyPI sdist): no text on the device",
+    )
     q = nsub.add_parser("train", help="train a bundle natively (builds mobizo-train first if needed)")
     q.add_argument("bundle", help="bundle directory from 'mobizo bundle'")
     q.add_argument("--out", required=True, help="run directory")
     q.add_argument("--resume", action="store_true", help="continue the run in --out")
     q.add_argument("--overwrite", action="store_true", help="replace the mobizo run in --out")
     q.add_argument("--steps", type=int, help="stop after this step (default: the bundle's)")
+    q.add_argument(
+        "--data", metavar="FILE", help="train on these records (.jsonl), tokenized natively, not the bundle's"
+    )
     q.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
 
     p = sub.add_parser("convert", help="write a local Hugging Face checkpoint from a GGUF file")
@@ -402,7 +417,7 @@ def cmd_bundle(args) -> int:
     from .bundle import make_bundle
 
     cfg, _ = config_from(args)
-    out = make_bundle(cfg, args.out, program=args.program, overwrite=args.overwrite)
+    out = make_bundle(cfg, args.out, program=args.program, overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote bundle {out} (mobizo native train {out} --out RUN)")
     return 0
 
@@ -411,12 +426,18 @@ def cmd_native(args) -> int:
     from . import native
 
     if args.native_command == "build":
-        print(native.build(args.out, force=args.force))
+        print(native.build(args.out, force=args.force, tokenizer=args.tokenizer))
         return 0
     if args.resume and args.overwrite:
         raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     s = native.train(
-        args.bundle, args.out, resume=args.resume, overwrite=args.overwrite, steps=args.steps, quiet=args.no_progress
+        args.bundle,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        steps=args.steps,
+        quiet=args.no_progress,
+        data=args.data,
     )
     print(f"step {s.get('final_step')}: loss {s.get('final_loss')}; run in {args.out}")
     return 0

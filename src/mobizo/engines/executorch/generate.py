@@ -10,7 +10,9 @@ RoPE and masking is the model's own code:
   of C prompt tokens at positions ``start .. start+C-1`` and returns the logits after the token at
   index ``last`` of the chunk. A prompt runs in chunks of C (``Manifest.prefill_chunk``), the last one
   right-padded: a padding token's cache entry lies after every real token, so causal attention never
-  reads it, and the decode step at that position overwrites it before any later position could.
+  reads it, and the decode step at that position overwrites it before any later position could. A chunk
+  that would run past the cache (a cache length that is not a multiple of C) starts earlier instead, at
+  ``cache_length - C``, and writes the entries of the tokens before it again.
   Static shapes, so the export needs no symbolic length and XNNPACK gets C-row GEMMs.
 * ``decode(token (1, 1) i64, position () i64, last () i64) -> logits (vocab,)``: one token at ``position``
   (``last`` is 0: both methods are the same module traced for C and for 1 token).

@@ -275,6 +275,9 @@ class ProgramDecoder:
         self.engine, self.position = engine, len(ids)
         chunk = m.prefill_chunk
         for start in range(0, len(ids), chunk):
+            # a chunk (its right padding included) must stay inside the cache: near its end, the last chunk
+            # starts earlier and writes again the keys and values of tokens already there
+            start = min(start, m.max_length - chunk)
             part = ids[start : start + chunk]
             tokens = torch.tensor([part + [0] * (chunk - len(part))], dtype=torch.long)
             logits = engine._run("prefill", [tokens, torch.tensor(start), torch.tensor(len(part) - 1)])[0]
