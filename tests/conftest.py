@@ -72,6 +72,35 @@ def tiny_dir(tmp_path_factory, tiny_pair):
     return d
 
 
+# The tiny training run the engine tests export and train (test_executorch, test_native, test_quantize, ...): two
+# query directions over batches of four at 32 tokens keep an export to seconds. A module states only how its run
+# differs. A changed field changes the exported program, whose shapes the tests compare against.
+TINY_RUN = dict(
+    model="tiny",
+    task="synthetic",
+    queries=2,
+    batch_size=4,
+    max_length=32,
+    eval_examples=24,
+    eval_batch_size=8,
+    lr=1.0,
+    eps=0.05,
+    seed=3,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_flags():
+    """``tiny_flags(**differences)``: a fresh dict of the tiny run's ``TrainConfig.from_flat`` fields. A difference
+    of None leaves that field out: TrainConfig's default, or a value the caller passes itself."""
+
+    def make(**differences):
+        return {k: v for k, v in {**TINY_RUN, **differences}.items() if v is not None}
+
+    return make
+
+
 @pytest.fixture
 def synthetic_batch(tiny_pair):
     from mobizo.data import Encoder, collate
@@ -83,8 +112,7 @@ def synthetic_batch(tiny_pair):
     return collate([enc.example(e) for e in exs], tok.pad_token_id, 64)
 
 
-def run_cli(argv):
-    """Run the CLI in-process; returns (exit code, stderr text)."""
+def _run_cli(argv):
     import contextlib
     import io
 
@@ -97,6 +125,13 @@ def run_cli(argv):
         except SystemExit as e:  # argparse
             code = e.code
     return code, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(argv)`` runs the CLI in-process and returns (exit code, stderr text). Session-scoped so that
+    module and session fixtures (an export, a bench run) can use it too."""
+    return _run_cli
 
 
 torch.set_num_threads(1)

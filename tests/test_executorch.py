@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
 
 from mobizo.build import export
@@ -13,25 +12,11 @@ from mobizo.config import TrainConfig
 from mobizo.errors import MobizoError
 from mobizo.trainer import train
 
-COMMON = dict(
-    model="tiny",
-    task="synthetic",
-    queries=2,
-    batch_size=4,
-    max_length=32,
-    eval_examples=24,
-    eval_batch_size=8,
-    lr=1.0,
-    eps=0.05,
-    seed=3,
-    progress=False,
-)
-
 
 @pytest.fixture(scope="module")
-def program(tmp_path_factory):
+def program(tmp_path_factory, tiny_flags):
     d = tmp_path_factory.mktemp("program")
-    export(TrainConfig.from_flat(**COMMON), str(d / "p"))
+    export(TrainConfig.from_flat(**tiny_flags()), str(d / "p"))
     return d / "p"
 
 
@@ -57,11 +42,13 @@ def test_manifest_describes_the_program(program):
     assert all(s >= 0 for s in stages.values()) and stages["lowering to XNNPACK"] > 1
 
 
-def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
+def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path, tiny_flags, run_cli):
     steps = dict(steps=50, eval_every=25, save_every=10)
-    s_eager = train(TrainConfig.from_flat(**COMMON, **steps, out=str(tmp_path / "eager")))
+    s_eager = train(TrainConfig.from_flat(**tiny_flags(), **steps, out=str(tmp_path / "eager")))
     s_et = train(
-        TrainConfig.from_flat(**COMMON, **steps, engine="executorch", program=str(program), out=str(tmp_path / "et"))
+        TrainConfig.from_flat(
+            **tiny_flags(), **steps, engine="executorch", program=str(program), out=str(tmp_path / "et")
+        )
     )
     le, lx = _losses(tmp_path / "eager"), _losses(tmp_path / "et")
     assert len(le) == len(lx) == 50
@@ -77,7 +64,9 @@ def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     part = tmp_path / "et-part"
     train(
         TrainConfig.from_flat(
-            **COMMON, steps=20, eval_every=0, save_every=10, engine="executorch", program=str(program), out=str(part)
+            **tiny_flags(steps=20, eval_every=0, save_every=10, engine="executorch"),
+            program=str(program),
+            out=str(part),
         )
     )
     code, err = run_cli(["train", "--out", part, "--resume", "--steps", 50, "--no-progress"])
@@ -86,11 +75,11 @@ def test_parity_with_eager_over_50_steps_and_resume(program, tmp_path):
     assert max((ar[k] - ax[k]).abs().max().item() for k in ar) <= 1e-6
 
 
-def test_mismatched_and_corrupted_programs_are_refused(program, tmp_path):
+def test_mismatched_and_corrupted_programs_are_refused(program, tmp_path, tiny_flags, run_cli):
     with pytest.raises(MobizoError, match="queries=2, this run needs 4"):
-        train(TrainConfig.from_flat(**{**COMMON, "queries": 4}, steps=1, engine="executorch", program=str(program)))
+        train(TrainConfig.from_flat(**tiny_flags(queries=4), steps=1, engine="executorch", program=str(program)))
     with pytest.raises(MobizoError, match="max_length"):
-        train(TrainConfig.from_flat(**{**COMMON, "max_length": 48}, steps=1, engine="executorch", program=str(program)))
+        train(TrainConfig.from_flat(**tiny_flags(max_length=48), steps=1, engine="executorch", program=str(program)))
     bad = tmp_path / "bad"
     shutil.copytree(program, bad)
     data = (bad / "train.pte").read_bytes()
@@ -199,7 +188,7 @@ def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(progra
         eng.train_step(collate_choices(g[:4], gold[:4], 2, tok.pad_token_id, 32, shared=False), 11, 1.0, 0.05)
 
 
-def test_the_program_generates_like_eager_with_the_adapter_as_it_is_now(program):
+def test_the_program_generates_like_eager_with_the_adapter_as_it_is_now(program, tiny_flags):
     """prefill/decode read the same lora_B buffers as train_step: generate, train, generate again, and every
     greedy continuation equals the eager model's with the same adapter; training between generations
     follows the eager trajectory (the KV cache does not disturb it)."""
@@ -210,7 +199,7 @@ def test_the_program_generates_like_eager_with_the_adapter_as_it_is_now(program)
     from mobizo.mplora import adapter_state, load_adapter_state
     from mobizo.trainer import make_batch
 
-    run = assemble(TrainConfig.from_flat(**COMMON))
+    run = assemble(TrainConfig.from_flat(**tiny_flags()))
     et = ExecuTorchEngine(program)
     run.engine = et
     eager_zo = EagerEngine(run.model, "prge", run.zo_config())

@@ -19,25 +19,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
 
 from mobizo.config import TrainConfig
 from mobizo.errors import MobizoError
 
-COMMON = dict(
-    model="tiny",
-    task="synthetic",
-    queries=2,
-    batch_size=4,
-    max_length=32,
-    eval_examples=24,
-    eval_batch_size=8,
-    lr=1.0,
-    eps=0.05,
-    seed=3,
-    progress=False,
-)
 STEPS = 40
 
 
@@ -49,11 +35,11 @@ def binary():
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(tmp_path_factory, tiny_flags):
     from mobizo.bundle import make_bundle
 
     d = tmp_path_factory.mktemp("native") / "bundle"
-    make_bundle(TrainConfig.from_flat(**COMMON, steps=STEPS, save_every=10), d)
+    make_bundle(TrainConfig.from_flat(**tiny_flags(), steps=STEPS, save_every=10), d)
     return d
 
 
@@ -128,12 +114,12 @@ def _make_batch_equals_gather(run, data, steps):
         assert (want.gold is None) == (got.gold is None) and (want.gold is None or torch.equal(want.gold, got.gold))
 
 
-def test_gathered_rows_equal_make_batch(bundle):
+def test_gathered_rows_equal_make_batch(bundle, tiny_flags):
     """The bundle's pre-collated rows, gathered per step, are the trainer's batches (and the bundle is a --program)."""
     from mobizo.build import build_run as prepare
     from mobizo.bundle import BundleData, read_bundle
 
-    run = prepare(TrainConfig.from_flat(**COMMON, steps=STEPS, engine="executorch", program=str(bundle)))
+    run = prepare(TrainConfig.from_flat(**tiny_flags(), steps=STEPS, engine="executorch", program=str(bundle)))
     b = read_bundle(bundle)
 
     data = BundleData(*(b.arrays[k] for k in ("input_ids", "attention_mask", "labels", "real_rows", "gold")))
@@ -141,12 +127,12 @@ def test_gathered_rows_equal_make_batch(bundle):
 
 
 @pytest.mark.parametrize("case", ["answer", "filler"])
-def test_gather_equals_make_batch_answer_objective_and_filler_rows(case, tmp_path):
+def test_gather_equals_make_batch_answer_objective_and_filler_rows(case, tmp_path, tiny_flags):
     from mobizo.build import build_run as prepare
     from mobizo.bundle import collate_examples
 
     if case == "answer":
-        cfg = TrainConfig.from_flat(**{**COMMON, "objective": "answer"}, train_examples=64)
+        cfg = TrainConfig.from_flat(**tiny_flags(objective="answer"), train_examples=64)
     else:  # multiple choice with 2-4 candidates: examples with fewer than 4 get filler rows
         rng = random.Random(0)
         rows = []
@@ -157,7 +143,7 @@ def test_gather_equals_make_batch_answer_objective_and_filler_rows(case, tmp_pat
             rows.append({"question": f"what is {i} plus {i % 5}?", "answerKey": rng.choice(labels), "choices": choices})
         for split in ("train", "validation"):
             (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cfg = TrainConfig.from_flat(**{**COMMON, "task": "arc-easy", "batch_size": 3}, data=str(tmp_path))
+        cfg = TrainConfig.from_flat(**tiny_flags(task="arc-easy", batch_size=3), data=str(tmp_path))
     run = prepare(cfg)
     assert (run.objective, run.choices) == (("answer", 0) if case == "answer" else ("choice-mean", 4))
     data = collate_examples(run, cfg.data.max_length, run.answer_len)
@@ -197,7 +183,7 @@ def test_native_equals_python_executorch_engine_bitwise(bundle, ref_run):
     assert summary["status"] == "completed" and summary["final_step"] == STEPS and summary["engine"] == "native"
 
 
-def test_bundle_program_has_the_fixed_length_and_steps_as_eager_does(bundle, tmp_path):
+def test_bundle_program_has_the_fixed_length_and_steps_as_eager_does(bundle, tmp_path, tiny_flags):
     """A bundle exports its program for exactly --max-length (the native trainer pads every batch to it:
     a quicker export, no symbolic length); its steps on batches padded to 32 tokens equal the eager
     engine's on batches padded to their own longest row."""
@@ -207,7 +193,7 @@ def test_bundle_program_has_the_fixed_length_and_steps_as_eager_does(bundle, tmp
 
     assert read_manifest(bundle).dynamic_length is False
     records, _, _ = train_python(bundle, 6)
-    train(TrainConfig.from_flat(**COMMON, steps=6, eval_every=0, save_every=0, out=str(tmp_path / "eager")))
+    train(TrainConfig.from_flat(**tiny_flags(), steps=6, eval_every=0, save_every=0, out=str(tmp_path / "eager")))
     eager = strict_lines(tmp_path / "eager" / "metrics.jsonl")[1:]
     eager = [r for r in eager if "projected_grads" in r]
     assert len(eager) == 6
@@ -216,7 +202,7 @@ def test_bundle_program_has_the_fixed_length_and_steps_as_eager_does(bundle, tmp
         assert got["projected_grads"] == pytest.approx(want["projected_grads"], rel=1e-3, abs=1e-4), got["step"]
 
 
-def test_adapter_and_checkpoint_load_in_python_and_peft(ref_run, tiny_dir, tmp_path):
+def test_adapter_and_checkpoint_load_in_python_and_peft(ref_run, tiny_dir, tmp_path, run_cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -481,13 +467,13 @@ def test_write_errors_are_one_line(binary, bundle, tmp_path):
     assert not [e.name for e in out.iterdir() if ".tmp-" in e.name]
 
 
-def test_a_full_log_is_cut_back_to_its_last_whole_line(binary, bundle, tmp_path):
+def test_a_full_log_is_cut_back_to_its_last_whole_line(binary, bundle, tmp_path, tiny_flags):
     """A write of metrics.jsonl that fails midway (a full disk; here a 16 KB file-size limit, above the
     adapter's 14 KB) names the file and leaves only whole lines (it used to leave the line cut)."""
     from mobizo.bundle import make_bundle
 
     long = tmp_path / "long"
-    make_bundle(TrainConfig.from_flat(**COMMON, steps=300, save_every=0), long, program=bundle)  # the same program
+    make_bundle(TrainConfig.from_flat(**tiny_flags(steps=300, save_every=0)), long, program=bundle)  # the same program
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
     out = tmp_path / "out"
     line = one_line_error(native(binary, long, out, preexec_fn=limit))
@@ -501,7 +487,7 @@ def test_a_full_log_is_cut_back_to_its_last_whole_line(binary, bundle, tmp_path)
     assert [r["step"] for r in strict_lines(out / "metrics.jsonl")[1:]] == list(range(1, 301))
 
 
-def test_steps_must_be_at_least_one_for_both_trainers(binary, bundle, tmp_path):
+def test_steps_must_be_at_least_one_for_both_trainers(binary, bundle, tmp_path, run_cli):
     """`mobizo native train BUNDLE --steps 0` used to exit 0 with a "completed" run of loss null, while
     `mobizo train --steps 0` is an error: both refuse it, with the same line, and write nothing."""
     out = tmp_path / "out"
@@ -542,7 +528,7 @@ def test_python_wrapper_raises_the_binary_error(binary, bundle, tmp_path):
         train(bundle, tmp_path / "run", binary=binary)
 
 
-def test_cli_native_train_then_eval_equals_the_python_executorch_run(binary, bundle, tmp_path):
+def test_cli_native_train_then_eval_equals_the_python_executorch_run(binary, bundle, tmp_path, run_cli):
     """`mobizo native train BUNDLE` and `mobizo train --engine executorch --program BUNDLE` (the same program
     driven from Python) end with the same adapter, and `mobizo eval --adapter` scores them identically."""
     flags = [

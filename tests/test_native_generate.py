@@ -21,20 +21,15 @@ from mobizo.tasks.synthetic import _review, make_split
 
 pytestmark = pytest.mark.slow
 
-COMMON = dict(
-    model="tiny",
-    task="custom",
-    queries=2,
-    batch_size=4,
-    lr=1.0,
-    eps=0.05,
-    seed=3,
-    eval_examples=8,
-    save_every=5,
-    progress=False,
-)
 STEPS = 12
 TEMPLATE = "Review: {text} Sentiment:"
+
+
+@pytest.fixture(scope="module")
+def common(tiny_flags):
+    """The tiny run on custom records: each bundle sets its own length, eval batches keep TrainConfig's
+    default size, and a checkpoint every 5 steps."""
+    return tiny_flags(task="custom", max_length=None, eval_batch_size=None, eval_examples=8, save_every=5)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +60,7 @@ def cls_rows(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cls_bundle(tmp_path_factory, binary):
+def cls_bundle(tmp_path_factory, binary, common):
     """custom-cls with one-token label words (the shared-prompt layout), T = 48 (two prefill chunks of 32)."""
     from mobizo.bundle import make_bundle
 
@@ -73,7 +68,7 @@ def cls_bundle(tmp_path_factory, binary):
     write_split(d / "data", "train", cls_rows(10, 0))
     write_split(d / "data", "validation", cls_rows(8, 1))
     cfg = TrainConfig.from_flat(
-        **COMMON,
+        **common,
         data=str(d / "data"),
         template=TEMPLATE,
         label_words="bad,good",
@@ -149,7 +144,7 @@ def test_tokenizer_ids_equal_python_on_the_synthetic_task(binary, cls_bundle):
     assert spec["checked"]["texts"] == 18 * 2  # every train + validation (prompt, candidate), checked at bundle time
 
 
-def test_a_tokenizer_the_library_reads_otherwise_refuses_the_bundle(binary, cls_bundle, tmp_path, monkeypatch):
+def test_a_tokenizer_the_library_reads_otherwise_refuses_the_bundle(binary, cls_bundle, tmp_path, monkeypatch, common):
     """A tokenizer feature the C++ library does not have (here a Lowercase normalizer, which it skips) makes
     its ids differ on the bundle's own texts: `mobizo bundle` refuses with one line, and writes nothing."""
     from tokenizers import normalizers
@@ -167,7 +162,7 @@ def test_a_tokenizer_the_library_reads_otherwise_refuses_the_bundle(binary, cls_
 
     monkeypatch.setattr(mobizo.models, "tiny_tokenizer", lowercasing)
     cfg = TrainConfig.from_flat(
-        **COMMON,
+        **common,
         data=str(cls_bundle.parent / "data"),
         template=TEMPLATE,
         label_words="bad,good",
@@ -247,13 +242,11 @@ def test_greedy_generation_equals_python_eager_and_executorch(binary, cls_bundle
     assert json.loads(base.stdout)["ids"] != got[0]["ids"]
 
 
-def test_streamed_output_equals_mobizo_generate(binary, cls_bundle, cls_run):
+def test_streamed_output_equals_mobizo_generate(binary, cls_bundle, cls_run, run_cli):
     """stdout of `mobizo-train generate` with several prompts and a stop string is byte for byte what
     `mobizo generate --engine executorch` writes (headers, held-back stop text, newlines)."""
     import contextlib
     import io
-
-    from conftest import run_cli
 
     args = ["--prompt", PROMPTS[0], "--prompt", "Review: the film was", "--max-new-tokens", 12, "--stop", "the"]
     p = native(binary, "generate", cls_run, *args)
@@ -310,7 +303,7 @@ def pc_rows(n: int, seed: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", ["classification", "multiple_choice", "prompt_completion"])
-def test_training_on_a_jsonl_equals_the_same_data_bundled_in_python(kind, binary, cls_bundle, tmp_path):
+def test_training_on_a_jsonl_equals_the_same_data_bundled_in_python(kind, binary, cls_bundle, tmp_path, common):
     """`mobizo-train BUNDLE --data train.jsonl` (records tokenized and collated on the device, batches in
     mobizo.data.step_indices' order for their number, over several epochs) trains bit for bit as the bundle
     that `mobizo bundle` wrote from the same file: the same losses, projected gradients and adapter."""
@@ -327,7 +320,7 @@ def test_training_on_a_jsonl_equals_the_same_data_bundled_in_python(kind, binary
         )
         data = write_split(tmp_path / "data", "train", rows(11, 5))
         write_split(tmp_path / "data", "validation", rows(6, 6))
-        cfg = TrainConfig.from_flat(**{**COMMON, **flat}, data=str(tmp_path / "data"), steps=STEPS)
+        cfg = TrainConfig.from_flat(**{**common, **flat}, data=str(tmp_path / "data"), steps=STEPS)
         bundle = make_bundle(cfg, tmp_path / "bundle")
     spec = json.loads((bundle / "run.json").read_text())["text"]["data"]
     assert spec["records"] == kind

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
 
 from mobizo.build import assemble, export
@@ -16,29 +15,22 @@ from mobizo.config import TrainConfig
 from mobizo.errors import MobizoError
 from mobizo.trainer import train
 
-COMMON = dict(
-    model="tiny",
-    task="synthetic",
-    queries=2,
-    batch_size=4,
-    max_length=32,
-    eval_examples=16,
-    eval_batch_size=8,
-    lr=1.0,
-    eps=0.05,
-    seed=3,
-    progress=False,
-)
 # The two programs: 8-bit per-channel linears; 4-bit grouped linears plus the embedding table and LM head.
 PROGRAMS = {"8da8w": dict(quantize="8da8w"), "8da4w-emb": dict(quantize="8da4w", quantize_embeddings=True)}
 
 
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory):
+def common(tiny_flags):
+    """The tiny run, evaluated on 16 examples."""
+    return tiny_flags(eval_examples=16)
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory, common):
     out = {}
     for name, q in PROGRAMS.items():
         d = tmp_path_factory.mktemp("qprogram") / name
-        export(TrainConfig.from_flat(**COMMON, **q), str(d))
+        export(TrainConfig.from_flat(**common, **q), str(d))
         out[name] = d
     return out
 
@@ -66,8 +58,8 @@ def _operators(pte_path):
     ],
     ids=lambda q: "-".join(str(v) for v in q.values()),
 )
-def test_every_scheme_trains_eagerly(q, tmp_path):
-    s = train(TrainConfig.from_flat(**COMMON, **q, steps=4, eval_every=0, save_every=0, out=str(tmp_path / "r")))
+def test_every_scheme_trains_eagerly(q, tmp_path, common):
+    s = train(TrainConfig.from_flat(**common, **q, steps=4, eval_every=0, save_every=0, out=str(tmp_path / "r")))
     assert math.isfinite(s["final_loss"])
     b = [
         v for k, v in load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k
@@ -77,15 +69,15 @@ def test_every_scheme_trains_eagerly(q, tmp_path):
     assert header["config"]["quantize"] == q["quantize"]
 
 
-def test_base_is_quantized_and_the_adapter_path_stays_float():
+def test_base_is_quantized_and_the_adapter_path_stays_float(common):
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     from mobizo.models import build_tiny, weights_hash
     from mobizo.mplora import lora_layers
     from mobizo.quantize import QuantEmbedding, quantization_of
 
-    fp32 = assemble(TrainConfig.from_flat(**COMMON))
-    run = assemble(TrainConfig.from_flat(**COMMON, quantize="8da4w", quantize_embeddings=True))
+    fp32 = assemble(TrainConfig.from_flat(**common))
+    run = assemble(TrainConfig.from_flat(**common, quantize="8da4w", quantize_embeddings=True))
     m = run.model
     for _, layer in lora_layers(m):
         w = layer.base.weight
@@ -98,7 +90,7 @@ def test_base_is_quantized_and_the_adapter_path_stays_float():
     assert run.base_hash() == fp32.base_hash() == weights_hash(build_tiny()[0])
     assert quantization_of(m) == {"quantize": "8da4w", "group_size": 32, "quantize_embeddings": True}
     # without --quantize-embeddings the head and the table stay float
-    plain = assemble(TrainConfig.from_flat(**COMMON, quantize="8da8w")).model
+    plain = assemble(TrainConfig.from_flat(**common, quantize="8da8w")).model
     assert type(plain.lm_head.weight) is torch.nn.Parameter and isinstance(
         plain.get_input_embeddings(), torch.nn.Embedding
     )
@@ -127,7 +119,7 @@ def test_quant_embedding_round_trips_and_exports_exactly(bits, group):
     assert torch.equal(method.execute([ids])[0].clone(), q(ids))
 
 
-def test_gguf_q8_0_trains_quantized_without_a_float_copy_on_disk(tiny_pair, tmp_path):
+def test_gguf_q8_0_trains_quantized_without_a_float_copy_on_disk(tiny_pair, tmp_path, common):
     """GGUF passthrough: the Q8_0 file is dequantized in memory at load and requantized with the scheme."""
     from test_gguf import write_gguf
 
@@ -136,7 +128,7 @@ def test_gguf_q8_0_trains_quantized_without_a_float_copy_on_disk(tiny_pair, tmp_
     before = set(tmp_path.iterdir())
     s = train(
         TrainConfig.from_flat(
-            **{**COMMON, "model": str(path)},
+            **{**common, "model": str(path)},
             quantize="8da4w",
             steps=3,
             eval_every=0,
@@ -172,7 +164,7 @@ def test_programs_lower_the_quantized_linears_to_xnnpack(programs):
     assert size["8da4w-emb"] < size["8da8w"] - 0.4 * table_and_head, (size, table_and_head)
 
 
-def _synced_steps(program, q, steps=8):
+def _synced_steps(common, program, q, steps=8):
     """Per step from the same B: the program's and eager ZOStep's losses and projected gradients."""
     from mobizo.data import Encoder, collate_choices, step_indices
     from mobizo.engines.executorch import ExecuTorchEngine
@@ -180,7 +172,7 @@ def _synced_steps(program, q, steps=8):
     from mobizo.step import ZOStep
 
     eng = ExecuTorchEngine(program)
-    run = assemble(TrainConfig.from_flat(**COMMON, **q))
+    run = assemble(TrainConfig.from_flat(**common, **q))
     model, tok, exs, enc = run.model, run.tokenizer, run.train, Encoder(run.tokenizer)
     step = ZOStep(model, run.zo_config(), shared_prompt=True)
     dl = dg = 0.0
@@ -204,7 +196,7 @@ def _synced_steps(program, q, steps=8):
     return dl, dg
 
 
-def test_program_step_equals_the_eager_quantized_step(programs):
+def test_program_step_equals_the_eager_quantized_step(programs, common):
     """Same B, same batch: ExecuTorch's quantized step vs eager torchao's.
 
     Measured on tiny (8 steps): 8da8w |dL| <= 4e-5, 8da4w <= 5e-7 -- eager rounds a grouped int4
@@ -214,13 +206,13 @@ def test_program_step_equals_the_eager_quantized_step(programs):
     integer multiples of a scale): 8da4w + embeddings |dL| <= 1.2e-3 (loss ~0.7), |dg| <= 0.02.
     Bounds: |dL| 1e-4 / 5e-3 (loss-relative 1.5e-4 / 7e-3), |dg| <= 2 |dL| / (2 eps) = 20 |dL|.
     """
-    dl, dg = _synced_steps(programs["8da8w"], PROGRAMS["8da8w"])
+    dl, dg = _synced_steps(common, programs["8da8w"], PROGRAMS["8da8w"])
     assert dl <= 1e-4 and dg <= 2e-3, (dl, dg)
-    dl, dg = _synced_steps(programs["8da4w-emb"], PROGRAMS["8da4w-emb"])
+    dl, dg = _synced_steps(common, programs["8da4w-emb"], PROGRAMS["8da4w-emb"])
     assert dl <= 5e-3 and dg <= 0.1, (dl, dg)
 
 
-def test_program_follows_the_eager_quantized_trajectory(programs, tmp_path):
+def test_program_follows_the_eager_quantized_trajectory(programs, tmp_path, common):
     """Free-running 12 steps (lr 0.1) through the trainer, eager vs ExecuTorch, each against the float32 run.
 
     The step itself agrees (above); free-running, dynamic activation quantization makes the loss a
@@ -232,10 +224,9 @@ def test_program_follows_the_eager_quantized_trajectory(programs, tmp_path):
     ExecuTorch gap under 0.35x the gap quantization makes (8 bits barely changes the trajectory).
     """
     steps = dict(steps=12, eval_every=0, save_every=0, lr=0.1)
-    common = {k: v for k, v in COMMON.items() if k != "lr"}
 
     def run(name, **kw):
-        train(TrainConfig.from_flat(**common, **steps, **kw, out=str(tmp_path / name)))
+        train(TrainConfig.from_flat(**{**common, **steps}, **kw, out=str(tmp_path / name)))
         recs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()[1:]]
         b = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
         return {k: v for k, v in b.items() if "lora_B" in k}, [r["loss"] for r in recs if "loss" in r]
@@ -255,7 +246,7 @@ def test_program_follows_the_eager_quantized_trajectory(programs, tmp_path):
             assert et_gap <= 0.35 * quant_gap, (et_gap, quant_gap)
 
 
-def test_a_program_of_another_scheme_is_refused(programs, tmp_path):
+def test_a_program_of_another_scheme_is_refused(programs, tmp_path, run_cli):
     code, err = run_cli(
         [
             "train",
@@ -321,7 +312,7 @@ def test_a_program_of_another_scheme_is_refused(programs, tmp_path):
         (["train", "--quantize", "2w"], "invalid choice"),
     ],
 )
-def test_bad_quantization_is_one_line_before_any_export(argv, message):
+def test_bad_quantization_is_one_line_before_any_export(argv, message, run_cli):
     t = time.perf_counter()
     code, err = run_cli(argv + ["--model", "tiny", "--no-progress"] + (["--steps", "1"] if argv[0] == "train" else []))
     assert code == 2 and message in err, err
@@ -345,7 +336,7 @@ def test_quantizing_twice_or_after_injection_is_refused(tiny_pair):
         quantize_base(other, "8da8w")
 
 
-def test_eval_with_a_quantized_base(tmp_path):
+def test_eval_with_a_quantized_base(tmp_path, run_cli):
     code, err = run_cli(
         [
             "eval",
@@ -364,7 +355,7 @@ def test_eval_with_a_quantized_base(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 16
 
 
-def test_resume_keeps_the_scheme(tmp_path):
+def test_resume_keeps_the_scheme(tmp_path, run_cli):
     out = tmp_path / "r"
     base = ["train", "--model", "tiny", "--eval-every", 0, "--eval-examples", 8, "--out", out, "--no-progress"]
     assert run_cli(base + ["--quantize", "8da4w", "--steps", 2])[0] == 0

@@ -23,22 +23,16 @@ WIDE = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
-COMMON = dict(
-    task="synthetic",
-    queries=2,
-    batch_size=4,
-    max_length=24,
-    eval_examples=8,
-    eval_batch_size=8,
-    lr=0.5,
-    eps=0.05,
-    seed=1,
-    progress=False,
-)
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory, tiny_pair):
+def common(tiny_flags):
+    """The tiny run's flags without the model (each test names its own), at 24 tokens, lr 0.5 and seed 1."""
+    return tiny_flags(model=None, max_length=24, eval_examples=8, lr=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_pair, common):
     """(model dir, program dir): a one-layer 512-wide Llama saved as a checkpoint, and its program."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,11 +43,11 @@ def wide(tmp_path_factory, tiny_pair):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **WIDE)).save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
-    export(TrainConfig.from_flat(model=str(d / "model"), **COMMON), str(d / "program"))
+    export(TrainConfig.from_flat(model=str(d / "model"), **common), str(d / "program"))
     return d / "model", d / "program"
 
 
-def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
+def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch, common):
     # Modules that bind these loaders by name at import (``from safetensors import safe_open``) are
     # imported first: one imported while they are patched would keep the refusing stand-in for good
     # and fail later tests (peft's adapter loading did, when this test ran before test_native).
@@ -74,7 +68,7 @@ def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors, "safe_open", refuse)
-    cfg = TrainConfig.from_flat(model=str(model_dir), **COMMON, engine="executorch", program=str(program))
+    cfg = TrainConfig.from_flat(model=str(model_dir), **common, engine="executorch", program=str(program))
     from mobizo.build import needs_weights
 
     assert not needs_weights(cfg)
@@ -95,7 +89,7 @@ def test_a_run_on_a_program_loads_no_base_weights(wide, tmp_path, monkeypatch):
     assert summary["eval"]["loss"] > 0 and (tmp_path / "run" / "adapter").is_dir()
 
 
-def test_changed_weight_files_are_refused_without_loading_them(wide, tmp_path):
+def test_changed_weight_files_are_refused_without_loading_them(wide, tmp_path, common):
     import shutil
 
     from mobizo.errors import MobizoError
@@ -110,7 +104,7 @@ def test_changed_weight_files_are_refused_without_loading_them(wide, tmp_path):
     k = next(iter(state))
     state[k] = state[k] + 1
     save_file(state, str(f), metadata={"format": "pt"})
-    cfg = TrainConfig.from_flat(model=str(other), **COMMON, engine="executorch", program=str(program))
+    cfg = TrainConfig.from_flat(model=str(other), **common, engine="executorch", program=str(program))
     with pytest.raises(MobizoError, match="base_weights_sha256"):
         build_engine(assemble(cfg, weights=False))
 
@@ -187,7 +181,7 @@ LOCK_PROBE = textwrap.dedent("""
 """)
 
 
-def test_the_program_is_not_kept_locked_in_memory(wide):
+def test_the_program_is_not_kept_locked_in_memory(wide, common):
     """The Python runtime locks every segment of the .pte it loads (the embedding table the portable
     gather reads, all of it); the engine unlocks and drops those clean file pages after each load, so
     only the rows the steps touch come back. Same numbers as with the pages kept."""
@@ -195,7 +189,7 @@ def test_the_program_is_not_kept_locked_in_memory(wide):
 
     def probe(mode):
         r = subprocess.run(
-            [sys.executable, "-c", LOCK_PROBE, json.dumps({**COMMON, "model": str(model_dir)}), str(program), mode],
+            [sys.executable, "-c", LOCK_PROBE, json.dumps({**common, "model": str(model_dir)}), str(program), mode],
             capture_output=True,
             text=True,
             timeout=300,
@@ -212,7 +206,7 @@ def test_the_program_is_not_kept_locked_in_memory(wide):
 
 
 @pytest.mark.slow  # exports
-def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path, monkeypatch):
+def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path, monkeypatch, common):
     """lr, eps, steps and --out are inputs of the program, not part of it: the second run gets the
     program the first exported from the cache (hard links), without exporting."""
     import os
@@ -220,7 +214,7 @@ def test_a_run_that_changes_only_program_inputs_reuses_the_kept_export(tmp_path,
     from mobizo import build
     from mobizo.trainer import train
 
-    cfg = TrainConfig.from_flat(model="tiny", **{**COMMON, "max_length": 20}, engine="executorch", steps=2)
+    cfg = TrainConfig.from_flat(model="tiny", **{**common, "max_length": 20}, engine="executorch", steps=2)
     train(cfg.replace(out=str(tmp_path / "a")))
 
     def refuse(*a, **k):
@@ -264,14 +258,14 @@ LIGHT_PROBE = textwrap.dedent("""
 """)
 
 
-def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_path):
+def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_path, common):
     model_dir, program = wide
     # the run reads the tokenizer the program carries, not the model's (identical on the run's texts)
     assert (program / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((program / "manifest.json").read_text())["tokenizer"] == "tokenizer"
 
     def probe(mode):
-        flat = dict(model=str(model_dir), **COMMON, steps=3, eval_every=0, save_every=0, out=str(tmp_path / mode))
+        flat = dict(model=str(model_dir), **common, steps=3, eval_every=0, save_every=0, out=str(tmp_path / mode))
         r = subprocess.run(
             [sys.executable, "-c", LIGHT_PROBE, json.dumps(flat), str(program), mode],
             capture_output=True,
@@ -294,12 +288,12 @@ def test_a_run_on_a_program_imports_no_model_code_and_trains_the_same(wide, tmp_
     assert light["config"] == skeleton["config"]
 
 
-def test_a_program_is_checked_against_the_adapter_the_run_asks_for(wide):
+def test_a_program_is_checked_against_the_adapter_the_run_asks_for(wide, common):
     from mobizo.errors import MobizoError
 
     model_dir, program = wide
     cfg = TrainConfig.from_flat(
-        model=str(model_dir), **COMMON, engine="executorch", program=str(program), target_modules="q_proj"
+        model=str(model_dir), **common, engine="executorch", program=str(program), target_modules="q_proj"
     )
     with pytest.raises(MobizoError, match="target_spec"):
         build_engine(assemble(cfg, weights=False))
@@ -335,10 +329,10 @@ PAGES_PROBE = textwrap.dedent("""
 """)
 
 
-def test_the_pages_an_eval_reads_are_released_when_training_resumes(wide):
+def test_the_pages_an_eval_reads_are_released_when_training_resumes(wide, common):
     model_dir, program = wide
     r = subprocess.run(
-        [sys.executable, "-c", PAGES_PROBE, json.dumps(dict(model=str(model_dir), **COMMON)), str(program)],
+        [sys.executable, "-c", PAGES_PROBE, json.dumps(dict(model=str(model_dir), **common)), str(program)],
         capture_output=True,
         text=True,
         timeout=300,
