@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
 
 import mobizo
@@ -53,7 +52,7 @@ def test_readme_python_api_example_runs(tmp_path):
     assert config["r"] == 8 and any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in state.items())
 
 
-def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path):
+def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path, run_cli):
     cfg = TrainConfig.from_flat(
         queries=2,
         batch_size=4,
@@ -133,7 +132,7 @@ def test_engines_satisfy_the_engine_protocol(tiny):
 # ---------------------------------------------------------------- the run directory owns its files
 
 
-def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_path):
+def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_path, run_cli):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
@@ -153,7 +152,7 @@ def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_
 
 
 @pytest.mark.slow  # two exports
-def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path):
+def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path, run_cli):
     prog = tmp_path / "prog"
     lengths = []
     for extra in ([], ["--overwrite", "--fixed-length"]):  # the second export replaces the first, tokenizer included
@@ -164,7 +163,7 @@ def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path):
     assert lengths == [True, False]  # --fixed-length: a program for exactly --max-length tokens
 
 
-def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp_path):
+def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp_path, run_cli):
     code, err = run_cli(["train", *FAST, "--steps", 1, "--out", tmp_path / "x", "--resume", "--overwrite"])
     assert code == 2 and "exclude each other" in err
     code, err = run_cli(["train", *FAST, "--steps", 1])  # no --out: a fresh directory under ./runs
@@ -193,13 +192,13 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
-def test_bad_flags_are_one_line_errors(tmp_path, argv, message):
+def test_bad_flags_are_one_line_errors(tmp_path, argv, message, run_cli):
     code, err = run_cli([*argv, "--no-progress"])
     assert code == 2 and err.startswith("mobizo: error:") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "runs").exists()
 
 
-def test_deeply_nested_json_is_a_clear_error(tmp_path):
+def test_deeply_nested_json_is_a_clear_error(tmp_path, run_cli):
     line = '{"text": "a", "label": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
     (tmp_path / "d").mkdir()
     for split in ("train", "validation"):
@@ -225,7 +224,7 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path):
     assert code == 2 and "nested too deeply" in err and "train.jsonl:1" in err and not (tmp_path / "o").exists()
 
 
-def test_huge_lr_is_caught_by_the_guard_and_all_json_is_strict(tmp_path):
+def test_huge_lr_is_caught_by_the_guard_and_all_json_is_strict(tmp_path, run_cli):
     out = tmp_path / "o"
     code, err = run_cli(["train", *FAST, "--steps", 5, "--lr", 1e30, "--out", out])
     assert code == 2 and "3 consecutive bad steps" in err

@@ -332,9 +332,7 @@ def _save_with_tokenizer(model, d):
     return d
 
 
-def test_models_outside_the_table_are_refused_with_one_line_naming_the_class(tmp_path):
-    from conftest import run_cli
-
+def test_models_outside_the_table_are_refused_with_one_line_naming_the_class(tmp_path, run_cli):
     bert = tf.BertModel(
         tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
     )
@@ -432,9 +430,7 @@ def test_a_forward_without_logits_to_keep_or_position_ids_still_trains(tiny):
     assert torch.equal(got[1], want[1]) and torch.isfinite(losses).all()
 
 
-def test_gpt2_checkpoint_trains_from_the_cli_and_its_adapter_says_fan_in_fan_out(tmp_path):
-    from conftest import run_cli
-
+def test_gpt2_checkpoint_trains_from_the_cli_and_its_adapter_says_fan_in_fan_out(tmp_path, run_cli):
     config = tf.GPT2Config(vocab_size=1024, n_embd=32, n_inner=64, n_layer=1, n_head=4, n_positions=64)
     torch.manual_seed(0)
     d = _save_with_tokenizer(tf.GPT2LMHeadModel(config), tmp_path / "gpt2")

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +12,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, run_cli):
     out = tmp_path_factory.mktemp("bench") / "quick"
     threads = torch.get_num_threads()
     try:
@@ -124,7 +123,7 @@ def test_convergence_runs_and_summary(quick):
     assert {s["contender"] for s in cv["summary"]} == names
 
 
-def test_bad_bench_arguments_are_clean_errors(tmp_path):
+def test_bad_bench_arguments_are_clean_errors(tmp_path, run_cli):
     code, err = run_cli(["bench", "speed", "--out", tmp_path / "x", "--threads", "0"])
     assert code == 2 and "--threads must be >= 1" in err
     f = tmp_path / "file"

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -66,7 +65,7 @@ def test_bench_finds_the_suite_next_to_the_package():
     assert benchmarks_dir() == BENCH
 
 
-def test_bench_without_the_suite_says_so_in_one_line(tmp_path, monkeypatch):
+def test_bench_without_the_suite_says_so_in_one_line(tmp_path, monkeypatch, run_cli):
     monkeypatch.setenv("MOBIZO_BENCHMARKS", str(tmp_path))
     code, err = run_cli(["bench", "speed", "--out", tmp_path / "out"])
     assert code == 2

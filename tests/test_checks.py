@@ -28,13 +28,11 @@ def test_max_length_beyond_the_position_table(tiny):
         check_max_length(model, 513)
 
 
-def test_max_length_defaults_to_what_the_model_allows(tmp_path, tiny_dir):
+def test_max_length_defaults_to_what_the_model_allows(tmp_path, tiny_dir, run_cli):
     """A model with 64 positions: the default --max-length (128) used to be an error there; it is now 64.
     A --max-length the user gives beyond the positions stays an error."""
     import json
     import shutil
-
-    from conftest import run_cli
 
     d = tmp_path / "short"
     shutil.copytree(tiny_dir, d)

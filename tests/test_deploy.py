@@ -33,7 +33,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from test_gguf import write_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -119,10 +118,16 @@ def _max_diff(a, b) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
-def _export(*argv):
-    code, err = run_cli(["export-adapter", *argv, "--no-progress"])
-    assert code == 0, err
-    return code
+@pytest.fixture(scope="session")
+def cli_export(run_cli):
+    """``cli_export(*argv)``: `mobizo export-adapter ARGV`, which must succeed."""
+
+    def call(*argv):
+        code, err = run_cli(["export-adapter", *argv, "--no-progress"])
+        assert code == 0, err
+        return code
+
+    return call
 
 
 def _run_llama_cpp(LlamaCpp, model, loras, prompts, greedy=True):
@@ -132,13 +137,13 @@ def _run_llama_cpp(LlamaCpp, model, loras, prompts, greedy=True):
     return logits, tokens
 
 
-def test_lora_gguf_in_llama_cpp_equals_mobizo(world, llama_cpp_model, tmp_path, monkeypatch):
+def test_lora_gguf_in_llama_cpp_equals_mobizo(world, llama_cpp_model, tmp_path, monkeypatch, cli_export):
     import gguf
 
     from mobizo import deploy
 
     out = tmp_path / "lora.gguf"
-    _export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out)
+    cli_export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out)
     r = gguf.GGUFReader(out)
     fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -161,12 +166,12 @@ def test_lora_gguf_in_llama_cpp_equals_mobizo(world, llama_cpp_model, tmp_path, 
 
     # the q/k permutation of B is what makes it agree: without it llama.cpp computes something else
     monkeypatch.setattr(deploy, "permute_rows", lambda w, n: w)
-    _export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out, "--overwrite")
+    cli_export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out, "--overwrite")
     wrong, _ = _run_llama_cpp(llama_cpp_model, world["base"], [out], world["prompts"], greedy=False)
     assert _max_diff(wrong, world["ref"]) > 0.05
 
 
-def test_lora_gguf_outtypes(world, llama_cpp_model, tmp_path):
+def test_lora_gguf_outtypes(world, llama_cpp_model, tmp_path, cli_export):
     """F16 / BF16 / Q8_0 LoRA files: llama.cpp loads them (Q8_0 A; B's rows of r=4 values fall back to F16, as
     llama.cpp's converter does), within the rounding (module docstring)."""
     import gguf
@@ -175,7 +180,7 @@ def test_lora_gguf_outtypes(world, llama_cpp_model, tmp_path):
     cases = (("f16", ("F16", "F16"), 5e-3), ("bf16", ("BF16", "BF16"), 3e-2), ("q8_0", ("Q8_0", "F16"), 5e-2))
     for outtype, types, bound in cases:
         out = tmp_path / f"lora-{outtype}.gguf"
-        _export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out, "--outtype", outtype)
+        cli_export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", out, "--outtype", outtype)
         got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
         assert (got["blk.0.attn_q.weight.lora_a"], got["blk.0.attn_q.weight.lora_b"]) == types
         logits, _ = _run_llama_cpp(llama_cpp_model, world["base"], [out], world["prompts"], greedy=False)
@@ -192,11 +197,11 @@ def _quantize_with_llama_cpp(src, dst, ftype):
     assert lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
-def test_merged_gguf_in_llama_cpp(world, llama_cpp_model, tmp_path):
+def test_merged_gguf_in_llama_cpp(world, llama_cpp_model, tmp_path, cli_export):
     import gguf
 
     f32 = tmp_path / "merged-f32.gguf"
-    _export("--adapter", world["adapter"], "--format", "merged-gguf", "--outtype", "f32", "--out", f32)
+    cli_export("--adapter", world["adapter"], "--format", "merged-gguf", "--outtype", "f32", "--out", f32)
     logits, tokens = _run_llama_cpp(llama_cpp_model, f32, [], world["prompts"])
     assert _max_diff(logits, world["ref"]) < 1e-5
     assert tokens == world["greedy"]
@@ -206,7 +211,7 @@ def test_merged_gguf_in_llama_cpp(world, llama_cpp_model, tmp_path):
     effect = _max_diff(world["plain"], world["ref"])
     for outtype, ftype, bound in (("f16", 1, 0.01), ("bf16", 32, 0.03), ("q8_0", 7, 0.1)):
         ours = tmp_path / f"merged-{outtype}.gguf"
-        _export("--adapter", world["adapter"], "--format", "merged-gguf", "--outtype", outtype, "--out", ours)
+        cli_export("--adapter", world["adapter"], "--format", "merged-gguf", "--outtype", outtype, "--out", ours)
         theirs = tmp_path / f"llama-cpp-{outtype}.gguf"
         _quantize_with_llama_cpp(f32, theirs, ftype)
         a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
@@ -222,11 +227,11 @@ def test_merged_gguf_in_llama_cpp(world, llama_cpp_model, tmp_path):
         assert _max_diff(logits, world["ref"]) < bound * effect
 
 
-def test_merged_hf_loads_in_transformers_with_mobizos_logits(world, tmp_path):
+def test_merged_hf_loads_in_transformers_with_mobizos_logits(world, tmp_path, cli_export):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    _export("--adapter", world["adapter"], "--format", "merged-hf", "--out", out)
+    cli_export("--adapter", world["adapter"], "--format", "merged-hf", "--out", out)
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -235,7 +240,7 @@ def test_merged_hf_loads_in_transformers_with_mobizos_logits(world, tmp_path):
     assert _max_diff([_logits(model, p) for p in world["prompts"]], world["ref"]) < 1e-5
 
 
-def test_merged_hf_folds_conv1d_transposed(tmp_path, tiny_pair):
+def test_merged_hf_folds_conv1d_transposed(tmp_path, tiny_pair, run_cli, cli_export):
     """GPT-2's Conv1D stores W as (in, out): the merge adds (B A)^T there."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -256,7 +261,7 @@ def test_merged_hf_folds_conv1d_transposed(tmp_path, tiny_pair):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
     save_adapter(model, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    _export("--adapter", tmp_path / "adapter", "--format", "merged-hf", "--out", tmp_path / "merged")
+    cli_export("--adapter", tmp_path / "adapter", "--format", "merged-hf", "--out", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
     ids = [1, 40, 77, 5, 300, 12, 9]
     assert _max_diff([_logits(merged, ids)], [_logits(model, ids)]) < 1e-5
@@ -269,19 +274,21 @@ def test_merged_hf_folds_conv1d_transposed(tmp_path, tiny_pair):
     assert "llama.cpp export is verified for model type gemma3_text, llama only, not 'gpt2'" in err
 
 
-def test_hf_base_gives_the_same_lora_gguf(world, tiny_dir, tmp_path):
+def test_hf_base_gives_the_same_lora_gguf(world, tiny_dir, tmp_path, cli_export):
     """The adapter on the tiny model's Hugging Face checkpoint (what llama.cpp's convert_hf_to_gguf.py
     reads) exports to the same tensors as on its GGUF."""
     import gguf
 
-    _export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", tmp_path / "a.gguf")
-    _export("--adapter", world["adapter"], "--model", tiny_dir, "--format", "lora-gguf", "--out", tmp_path / "b.gguf")
+    cli_export("--adapter", world["adapter"], "--format", "lora-gguf", "--out", tmp_path / "a.gguf")
+    cli_export(
+        "--adapter", world["adapter"], "--model", tiny_dir, "--format", "lora-gguf", "--out", tmp_path / "b.gguf"
+    )
     a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
     b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_run_directory_export_and_peft_after_convert(world, llama_cpp_model, tmp_path):
+def test_run_directory_export_and_peft_after_convert(world, llama_cpp_model, tmp_path, run_cli, cli_export):
     """A real run on the GGUF: export from RUN (base read off the adapter); `mobizo convert --adapter`
     re-points the adapter at the converted checkpoint so that AutoPeftModelForCausalLM loads it."""
     from peft import AutoPeftModelForCausalLM
@@ -300,7 +307,7 @@ def test_run_directory_export_and_peft_after_convert(world, llama_cpp_model, tmp
     load_adapter(mine, run / "adapter")
     want = [_logits(mine, p) for p in world["prompts"][:3]]
 
-    _export("--adapter", run, "--format", "lora-gguf", "--out", tmp_path / "run.gguf")
+    cli_export("--adapter", run, "--format", "lora-gguf", "--out", tmp_path / "run.gguf")
     logits, _ = _run_llama_cpp(llama_cpp_model, world["base"], [tmp_path / "run.gguf"], world["prompts"][:3], False)
     assert _max_diff(logits, want) < 1e-5
 
@@ -316,15 +323,22 @@ def test_run_directory_export_and_peft_after_convert(world, llama_cpp_model, tmp
     assert _max_diff([_logits(peft_model, p) for p in world["prompts"][:3]], want) < 1e-5
 
 
-def _cli_error(argv, out):
-    code, err = run_cli(["export-adapter", *argv, "--out", out, "--no-progress"])
-    assert code == 2 and err.startswith("mobizo: error: ") and err.count("\n") == 1, err
-    leftovers = [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
-    assert not leftovers
-    return err
+@pytest.fixture(scope="session")
+def cli_export_error(run_cli):
+    """``cli_export_error(argv, out)``: the one-line error of `mobizo export-adapter ARGV --out OUT`, which leaves
+    no scratch file beside OUT."""
+
+    def call(argv, out):
+        code, err = run_cli(["export-adapter", *argv, "--out", out, "--no-progress"])
+        assert code == 2 and err.startswith("mobizo: error: ") and err.count("\n") == 1, err
+        leftovers = [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
+        assert not leftovers
+        return err
+
+    return call
 
 
-def test_bad_inputs_are_one_line_errors(world, tiny_pair, tmp_path):
+def test_bad_inputs_are_one_line_errors(world, tiny_pair, tmp_path, cli_export, cli_export_error):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mobizo.models import base_hash, random_model
@@ -335,21 +349,21 @@ def test_bad_inputs_are_one_line_errors(world, tiny_pair, tmp_path):
 
     narrow = LlamaConfig(**{**src.config.to_dict(), "hidden_size": 32, "intermediate_size": 64})
     other = write_gguf(random_model(LlamaForCausalLM, narrow, 3, "narrow"), tok, tmp_path / "narrow.gguf")
-    err = _cli_error([*lora, "--model", other], out)
+    err = cli_export_error([*lora, "--model", other], out)
     assert f"adapter does not fit base model {other}: lm_head is 32 -> {len(tok)} there, the adapter's is 64" in err
     shallow = LlamaConfig(**{**src.config.to_dict(), "num_hidden_layers": 1})
     one = write_gguf(random_model(LlamaForCausalLM, shallow, 3, "one"), tok, tmp_path / "one.gguf")
-    err = _cli_error([*lora, "--model", one, "--format", "merged-gguf"], out)
+    err = cli_export_error([*lora, "--model", one, "--format", "merged-gguf"], out)
     assert "it adapts model.layers.1.mlp.down_proj, the file has no blk.1.ffn_down.weight" in err
     tied = write_gguf(src, tok, tmp_path / "tied.gguf", drop={"output.weight"})
-    err = _cli_error([*lora, "--model", tied], out)
+    err = cli_export_error([*lora, "--model", tied], out)
     assert "the file has no output.weight (the output layer is tied to the token embedding in this model)" in err
     qwen = write_gguf(src, tok, tmp_path / "qwen2.gguf", arch="qwen2")
-    err = _cli_error([*lora, "--model", qwen], out)
+    err = cli_export_error([*lora, "--model", qwen], out)
     assert "llama.cpp export is verified for GGUF architecture gemma3, llama only, not 'qwen2'" in err
-    err = _cli_error(["--adapter", a, "--format", "merged-gguf", "--model", "tiny"], tmp_path / "m.gguf")
+    err = cli_export_error(["--adapter", a, "--format", "merged-gguf", "--model", "tiny"], tmp_path / "m.gguf")
     assert "--format merged-gguf needs a .gguf base, tiny is not one" in err
-    err = _cli_error(["--adapter", a, "--format", "merged-hf", "--outtype", "q8_0"], tmp_path / "hf")
+    err = cli_export_error(["--adapter", a, "--format", "merged-hf", "--outtype", "q8_0"], tmp_path / "hf")
     assert "--outtype q8_0 is for GGUF output" in err
 
     # the recorded base is gone: say so, and how to name one
@@ -358,7 +372,7 @@ def test_bad_inputs_are_one_line_errors(world, tiny_pair, tmp_path):
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone.gguf")
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
-    err = _cli_error(["--adapter", moved, "--format", "lora-gguf"], out)
+    err = cli_export_error(["--adapter", moved, "--format", "lora-gguf"], out)
     assert f"the adapter's base model {tmp_path / 'gone.gguf'} (recorded in" in err and "pass --model" in err
 
     # a run that recorded its base's weights (an ExecuTorch program's manifest) refuses another file
@@ -368,18 +382,18 @@ def test_bad_inputs_are_one_line_errors(world, tiny_pair, tmp_path):
     (run / "program").mkdir()
     manifest = run / "program" / "manifest.json"
     manifest.write_text(json.dumps({"base_weights_sha256": base_hash(str(tied), None)}))
-    err = _cli_error(["--adapter", run, "--format", "lora-gguf"], out)
+    err = cli_export_error(["--adapter", run, "--format", "lora-gguf"], out)
     assert f"base model {world['base']} is not the one run {run} trained on" in err
     manifest.write_text(json.dumps({"base_weights_sha256": base_hash(str(world["base"]), None)}))
-    _export("--adapter", run, "--format", "lora-gguf", "--out", out)
+    cli_export("--adapter", run, "--format", "lora-gguf", "--out", out)
 
     # an existing --out is kept unless --overwrite
     before = out.read_bytes()
-    err = _cli_error([*lora], out)
+    err = cli_export_error([*lora], out)
     assert f"--out {out} is not empty (use --overwrite to replace it)" in err and out.read_bytes() == before
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
-    err = _cli_error(["--adapter", a, "--format", "merged-hf"], tmp_path / "full")
+    err = cli_export_error(["--adapter", a, "--format", "merged-hf"], tmp_path / "full")
     assert "is not empty" in err and (tmp_path / "full" / "mine.txt").read_text() == "keep"
 
 

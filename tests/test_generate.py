@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 
 import mobizo
 from mobizo import TrainConfig
@@ -86,17 +85,22 @@ def config(**fields) -> TrainConfig:
     return TrainConfig.from_flat(**{**RUN, **fields})
 
 
-def cli(capsys, *argv, stdin: str | None = None):
-    """(exit code, stdout, stderr) of `mobizo ARGV` run in-process."""
-    capsys.readouterr()
-    old = sys.stdin
-    if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    try:
-        code, err = run_cli(list(argv))
-    finally:
-        sys.stdin = old
-    return code, capsys.readouterr().out, err
+@pytest.fixture
+def cli(capsys, run_cli):
+    """``cli(*argv, stdin=None)``: (exit code, stdout, stderr) of `mobizo ARGV` run in-process."""
+
+    def call(*argv, stdin: str | None = None):
+        capsys.readouterr()
+        old = sys.stdin
+        if stdin is not None:
+            sys.stdin = io.StringIO(stdin)
+        try:
+            code, err = run_cli(list(argv))
+        finally:
+            sys.stdin = old
+        return code, capsys.readouterr().out, err
+
+    return call
 
 
 def error_line(err: str) -> str:
@@ -129,8 +133,8 @@ def naive_greedy(model, tok, ids, n):
 # ---------------------------------------------------------------- generate
 
 
-def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, capsys):
-    code, out, err = cli(capsys, "generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 16)
+def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, cli):
+    code, out, err = cli("generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 16)
     assert code == 0, err
     assert f"adapter {run / 'best'} (the best periodic eval" in err
     model, tok = with_adapter(run / "best")
@@ -138,7 +142,6 @@ def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, capsys):
     assert len(new) >= 8 and out == want + "\n"
     # --adapter-kind last: the final adapter; --json: one object per prompt
     code, out, err = cli(
-        capsys,
         "generate",
         "--run",
         run,
@@ -166,7 +169,7 @@ def test_generate_is_the_greedy_text_of_the_run_s_best_adapter(run, capsys):
     outs = []
     for source, stdin in (("p.jsonl", None), ("p.txt", None), ("-", f"{PROMPT}\n\nhi\n")):
         code, out, _ = cli(
-            capsys, "generate", "--adapter", run / "adapter", "--input", source, "--max-new-tokens", 16, stdin=stdin
+            "generate", "--adapter", run / "adapter", "--input", source, "--max-new-tokens", 16, stdin=stdin
         )
         assert code == 0
         outs.append(out)
@@ -197,16 +200,15 @@ def test_generate_flushes_every_piece(run, monkeypatch):
     assert len(text) > 40 and len(steps) >= 20 and steps[-1] == len(text)
 
 
-def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(run, capsys):
+def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(run, cli):
     args = ["generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 24, "--temperature", 1.0, "--top-p", 0.9]
-    texts = [cli(capsys, *args, "--seed", s)[1] for s in (7, 7, 8)]
+    texts = [cli(*args, "--seed", s)[1] for s in (7, 7, 8)]
     assert texts[0] == texts[1] != texts[2]
-    code, greedy, _ = cli(capsys, "generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 24)
+    code, greedy, _ = cli("generate", "--run", run, "--prompt", PROMPT, "--max-new-tokens", 24)
     greedy = greedy[:-1]
     stop = greedy[6:8]
     assert code == 0 and len(greedy) > 10 and stop.strip()
     code, out, _ = cli(
-        capsys,
         "generate",
         "--run",
         run,
@@ -224,9 +226,9 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_strings_cut(run, capsys):
     assert code == 0 and rec["completion"] == greedy[: greedy.find(stop)] and rec["finish"] == "stop"
 
 
-def test_a_chat_model_s_template_is_applied(chat_model, capsys):
+def test_a_chat_model_s_template_is_applied(chat_model, cli):
     model_dir, run_dir = chat_model
-    code, out, err = cli(capsys, "generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12)
+    code, out, err = cli("generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12)
     assert code == 0, err
     model, tok = with_adapter(run_dir / "best", model_dir)
     rendered = "user: hello\nassistant:"
@@ -236,7 +238,7 @@ def test_a_chat_model_s_template_is_applied(chat_model, capsys):
     )
     assert out == naive_greedy(model, tok, tok(rendered)["input_ids"], 12)[0] + "\n"
     code, plain, _ = cli(
-        capsys, "generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12, "--no-chat-template"
+        "generate", "--run", run_dir, "--prompt", "hello", "--max-new-tokens", 12, "--no-chat-template"
     )
     assert code == 0 and plain == naive_greedy(model, tok, tok("hello")["input_ids"], 12)[0] + "\n" != out
 
@@ -262,7 +264,7 @@ def test_python_api_generate_stream_and_predict(run, tiny):
 # ---------------------------------------------------------------- predict
 
 
-def test_predict_ranks_like_eval(cls_run, capsys):
+def test_predict_ranks_like_eval(cls_run, cli):
     """Probabilities sum to 1 and the chosen label is eval's prediction, for every validation input."""
     from mobizo.data import Encoder
     from mobizo.engines.eager import EagerEngine
@@ -271,7 +273,7 @@ def test_predict_ranks_like_eval(cls_run, capsys):
 
     rows = [json.loads(line) for line in (cls_run.parent / "data" / "validation.jsonl").read_text().splitlines()]
     Path("in.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
-    code, out, err = cli(capsys, "predict", "--run", cls_run, "--input", "in.jsonl", "--json")
+    code, out, err = cli("predict", "--run", cls_run, "--input", "in.jsonl", "--json")
     assert code == 0, err
     preds = [json.loads(line) for line in out.splitlines()]
     assert len(preds) == len(rows) and all(abs(sum(p["probabilities"]) - 1) < 1e-9 for p in preds)
@@ -292,14 +294,14 @@ def test_predict_ranks_like_eval(cls_run, capsys):
     assert [p["index"] for p in preds] == chosen
     # plain text lines go into the template's single field; the text format is label<TAB>word=p ...
     Path("in.txt").write_text("".join(r["text"] + "\n" for r in rows))
-    code, out, _ = cli(capsys, "predict", "--adapter", cls_run, "--input", "in.txt")
+    code, out, _ = cli("predict", "--adapter", cls_run, "--input", "in.txt")
     assert code == 0
     assert out.splitlines() == [
         f"{p['label']}\tno={p['probabilities'][0]:.4f} yes={p['probabilities'][1]:.4f}" for p in preds
     ]
 
 
-def test_predict_multiple_choice_ranks_by_mean_log_prob(run, capsys, tmp_path):
+def test_predict_multiple_choice_ranks_by_mean_log_prob(run, cli, tmp_path):
     """COPA (multi-token candidates, one row per candidate): the mean per-token log-prob, as eval ranks."""
     from mobizo.data import Encoder
     from mobizo.engines.eager import EagerEngine
@@ -326,7 +328,7 @@ def test_predict_multiple_choice_ranks_by_mean_log_prob(run, capsys, tmp_path):
     (tmp_path / "copa" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     inputs = "".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in rows)
     code, out, err = cli(
-        capsys, "predict", "--adapter", run / "best", "--task", "copa", "--model", "tiny", "--input", "-", stdin=inputs
+        "predict", "--adapter", run / "best", "--task", "copa", "--model", "tiny", "--input", "-", stdin=inputs
     )
     assert code == 0, err
     lines = out.splitlines()
@@ -343,18 +345,18 @@ def test_predict_multiple_choice_ranks_by_mean_log_prob(run, capsys, tmp_path):
 # ---------------------------------------------------------------- run-directory defaults
 
 
-def test_eval_of_a_run_evaluates_the_run_s_own_task(cls_run, capsys):
+def test_eval_of_a_run_evaluates_the_run_s_own_task(cls_run, cli):
     summary = json.loads((cls_run / "summary.json").read_text())
-    code, _out, err = cli(capsys, "eval", "--adapter", cls_run, "--json", "m.json", "--no-progress")
+    code, _out, err = cli("eval", "--adapter", cls_run, "--json", "m.json", "--no-progress")
     assert code == 0, err
     m = json.loads(Path("m.json").read_text())
     assert m["task"] == "custom-cls" and m["adapter"] == str(cls_run / "best") and m["run"] == str(cls_run)
     assert m["accuracy"] == summary["best"]["value"] and m["n"] == summary["eval"]["n"]
-    code, _, err = cli(capsys, "eval", "--run", cls_run, "--adapter-kind", "last", "--json", "l.json", "--no-progress")
+    code, _, err = cli("eval", "--run", cls_run, "--adapter-kind", "last", "--json", "l.json", "--no-progress")
     assert code == 0 and json.loads(Path("l.json").read_text())["accuracy"] == summary["eval_accuracy"]
     assert f"adapter {cls_run / 'adapter'} (the final adapter)" in err
     # an adapter inside the run belongs to it; flags given override the run's values
-    code, _, err = cli(capsys, "eval", "--adapter", cls_run / "adapter", "--eval-examples", 3, "--json", "x.json")
+    code, _, err = cli("eval", "--adapter", cls_run / "adapter", "--eval-examples", 3, "--json", "x.json")
     assert code == 0 and "warning" not in err
     x = json.loads(Path("x.json").read_text())
     assert x["task"] == "custom-cls" and x["n"] == 3
@@ -362,10 +364,10 @@ def test_eval_of_a_run_evaluates_the_run_s_own_task(cls_run, capsys):
     assert mobizo.evaluate(adapter=cls_run, progress=False)["accuracy"] == m["accuracy"]
 
 
-def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, capsys, tmp_path):
+def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, cli, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(run / "adapter", bare)
-    code, out, err = cli(capsys, "eval", "--adapter", bare, "--eval-examples", 8, "--no-progress")
+    code, out, err = cli("eval", "--adapter", bare, "--eval-examples", 8, "--no-progress")
     assert code == 0 and out.startswith("synthetic (adapter ")
     assert err.splitlines() == [
         "mobizo: model tiny (the base model adapter_config.json names)",
@@ -376,7 +378,7 @@ def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, capsy
     ]
     config = json.loads((bare / "adapter_config.json").read_text())
     (bare / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/SmolLM2"}))
-    code, out, err = cli(capsys, "eval", "--adapter", bare)
+    code, out, err = cli("eval", "--adapter", bare)
     assert (
         code == 2
         and out == ""
@@ -394,19 +396,19 @@ def test_a_bare_adapter_names_its_base_and_the_synthetic_task_is_said(run, capsy
     w = load_file(str(bare / "adapter_model.safetensors"))
     w = {k.replace("layers.1.", "layers.7."): v for k, v in w.items()}
     save_file(w, str(bare / "adapter_model.safetensors"))
-    code, out, err = cli(capsys, "eval", "--model", "tiny", "--adapter", bare, "--task", "synthetic")
+    code, out, err = cli("eval", "--model", "tiny", "--adapter", bare, "--task", "synthetic")
     assert code == 2 and error_line(err) == (
         f"adapter {bare} does not fit model tiny: it adapts 2 module(s) the model lacks "
         "(e.g. model.layers.7.self_attn.q_proj); it was trained on tiny: give that with --model"
     )
 
 
-def test_a_run_whose_model_moved(tiny_dir, capsys, tmp_path):
+def test_a_run_whose_model_moved(tiny_dir, cli, tmp_path):
     shutil.copytree(tiny_dir, tmp_path / "m1")
     mobizo.train(config(model=str(tmp_path / "m1"), steps=1, eval_every=0, out=str(tmp_path / "r")))
     (tmp_path / "m1").rename(tmp_path / "m2")
     for argv in (["generate", "--prompt", "hi"], ["predict", "--input", "-"], ["eval"]):
-        code, out, err = cli(capsys, *argv, "--run", tmp_path / "r", stdin="the plot was dull\n")
+        code, out, err = cli(*argv, "--run", tmp_path / "r", stdin="the plot was dull\n")
         assert (
             code == 2
             and out == ""
@@ -417,7 +419,7 @@ def test_a_run_whose_model_moved(tiny_dir, capsys, tmp_path):
             )
         )
     code, out, err = cli(
-        capsys, "generate", "--run", tmp_path / "r", "--model", tmp_path / "m2", "--prompt", "hi", "--max-new-tokens", 4
+        "generate", "--run", tmp_path / "r", "--model", tmp_path / "m2", "--prompt", "hi", "--max-new-tokens", 4
     )
     assert code == 0 and out.endswith("\n"), err
 
@@ -425,7 +427,7 @@ def test_a_run_whose_model_moved(tiny_dir, capsys, tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_input_is_one_line_and_exit_2(run, capsys, tmp_path, tiny_pair):
+def test_bad_input_is_one_line_and_exit_2(run, cli, tmp_path, tiny_pair):
     long_prompt = " ".join(["movie"] * 600)
     n = len(tiny_pair[1](long_prompt)["input_ids"])
     assert n > 600
@@ -500,19 +502,19 @@ def test_bad_input_is_one_line_and_exit_2(run, capsys, tmp_path, tiny_pair):
         ),
     ]
     for argv, message in cases:
-        code, out, err = cli(capsys, *argv, stdin="a line\n")
+        code, out, err = cli(*argv, stdin="a line\n")
         assert code == 2 and out == "", (argv, code, out, err)
         assert error_line(err) == message, argv
 
 
-def test_predict_refuses_a_run_that_is_not_classification(capsys, tmp_path):
+def test_predict_refuses_a_run_that_is_not_classification(cli, tmp_path):
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "train.jsonl").write_text(json.dumps({"prompt": "Q: two? A:", "completion": " 2"}) + "\n")
     (tmp_path / "lm" / "validation.jsonl").write_text(json.dumps({"prompt": "Q: one? A:", "completion": " 1"}) + "\n")
     mobizo.train(
         config(task="custom", data=str(tmp_path / "lm"), batch_size=1, steps=1, eval_every=0, out=str(tmp_path / "r"))
     )
-    code, out, err = cli(capsys, "predict", "--run", tmp_path / "r", "--input", "-", stdin="Q: three? A:\n")
+    code, out, err = cli("predict", "--run", tmp_path / "r", "--input", "-", stdin="Q: three? A:\n")
     assert (
         code == 2
         and out == ""
@@ -706,12 +708,12 @@ def et_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
+def test_executorch_generates_the_eager_greedy_text(et_run, cli, tmp_path):
     prompts = ["--prompt", PROMPT, "--prompt", "the cast was"]
-    code, eager, err = cli(capsys, "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json")
+    code, eager, err = cli("generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json")
     assert code == 0, err
     code, et, err = cli(
-        capsys, "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json", "--engine", "executorch"
+        "generate", "--run", et_run, *prompts, "--max-new-tokens", 24, "--json", "--engine", "executorch"
     )
     assert code == 0, err
     eager, et = [json.loads(x) for x in eager.splitlines()], [json.loads(x) for x in et.splitlines()]
@@ -721,7 +723,7 @@ def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
     assert et[0]["completion"] == naive_greedy(model, tok, tok(PROMPT)["input_ids"], 24)[0]
     # the program's positions bound the generation
     code, out, err = cli(
-        capsys, "generate", "--run", et_run, "--prompt", PROMPT, "--max-new-tokens", 60, "--engine", "executorch"
+        "generate", "--run", et_run, "--prompt", PROMPT, "--max-new-tokens", 60, "--engine", "executorch"
     )
     assert (
         code == 2
@@ -737,9 +739,7 @@ def test_executorch_generates_the_eager_greedy_text(et_run, capsys, tmp_path):
     shutil.copytree(et_run / "program", old)
     manifest = json.loads((old / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "generate": False}))
-    code, out, err = cli(
-        capsys, "generate", "--run", et_run, "--program", old, "--engine", "executorch", "--prompt", PROMPT
-    )
+    code, out, err = cli("generate", "--run", et_run, "--program", old, "--engine", "executorch", "--prompt", PROMPT)
     assert (
         code == 2
         and out == ""

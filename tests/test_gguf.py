@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 
 from mobizo.errors import MobizoError
 
@@ -123,7 +122,7 @@ def test_quantized_gguf_dequantizes_close_to_source(tiny_pair, tmp_path):
     assert not torch.equal(a, b)  # really went through Q8_0
 
 
-def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path):
+def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path, run_cli):
     """GGUF train -> eval -> convert -> peft: the adapter on the converted checkpoint gives mobizo's logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,7 +179,7 @@ def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path):
         convert_gguf(tiny_gguf, out)
 
 
-def test_bad_gguf_inputs_are_one_line_errors(tiny_pair, tmp_path):
+def test_bad_gguf_inputs_are_one_line_errors(tiny_pair, tmp_path, run_cli):
     from mobizo.convert import convert_gguf
     from mobizo.models import load_model
 

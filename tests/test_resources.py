@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from mobizo import resources
 from mobizo.resources import Dims, forward_bytes, step_rows
@@ -100,7 +99,9 @@ def test_the_estimate_follows_the_plan_and_the_config():
     assert forward_bytes(d, 64, 128, 10) - base == pytest.approx(2 * 64 * 8 * 1000 * 4 * resources.SLACK, rel=1e-6)
 
 
-def test_a_run_that_cannot_fit_is_refused_before_its_weights_load_or_its_out_exists(tmp_path, tiny_dir, monkeypatch):
+def test_a_run_that_cannot_fit_is_refused_before_its_weights_load_or_its_out_exists(
+    tmp_path, tiny_dir, monkeypatch, run_cli
+):
     from transformers import AutoModelForCausalLM
 
     loads = []
@@ -132,7 +133,7 @@ def test_a_run_that_cannot_fit_is_refused_before_its_weights_load_or_its_out_exi
     assert len(loads) == 1 and (out / "adapter").is_dir()
 
 
-def test_a_batch_larger_than_the_data_and_threads_beyond_the_cores_are_warned(tmp_path):
+def test_a_batch_larger_than_the_data_and_threads_beyond_the_cores_are_warned(tmp_path, run_cli):
     from mobizo.threads import allowed_cpus
 
     cores = allowed_cpus()

@@ -53,10 +53,8 @@ def test_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_resume_with_a_decaying_schedule_keeps_steps(tmp_path):
+def test_resume_with_a_decaying_schedule_keeps_steps(tmp_path, run_cli):
     """--steps shapes every lr of a linear/cosine schedule: a resumed run may not change it."""
-    from conftest import run_cli
-
     flags = [
         "--queries",
         2,

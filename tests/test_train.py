@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
 
 FAST = [
@@ -28,7 +27,7 @@ def _adapter(d):
     return load_file(str(d / "adapter" / "adapter_model.safetensors"))
 
 
-def test_train_outputs_and_resume_is_the_same_trajectory(tmp_path):
+def test_train_outputs_and_resume_is_the_same_trajectory(tmp_path, run_cli):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(["train", *FAST, "--steps", 12, "--eval-every", 6, "--save-every", 4, "--out", full])[0] == 0
     # metrics.jsonl: one record per step with the documented fields; eval records at 6 and 12
@@ -56,7 +55,7 @@ def test_train_outputs_and_resume_is_the_same_trajectory(tmp_path):
     assert code == 2 and "used --queries 2, not 4" in err
 
 
-def test_adapter_loads_in_peft_and_matches_our_model(tmp_path, tiny_dir):
+def test_adapter_loads_in_peft_and_matches_our_model(tmp_path, tiny_dir, run_cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +130,7 @@ def test_the_adapter_config_is_the_lora_config_peft_would_write(tmp_path, fan_in
     assert got.to_dict() == want.to_dict()
 
 
-def test_zero_shot_eval_without_adapter(tmp_path, capsys):
+def test_zero_shot_eval_without_adapter(tmp_path, capsys, run_cli):
     code, err = run_cli(["eval", "--eval-examples", 20, "--json", tmp_path / "z.json"])
     assert code == 0, err
     z = json.loads((tmp_path / "z.json").read_text())
@@ -139,7 +138,7 @@ def test_zero_shot_eval_without_adapter(tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_first_order_baseline_learns(tmp_path):
+def test_first_order_baseline_learns(tmp_path, run_cli):
     code, err = run_cli(
         [
             "train",
@@ -172,7 +171,7 @@ def test_first_order_baseline_learns(tmp_path):
     assert "projected_grads" in recs[0] and recs[0]["projected_grads"] == []
 
 
-def test_zo_training_learns_the_synthetic_task(tmp_path):
+def test_zo_training_learns_the_synthetic_task(tmp_path, run_cli):
     """P-RGE on the random-init tiny model: validation accuracy clearly above the start."""
     code, err = run_cli(
         [
@@ -218,7 +217,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
-def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, argv, message):
+def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, argv, message, run_cli):
     out = tmp_path / "out"
     code, err = run_cli([*argv, "--steps", 1, "--no-progress", "--out", out])
     assert code == 2
@@ -226,7 +225,7 @@ def test_bad_input_is_one_clear_line_and_nothing_written(tmp_path, argv, message
     assert not out.exists()
 
 
-def test_bad_model_dirs_and_data(tmp_path):
+def test_bad_model_dirs_and_data(tmp_path, run_cli):
     (tmp_path / "m").mkdir()
     code, err = run_cli(["train", "--model", tmp_path / "m", "--steps", 1])
     assert code == 2 and "no config.json" in err
@@ -270,7 +269,7 @@ def test_help_says_model_takes_a_gguf_file(capsys):
         assert model_help.startswith("--model MODEL local Hugging Face model directory, a .gguf file"), model_help[:120]
 
 
-def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path):
+def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path, run_cli):
     code, err = run_cli(
         ["train", *FAST, "--steps", 2, "--warmup-steps", 5000, "--rank", 48, "--eval-every", 0, "--out", tmp_path / "r"]
     )
@@ -292,7 +291,7 @@ def test_futile_warmup_and_rank_are_warned_in_one_line_each(tmp_path):
     assert code == 0 and err == "", err
 
 
-def test_off_a_terminal_training_prints_progress_lines(tmp_path, monkeypatch):
+def test_off_a_terminal_training_prints_progress_lines(tmp_path, monkeypatch, run_cli):
     """A run whose stderr is a log (not a terminal) used to print nothing until its result line: it now
     prints a progress line every LINE_SECONDS (30 s) and one at the end; --no-progress silences them."""
     import re
