@@ -33,7 +33,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_gguf import write_gguf
+from _gguf import write_gguf
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 RANK, ALPHA = 4, 8.0

@@ -236,7 +236,7 @@ def test_the_environment_switch(monkeypatch, tmp_path, capsys):
 
 def test_gguf_metadata_is_parsed_once_and_the_upstream_path_gives_the_same(tiny_pair, tmp_path, monkeypatch, capsys):
     import transformers.modeling_gguf_pytorch_utils as mod
-    from test_gguf import write_gguf
+    from _gguf import write_gguf
 
     from mobizo.convert import load_gguf_skeleton
 

@@ -121,7 +121,7 @@ def test_quant_embedding_round_trips_and_exports_exactly(bits, group):
 
 def test_gguf_q8_0_trains_quantized_without_a_float_copy_on_disk(tiny_pair, tmp_path, common):
     """GGUF passthrough: the Q8_0 file is dequantized in memory at load and requantized with the scheme."""
-    from test_gguf import write_gguf
+    from _gguf import write_gguf
 
     src, tok = tiny_pair
     path = write_gguf(src, tok, tmp_path / "q8.gguf", qtype="Q8_0")
