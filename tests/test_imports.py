@@ -28,6 +28,8 @@ higher one: each layer is what the one above it is built from.
     trainer), ``replay``, ``bundle`` (for the native trainer), ``native`` (builds/runs ``mobizo-train``).
 13. ``api``: the public Python API, which chooses single-process or distributed training.
 14. front ends: ``cli``, ``demo``, ``__main__``.
+
+The tests' own files are read the same way: none imports conftest or a test module.
 """
 
 from __future__ import annotations
@@ -160,3 +162,30 @@ def test_the_graph_sees_deferred_and_relative_imports():
     assert "mobizo" not in g["mobizo.rundir"]  # from . import __version__
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_between_test_files(tmp_path):
+    """The tests' own files: conftest.py holds fixtures, which a test asks for by name, and code shared as
+    code lives in plain helper modules (tests/_*.py). No file imports conftest or a test module: that ties
+    it to how pytest puts tests/ on sys.path, and imports a module pytest also collects."""
+
+    def local_imports(files):
+        stems = {p.stem for p in files if p.stem == "conftest" or p.stem.startswith("test_")}
+        found = []
+        for path in files:
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module]
+                found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in stems]
+        return found
+
+    bad = local_imports(sorted(Path(__file__).resolve().parent.glob("*.py")))
+    assert not bad, "test files that import conftest or another test module:\n" + "\n".join(bad)
+    # the check itself: module-level and deferred imports of both kinds are seen, helper modules are not
+    (tmp_path / "conftest.py").write_text("")
+    (tmp_path / "test_a.py").write_text("from conftest import run_cli\nimport _helper\n")
+    (tmp_path / "test_b.py").write_text("def test_x():\n    from test_a import y\n")
+    (tmp_path / "_helper.py").write_text("import json\n")
+    found = local_imports(sorted(tmp_path.glob("*.py")))
+    assert found == ["test_a.py:1 imports conftest", "test_b.py:2 imports test_a"]
