@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _checkpoints import legacy_checkpoint
 from safetensors.torch import load_file
 
 from mobizo.config import TrainConfig
@@ -293,6 +295,105 @@ def test_resume_continues_bitwise(binary, bundle, ref_run, tmp_path):
         assert (out / f).read_bytes() == (ref_run / f).read_bytes(), f
     p = native(binary, bundle, out, "--resume", "--steps", 10)  # the checkpoint is past --steps
     assert p.returncode == 2 and "past --steps 10" in p.stderr
+
+
+def test_checkpoint_sums_are_sha256sum_files_python_reads(ref_run):
+    """The native checkpoint's SHA256SUMS: the bytes Python writes for the same files, checked by `sha256sum -c`."""
+    from mobizo.checkpoint import SUMS, read_sums, sums_text, verify_sums
+    from mobizo.util import file_sha256
+
+    ck = ref_run / "checkpoint"
+    files = sorted(p.name for p in ck.iterdir() if p.name != SUMS)
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "rollback.safetensors", "state.json"]
+    assert (ck / SUMS).read_text() == sums_text({f: file_sha256(ck / f)[1] for f in files})
+    verify_sums(ck, read_sums(ck))
+    p = subprocess.run(["sha256sum", "--check", "--strict", SUMS], cwd=ck, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.count(": OK") == 4, p.stdout + p.stderr
+    state = json.loads((ck / "state.json").read_text())
+    assert state["checkpoint_format"] == 2 and "sha256" not in state
+
+
+@pytest.fixture(scope="module")
+def part_run(binary, bundle, tmp_path_factory):
+    """A run stopped at step 20 (checkpoint of step 20), to copy and damage."""
+    out = tmp_path_factory.mktemp("part") / "run"
+    p = native(binary, bundle, out, "--steps", 20)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["state.json", "adapter_config.json", "adapter_model.safetensors", "rollback.safetensors", "SHA256SUMS"]
+)
+def test_a_flipped_bit_in_the_checkpoint_is_one_line_naming_the_file(binary, bundle, part_run, tmp_path, name):
+    out = shutil.copytree(part_run, tmp_path / "run")
+    ck = out / "checkpoint"
+    path = ck / name
+    data = bytearray(path.read_bytes())
+    # where the file's own checks cannot see it: a digit of the state, the base model's name (the adapter config
+    # is not otherwise read), a data byte, a digit of the state.json line's checksum
+    i = len(data) - 3
+    if name == "state.json":
+        i = data.index(b'"step": 20') + 9
+    elif name == "adapter_config.json":
+        i = data.index(b'"tiny"') + 1
+    elif name == "SHA256SUMS":
+        i = data.index(b"  state.json") - 1
+    data[i] = data[i] ^ 0x01 if name != "SHA256SUMS" else ord("0" if data[i] != ord("0") else "1")  # (still hex)
+    path.write_bytes(bytes(data))
+    victim = ck / ("state.json" if name == "SHA256SUMS" else name)
+    assert one_line_error(native(binary, bundle, out, "--resume")) == (
+        f"mobizo-train: error: cannot resume: {victim}: checksum mismatch (the file is corrupted) "
+        "(start again with --overwrite)"
+    )
+    with pytest.raises(MobizoError, match=re.escape(f"{victim}: checksum mismatch (the file is corrupted)")):
+        from mobizo.checkpoint import load_checkpoint
+
+        load_checkpoint(ck)  # Python says the same
+
+
+def test_a_damaged_sums_list_is_one_line(binary, bundle, part_run, tmp_path):
+    hint = " (start again with --overwrite)"
+    out = shutil.copytree(part_run, tmp_path / "run")
+    ck = out / "checkpoint"
+    text = (ck / "SHA256SUMS").read_text()
+    cases = {
+        text.replace(text.splitlines(True)[0], ""): f"{ck}/SHA256SUMS: adapter_config.json is not listed",
+        text[:-3]: f"{ck}/SHA256SUMS: truncated",
+        text + text.splitlines(True)[1]: f"{ck}/SHA256SUMS: malformed line 5",
+        "x" + text[1:]: f"{ck}/SHA256SUMS: malformed line 1",
+        text.replace("  state.json", " /state.json"): f"{ck}/SHA256SUMS: malformed line 4",
+    }
+    for damaged, want in cases.items():
+        (ck / "SHA256SUMS").write_text(damaged)
+        got = one_line_error(native(binary, bundle, out, "--resume"))
+        assert got == f"mobizo-train: error: cannot resume: {want} (the file is corrupted){hint}", damaged
+    (ck / "SHA256SUMS").unlink()  # gone from a format-2 checkpoint
+    got = one_line_error(native(binary, bundle, out, "--resume"))
+    assert got == f"mobizo-train: error: cannot resume: {ck}/SHA256SUMS: missing{hint}"
+
+
+def test_legacy_checkpoint_resumes_bitwise(binary, bundle, ref_run, part_run, tmp_path):
+    """A format-1 checkpoint (the sha256 of state.json's canonical JSON inside it, no SHA256SUMS), as mobizo-train
+    wrote it before: --resume verifies it the old way, continues bit for bit and writes format 2 from then on."""
+    out = shutil.copytree(part_run, tmp_path / "run")
+    legacy_checkpoint(out / "checkpoint", native=True)
+    saved = shutil.copytree(out / "checkpoint", tmp_path / "legacy")
+    p = native(binary, bundle, out, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert trajectory(out) == trajectory(ref_run)
+    for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors"):
+        assert (out / f).read_bytes() == (ref_run / f).read_bytes(), f
+    assert (out / "checkpoint" / "SHA256SUMS").read_bytes() == (ref_run / "checkpoint" / "SHA256SUMS").read_bytes()
+    # the legacy checksum is still checked: a changed value is caught
+    shutil.rmtree(out / "checkpoint")
+    shutil.copytree(saved, out / "checkpoint")
+    state = out / "checkpoint" / "state.json"
+    state.write_text(state.read_text().replace('"skipped_steps": 0', '"skipped_steps": 1'))
+    assert one_line_error(native(binary, bundle, out, "--resume")) == (
+        f"mobizo-train: error: cannot resume: {state}: checksum mismatch (the file is corrupted) "
+        "(start again with --overwrite)"
+    )
 
 
 def _consistent(out: Path, ref: list[dict]) -> int:

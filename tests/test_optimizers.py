@@ -169,7 +169,7 @@ def test_rule_errors(capsys, tmp_path):
 def test_non_finite_optimizer_state_is_refused(capsys, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mobizo.checkpoint import tensors_sha256
+    from mobizo.checkpoint import tensors_sha256, write_sums
 
     out = tmp_path / "run"
     assert cli(capsys, "train", *FAST, "--optimizer", "adam", "--lr", 0.01, "--steps", 2, "--out", out)[0] == 0
@@ -178,6 +178,7 @@ def test_non_finite_optimizer_state_is_refused(capsys, tmp_path):
     key = next(k for k in state if k.endswith("zo_v"))
     state[key][0, 0] = float("nan")
     save_file(state, str(path), metadata={"format": "pt", "sha256": tensors_sha256(state)})  # a valid checksum
+    write_sums(path.parent)  # and the checkpoint's SHA256SUMS over the new bytes: only the values are wrong
     rc, err = cli(capsys, "train", "--out", out, "--resume", "--steps", 4)
     assert rc == 2 and "non-finite" in err and key in err
 

@@ -13,8 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from _checkpoints import legacy_checkpoint
 
-from mobizo.checkpoint import load_checkpoint, read_adapter, save_adapter
+from mobizo.checkpoint import (
+    CONFIG,
+    OPTIMIZER,
+    ROLLBACK,
+    STATE,
+    SUMS,
+    WEIGHTS,
+    ZO_STATE,
+    load_checkpoint,
+    read_adapter,
+    save_adapter,
+    save_checkpoint,
+)
 from mobizo.cli import main
 from mobizo.errors import MobizoError
 from mobizo.fsio import atomic_write_dir, clean_stale, resolve_dir
@@ -323,6 +336,134 @@ def test_optimizer_state_checksum(capsys, tmp_path):
     opt.write_bytes(bytes(data))
     rc, err = _resume(capsys, out)
     assert rc == 2 and "optimizer.pt: checksum mismatch" in err
+
+
+HINT = " (rebuild the adapter from metrics.jsonl with `mobizo replay`, or start again with --overwrite)"
+
+
+@pytest.fixture(scope="module")
+def full_checkpoints(tmp_path_factory):
+    """Checkpoints holding every kind of file: a ZO rule's state and a rollback point; an FO optimizer."""
+    adapter = {"m.lora_A": torch.randn(2, 3), "m.lora_B": torch.randn(4, 2)}
+    rollback = {"adapter.m.lora_A": adapter["m.lora_A"], "adapter.m.lora_B": torch.zeros(4, 2)}
+    state = {"step": 5, "config": {"seed": 1}, "skipped_steps": 1, "rollback": {"step": 3}}
+    d = tmp_path_factory.mktemp("ck")
+    save_checkpoint(d / "zo", adapter, 2, 4.0, "tiny", state, {"m.m": torch.ones(4, 2)}, False, rollback)
+    fo = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}}, "param_groups": [{"params": [0]}]}
+    save_checkpoint(d / "fo", adapter, 2, 4.0, "tiny", state, fo, False)
+    return d
+
+
+def test_checkpoint_sums_list_every_file_and_sha256sum_checks_them(ckpt_run, full_checkpoints):
+    for ck, files in (
+        (ckpt_run / "checkpoint", [CONFIG, WEIGHTS, ROLLBACK, STATE]),  # (the rollback point: step 3's)
+        (full_checkpoints / "zo", [CONFIG, WEIGHTS, ROLLBACK, STATE, ZO_STATE]),
+        (full_checkpoints / "fo", [CONFIG, WEIGHTS, OPTIMIZER, STATE]),
+    ):
+        assert sorted(p.name for p in ck.iterdir()) == sorted([*files, SUMS])
+        lines = (ck / SUMS).read_text().splitlines()
+        assert [line[66:] for line in lines] == sorted(files) and all(line[64:66] == "  " for line in lines)
+        state = json.loads((ck / STATE).read_text())
+        assert state["checkpoint_format"] == 2 and "sha256" not in state  # no canonical-JSON checksum any more
+        p = subprocess.run(["sha256sum", "--check", "--strict", SUMS], cwd=ck, capture_output=True, text=True)
+        assert p.returncode == 0 and p.stdout.count(": OK") == len(files), p.stdout + p.stderr
+        load_checkpoint(ck)
+
+
+def _flip(path: Path) -> None:
+    """One bit changed where the file's own checks cannot see it: the base model's name or a digit of a JSON
+    file (still valid JSON), a data byte of another file."""
+    data = bytearray(path.read_bytes())
+    i = len(data) - 3
+    if path.suffix == ".json":
+        i = data.index(b'"tiny"') + 1 if b'"tiny"' in data else [m.start() for m in re.finditer(rb"[1-9]", data)][-1]
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [("zo", n) for n in (STATE, CONFIG, WEIGHTS, ZO_STATE, ROLLBACK)] + [("fo", OPTIMIZER)],
+)
+def test_a_flipped_bit_in_any_listed_file_is_one_line_naming_it(full_checkpoints, tmp_path, kind, name):
+    ck = tmp_path / "checkpoint"
+    shutil.copytree(full_checkpoints / kind, ck)
+    _flip(ck / name)
+    with pytest.raises(MobizoError) as e:
+        load_checkpoint(ck)
+    assert str(e.value) == f"cannot resume: {ck / name}: checksum mismatch (the file is corrupted){HINT}"
+
+
+def test_a_damaged_sums_file_is_one_line(full_checkpoints, tmp_path):
+    src = full_checkpoints / "zo"
+    text = (src / SUMS).read_text()
+    first = text.splitlines(True)[0]  # adapter_config.json's line
+    other = "0" if text[0] != "0" else "1"
+    cases = {  # SHA256SUMS as damaged -> the error
+        text.replace(text.splitlines(True)[-1], ""): f"{SUMS}: {ZO_STATE} is not listed (the file is corrupted)",
+        other + text[1:]: f"{CONFIG}: checksum mismatch (the file is corrupted)",
+        "x" + text[1:]: f"{SUMS}: malformed line 1 (the file is corrupted)",
+        text.replace(first, first.replace("  ", " /")): f"{SUMS}: malformed line 1 (the file is corrupted)",
+        text + first: f"{SUMS}: malformed line 6 (the file is corrupted)",
+        text[:-5]: f"{SUMS}: truncated (the file is corrupted)",
+        "": f"{SUMS}: truncated (the file is corrupted)",
+    }
+    for k, (damaged, want) in enumerate(cases.items()):
+        ck = tmp_path / str(k) / "checkpoint"
+        shutil.copytree(src, ck)
+        (ck / SUMS).write_text(damaged)
+        with pytest.raises(MobizoError) as e:
+            load_checkpoint(ck)
+        assert str(e.value) == f"cannot resume: {ck}/{want}{HINT}", damaged
+    # a listed file deleted; SHA256SUMS deleted from a format-2 checkpoint
+    ck = tmp_path / "deleted" / "checkpoint"
+    shutil.copytree(src, ck)
+    (ck / ROLLBACK).unlink()
+    with pytest.raises(MobizoError, match=re.escape(f"{ck / ROLLBACK}: missing")):
+        load_checkpoint(ck)
+    (ck / SUMS).unlink()
+    with pytest.raises(MobizoError, match=re.escape(f"cannot resume: {ck / SUMS}: missing{HINT}")):
+        load_checkpoint(ck)
+
+
+def test_legacy_checkpoint_resumes_bit_exactly(capsys, tmp_path):
+    """A format-1 checkpoint (canonical-JSON sha256 inside state.json, no SHA256SUMS) resumes, and is verified."""
+    args = ("--save-every", "3", "--lr", "2.0")
+    assert train(capsys, tmp_path / "full", "--steps", "8", *args)[0] == 0
+    part = tmp_path / "part"
+    assert train(capsys, part, "--steps", "6", *args)[0] == 0
+    legacy_checkpoint(part / "checkpoint")
+    saved = tmp_path / "legacy"
+    shutil.copytree(part / "checkpoint", saved)
+    assert not (saved / SUMS).exists() and "sha256" in json.loads((saved / STATE).read_text())
+    assert load_checkpoint(saved)[2]["step"] == 6
+    assert _resume(capsys, part)[0] == 0  # to step 8
+    for f in ("adapter/adapter_model.safetensors", "checkpoint/adapter_model.safetensors"):
+        assert (part / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+
+    def steps(run: Path) -> list[tuple]:  # (without the end-of-run eval the shorter run logged at step 6)
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[1:]]
+        return [(r["step"], r["loss"], r["projected_grads"], r["lr"]) for r in recs]
+
+    assert steps(part) == steps(tmp_path / "full") and len(steps(part)) == 8
+    assert (part / "checkpoint" / SUMS).is_file()  # the next checkpoint is written in format 2
+    # the legacy checksum is still checked
+    path = saved / STATE
+    path.write_text(path.read_text().replace('"skipped_steps": 0', '"skipped_steps": 1'))
+    with pytest.raises(MobizoError, match=re.escape(f"{path}: checksum mismatch (the file is corrupted)")):
+        load_checkpoint(saved)
+
+
+def test_checkpoint_format_newer_than_this_mobizo_is_refused(full_checkpoints, tmp_path):
+    ck = tmp_path / "checkpoint"
+    shutil.copytree(full_checkpoints / "zo", ck)
+    state = json.loads((ck / STATE).read_text())
+    (ck / STATE).write_text(json.dumps({**state, "checkpoint_format": 3}))
+    from mobizo.checkpoint import write_sums
+
+    write_sums(ck)
+    with pytest.raises(MobizoError, match=re.escape("checkpoint format 3 is newer than this mobizo reads (2)")):
+        load_checkpoint(ck)
 
 
 def test_resume_uses_the_old_twin_after_a_kill_between_the_renames(capsys, ckpt_run):

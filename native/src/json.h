@@ -1,8 +1,9 @@
 // A small JSON value with a parser and a writer that reproduces Python's json.dumps.
 //
 // mobizo's files are written by Python (manifest.json, run.json) and read back by Python
-// (metrics.jsonl, state.json, safetensors headers), and state.json carries a sha256 of
-// json.dumps(state, sort_keys=True). So numbers keep Python's int/float distinction, floats
+// (metrics.jsonl, state.json, safetensors headers), and a legacy (format 1) checkpoint's state.json
+// carries a sha256 of json.dumps(state, sort_keys=True), which --resume still checks (format 2
+// checksums the files' bytes: sums.h). So numbers keep Python's int/float distinction, floats
 // print as Python's repr (shortest round-trip), strings are escaped as with ensure_ascii=True,
 // and Python's non-standard Infinity/NaN tokens are accepted on input.
 #pragma once

@@ -6,8 +6,8 @@
 //
 // --data trains on new records tokenized on the device (records.h) instead of the bundle's arrays.
 // It writes what `mobizo train` writes: RUN/metrics.jsonl (the bundle's header line, then one
-// record per step), RUN/checkpoint/ (PEFT adapter + state.json, every save_every steps and at the
-// end), RUN/adapter/ (PEFT format), RUN/summary.json and the RUN/.mobizo marker, all atomically.
+// record per step), RUN/checkpoint/ (PEFT adapter + state.json + SHA256SUMS, every save_every steps and at
+// the end), RUN/adapter/ (PEFT format), RUN/summary.json and the RUN/.mobizo marker, all atomically.
 // --resume continues from the checkpoint bit for bit; a SIGKILL loses at most the steps since the
 // last checkpoint. --overwrite needs the marker and removes only mobizo's entries (mobizo.rundir).
 // Errors are one line on stderr ("mobizo-train: error: ...") and exit code 2.
@@ -34,6 +34,7 @@
 #include "json.h"
 #include "records.h"
 #include "sha256.h"
+#include "sums.h"
 #include "text.h"
 
 #ifndef MOBIZO_EXECUTORCH_VERSION
@@ -480,6 +481,8 @@ Json data_record(const Examples* raw) {
   return r;
 }
 
+const int64_t CHECKPOINT_FORMAT = 2;  // mobizo.checkpoint.CHECKPOINT_FORMAT
+
 Json state_json(const Bundle& b, const RunState& s, int64_t total_steps, const Examples* raw) {
   Json st = Json::object();
   st.set("step", Json::integer(s.step));
@@ -502,8 +505,7 @@ Json state_json(const Bundle& b, const RunState& s, int64_t total_steps, const E
   st.set("lr_scale", Json::number(s.lr_scale));
   st.set("rollbacks", s.rollbacks);
   if (!s.rollback.is_null()) st.set("rollback", s.rollback);
-  // mobizo.checkpoint._state_sha256: sha256 of json.dumps(state without "sha256", sort_keys=True)
-  st.set("sha256", Json::string(sha256_hex(dump_json(st, /*sort_keys=*/true))));
+  st.set("checkpoint_format", Json::integer(CHECKPOINT_FORMAT));  // its files' checksums: SHA256SUMS (sums.h)
   return st;
 }
 
@@ -628,14 +630,33 @@ int train(const Options& o) {
     std::string d = resolve_dir(ckpt);
     const std::string hint = " (start again with --overwrite)";
     Json state;
+    Sums sums;
+    bool has_sums = false;
     try {
+      has_sums = read_sums(d, &sums);  // format 2: state.json's bytes are checked before it is parsed
+      if (has_sums) check_listed(d, sums, "state.json");
       state = parse_json(read_file(join(d, "state.json")));
-      Json body = state;
-      body.o.erase(std::remove_if(body.o.begin(), body.o.end(), [](auto& kv) { return kv.first == "sha256"; }),
-                   body.o.end());
-      const Json* sum = state.find("sha256");
-      if (!sum || sum->type != Json::Type::String || sum->s != sha256_hex(dump_json(body, true)))
-        throw mobizo::Error(join(d, "state.json") + ": checksum mismatch (the file is corrupted)");
+      int64_t format = 1;
+      if (const Json* f = state.find("checkpoint_format")) format = f->as_int("checkpoint_format");
+      if (format < 1)
+        throw mobizo::Error(join(d, "state.json") + ": invalid checkpoint_format " + std::to_string(format) +
+                            " in the checkpoint state");
+      if (format > CHECKPOINT_FORMAT)
+        throw mobizo::Error(join(d, "state.json") + ": checkpoint format " + std::to_string(format) +
+                            " is newer than this mobizo-train reads (" + std::to_string(CHECKPOINT_FORMAT) +
+                            "): upgrade it");
+      if (!has_sums && format > 1) throw mobizo::Error(join(d, SUMS) + ": missing");
+      if (!has_sums) {
+        // Legacy (checkpoint format 1, before SHA256SUMS): state.json held the sha256 of its canonical JSON,
+        // mobizo.checkpoint._state_sha256 = sha256(json.dumps(state without "sha256", sort_keys=True)); checking
+        // it is what still needs dump_json to write exactly what Python's json.dumps writes.
+        Json body = state;
+        body.o.erase(std::remove_if(body.o.begin(), body.o.end(), [](auto& kv) { return kv.first == "sha256"; }),
+                     body.o.end());
+        const Json* sum = state.find("sha256");
+        if (!sum || sum->type != Json::Type::String || sum->s != sha256_hex(dump_json(body, true)))
+          throw mobizo::Error(join(d, "state.json") + ": checksum mismatch (the file is corrupted)");
+      }
       st.step = state.at("step").as_int("step");
       st.skipped = state.at("skipped_steps").as_int("skipped_steps");
       st.last_loss = state.at("last_loss").is_null() ? NAN : state.at("last_loss").as_double("last_loss");
@@ -701,6 +722,11 @@ int train(const Options& o) {
       if (st_saved.size() != b.state.size())
         throw mobizo::Error("cannot resume: the checkpoint's optimizer state has other tensors" + hint);
       prog.set_state(opt_state);
+    }
+    try {
+      if (has_sums) verify_sums(d, sums);  // every file's bytes (the rollback point's too, read below)
+    } catch (const mobizo::Error& e) {
+      throw mobizo::Error(std::string("cannot resume: ") + e.what() + hint);
     }
     write_marker_if_missing(o.out, b);
     atomic_write_file(metrics_path, kept_metrics(metrics_path, st.step, b.log_header_line));
@@ -773,6 +799,7 @@ int train(const Options& o) {
         write_file_synced(join(tmp, "zo_state.safetensors"), safetensors_bytes(rule_state, meta));
       }
       write_file_synced(join(tmp, "state.json"), dump_json(state_json(b, s, total, raw.get()), true) + "\n");
+      write_sums(tmp);  // last, over the bytes as written (the directory swap makes the whole atomic)
     });
     last_ckpt = step;
   };

@@ -1,5 +1,5 @@
 // SHA-256 (FIPS 180-4): the checksums mobizo writes and checks (train.pte, bundle arrays,
-// adapter tensors, checkpoint state).
+// adapter tensors, a checkpoint's files: sums.h).
 #pragma once
 
 #include <cstddef>

@@ -6,7 +6,14 @@
   ``peft.PeftModel.from_pretrained(base, "adapter/")`` loads it. The
   safetensors metadata carries a sha256 of the tensors, checked on load.
 * ``checkpoint/``: the same adapter plus ``state.json`` (step, run config) and,
-  for the first-order baseline, ``optimizer.pt`` (loaded with weights_only).
+  for the first-order baseline, ``optimizer.pt`` (loaded with weights_only); ``SHA256SUMS``, written
+  last, holds the sha256 of every other file's bytes (``sha256sum`` format: ``sha256sum -c SHA256SUMS``
+  checks it too), and loading verifies them.
+
+Checkpoint formats (``checkpoint_format`` in ``state.json``): 2 is the one written, described above. 1 (legacy,
+before ``SHA256SUMS``; no ``checkpoint_format``) kept a sha256 of the canonical JSON of ``state.json``
+(``json.dumps(state, sort_keys=True)``) inside it, which made the native trainer reproduce Python's
+``json.dumps`` byte for byte; it is still read and resumed (:func:`_state_sha256`).
 
 Every directory is written with :func:`mobizo.fsio.atomic_write_dir` (to a temporary sibling, fsync'ed
 and renamed into place), so a kill at any moment leaves either the old or the new version; the scratch
@@ -284,6 +291,11 @@ def _one_line(e: BaseException) -> str:
 OPTIMIZER = "optimizer.pt"  # the first-order baseline's torch optimizer
 ZO_STATE = "zo_state.safetensors"  # a stateful ZO update rule's buffers (mobizo.zo_optim), checksummed like adapters
 ROLLBACK = "rollback.safetensors"  # the adapter and rule state of the last healthy point before this checkpoint
+SUMS = "SHA256SUMS"  # sha256 of each file's bytes, as `sha256sum` writes them (format 2)
+CHECKPOINT_FORMAT = 2
+# the files a checkpoint may hold, each read by some loader: each one present must be listed in SHA256SUMS
+CHECKPOINT_FILES = (STATE, CONFIG, WEIGHTS, ZO_STATE, ROLLBACK, OPTIMIZER)
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *]([^/\\\x00]+)")  # "<hex>  <name>" ("*": binary mode); a plain name
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -303,12 +315,13 @@ def save_checkpoint(
 ) -> None:
     """Adapter + ``state.json`` (+ the optimizer's state: ``zo_state.safetensors`` for a ZO rule, ``optimizer.pt``
     for the first-order baseline, its presence or sha256 recorded in the state; + ``rollback.safetensors``: the
-    tensors of an earlier healthy point a divergence rollback returns to, :mod:`mobizo.divergence`), swapped
-    in atomically."""
+    tensors of an earlier healthy point a divergence rollback returns to, :mod:`mobizo.divergence`) + ``SHA256SUMS``
+    over all of them, swapped in atomically."""
 
     def write(d: Path) -> None:
         write_adapter(d, adapter_state, rank, alpha, base_model, fan_in_fan_out)
         st = {k: v for k, v in state.items() if k != "sha256"}
+        st["checkpoint_format"] = CHECKPOINT_FORMAT
         if rollback:
             _save_tensors(d / ROLLBACK, rollback)
         if _is_tensor_dict(optimizer):
@@ -317,28 +330,91 @@ def save_checkpoint(
         elif optimizer is not None:
             torch.save(optimizer, d / OPTIMIZER)
             st["optimizer_sha256"] = file_sha256(d / OPTIMIZER)[1]
-        st["sha256"] = _state_sha256(st)
         (d / STATE).write_text(dumps(st, indent=1, sort_keys=True), encoding="utf-8")
+        write_sums(d)  # last: over the bytes as written (the directory swap makes the whole atomic)
 
     atomic_write_dir(Path(directory), write)
 
 
+def sums_text(digests: dict[str, str]) -> str:
+    """``SHA256SUMS``: one ``<hex>  <name>`` line per file, sorted by name (what ``sha256sum`` prints)."""
+    return "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+
+
+def write_sums(d: Path) -> None:
+    """``SHA256SUMS`` over every other file of the (scratch) checkpoint directory ``d``."""
+    files = [p for p in Path(d).iterdir() if p.is_file() and p.name != SUMS]
+    (Path(d) / SUMS).write_text(sums_text({p.name: file_sha256(p)[1] for p in files}), encoding="utf-8")
+
+
+def read_sums(d: Path) -> dict[str, str] | None:
+    """``{name: sha256}`` from a checkpoint's ``SHA256SUMS``; None when it has none (format 1)."""
+    path = Path(d) / SUMS
+    if not path.exists():
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MobizoError(f"{path}: unreadable ({_one_line(e)})") from e
+    if not text.endswith("\n"):  # (also an empty file: a checkpoint always lists its files)
+        raise MobizoError(f"{path}: truncated (the file is corrupted)")
+    sums: dict[str, str] = {}
+    for n, line in enumerate(text.split("\n")[:-1], 1):  # lines end at "\n" only, as for sha256sum
+        m = _SUMS_LINE.fullmatch(line)
+        if m is None or m.group(2) in sums:
+            raise MobizoError(f"{path}: malformed line {n} (the file is corrupted)")
+        sums[m.group(2)] = m.group(1)
+    return sums
+
+
+def _check_listed(d: Path, sums: dict[str, str], name: str) -> None:
+    path = Path(d) / name
+    if name not in sums:
+        raise MobizoError(f"{Path(d) / SUMS}: {name} is not listed (the file is corrupted)")
+    if not path.is_file():
+        raise MobizoError(f"{path}: missing")
+    if file_sha256(path)[1] != sums[name]:
+        raise MobizoError(f"{path}: checksum mismatch (the file is corrupted)")
+
+
+def verify_sums(d: Path, sums: dict[str, str]) -> None:
+    """Every file ``SHA256SUMS`` lists is there with those bytes, and it lists every file a loader reads
+    (``state.json`` and the adapter always, the others when present)."""
+    d = Path(d)
+    required = {STATE, CONFIG, WEIGHTS} | {n for n in CHECKPOINT_FILES if (d / n).exists()}
+    for name in sorted(required | set(sums)):
+        _check_listed(d, sums, name)
+
+
 def _state_sha256(state: dict) -> str:
-    """sha256 of the canonical JSON of a state (without its own ``sha256`` entry)."""
+    """Legacy (checkpoint format 1): sha256 of the canonical JSON of a state (without its own ``sha256``)."""
     body = {k: v for k, v in state.items() if k != "sha256"}
     return hashlib.sha256(dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def read_state(d: Path, require_checksum: bool = True) -> dict:
-    """A checkpoint's ``state.json``: checksum verified, then validated (step, config, counters)."""
+    """A checkpoint's ``state.json``: checksum verified (its bytes against ``SHA256SUMS``; a format-1 checkpoint's
+    embedded sha256), then validated (format, step, config, counters)."""
     path = Path(d) / STATE
+    sums = read_sums(d)
+    if sums is not None:
+        _check_listed(d, sums, STATE)
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise MobizoError(f"{path}: unreadable checkpoint state ({_one_line(e)})") from e
     if not isinstance(state, dict):
         raise MobizoError(f"{path}: checkpoint state is not a JSON object")
-    if "sha256" in state or require_checksum:
+    fmt = state.get("checkpoint_format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise MobizoError(f"{path}: invalid checkpoint_format {fmt!r} in the checkpoint state")
+    if fmt > CHECKPOINT_FORMAT:
+        raise MobizoError(
+            f"{path}: checkpoint format {fmt} is newer than this mobizo reads ({CHECKPOINT_FORMAT}): upgrade mobizo"
+        )
+    if sums is None and fmt > 1:
+        raise MobizoError(f"{Path(d) / SUMS}: missing")
+    if sums is None and ("sha256" in state or require_checksum):  # legacy: format 1 checksummed its canonical JSON
         try:
             ok = state.get("sha256") == _state_sha256(state)
         except (TypeError, ValueError):
@@ -371,12 +447,15 @@ def load_checkpoint(directory: Path):
     hint = " (rebuild the adapter from metrics.jsonl with `mobizo replay`, or start again with --overwrite)"
     try:
         state = read_state(d)
-        adapter, config = read_adapter(d, require_checksum=True)
+        adapter, config = read_adapter(d, require_checksum=True)  # a damaged file's own error first (truncated...)
         optimizer = None
         opt = d / OPTIMIZER
         if (d / ZO_STATE).is_file() or state.get("zo_state"):
             optimizer = _read_zo_state(d / ZO_STATE)
-        elif opt.is_file() or "optimizer_sha256" in state:
+        sums = read_sums(d)
+        if sums is not None:
+            verify_sums(d, sums)  # every file's bytes, before optimizer.pt is unpickled
+        if optimizer is None and (opt.is_file() or "optimizer_sha256" in state):
             if not opt.is_file():
                 raise MobizoError(f"{opt}: missing")
             if state.get("optimizer_sha256") != file_sha256(opt)[1]:
