@@ -177,8 +177,9 @@ def test_shared_prompt_program_follows_the_per_candidate_eager_trajectory(progra
         assert (state[f"{name}.lora_B"] - layer.lora_B).abs().max() <= 1e-4  # as the 50-step eager parity
     assert max(v.abs().max() for k, v in state.items() if k.endswith("lora_B")) > 1e-3
     # score: (eval rows, choices) CE of the candidates after the prompt, as a forward over the rows gives
-    g, gold = groups(range(8))
-    batch = collate_choices(g, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=8)
+    rows = m["eval_rows"]  # score takes one copy of the step's batch (build.program_eval_rows)
+    g, gold = groups(range(rows))
+    batch = collate_choices(g, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=rows)
     sums, counts = eng.score_choices(batch)
     with torch.no_grad():
         want, want_counts = choice_losses(model, batch.input_ids, batch.attention_mask, batch.labels)

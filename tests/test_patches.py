@@ -6,6 +6,7 @@ its own, and with all on (two lowering workers)."""
 import contextlib
 import dataclasses
 import io
+import json
 import multiprocessing.pool
 import os
 import re
@@ -437,17 +438,18 @@ def test_the_runtime_without_the_weights_cache_scores_the_same(plain, tiny_pair,
     from mobizo.tasks import get_task
 
     _, tok = tiny_pair
-    exs, enc = get_task("synthetic").load("train")[:8], Encoder(tok)
+    rows = json.loads((plain[2] / "manifest.json").read_text())["eval_rows"]  # one copy of the step's batch
+    exs, enc = get_task("synthetic").load("train")[:rows], Encoder(tok)
     groups = [[enc(e.prompt, c) for c in e.candidates] for e in exs]
     gold = [e.label for e in exs]
-    batch = collate_choices(groups, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=8)
+    batch = collate_choices(groups, gold, 2, tok.pad_token_id, 32, length=32, answer_len=1, examples=rows)
     cached = ExecuTorchEngine(plain[2])
     assert cached.shared_weights
     monkeypatch.setattr(core, "installed", _upgraded("executorch"))
     alone = ExecuTorchEngine(plain[2])
     assert not alone.shared_weights and "score" not in alone.methods
     (s1, c1), (s2, c2) = cached.score_choices(batch), alone.score_choices(batch)
-    assert torch.equal(s1, s2) and torch.equal(c1, c2) and s1.shape == (8, 2)
+    assert torch.equal(s1, s2) and torch.equal(c1, c2) and s1.shape == (rows, 2)
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mobizo: notice: ")]
     want = f"share_packed_weights not applied (verified on executorch {ET}; found executorch 1.6.0)"
     assert notices == [f"mobizo: notice: {want}: using ExecuTorch's own path"]  # (cpuinfo's probes write there too)
