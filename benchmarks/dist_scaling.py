@@ -65,6 +65,8 @@ def run(model: str, n: int, mode: str, args, root: Path) -> dict:
         4,
         "--save-every",
         0,
+        "--optimizer",
+        "sgd",
         "--lr",
         1.0,
         "--eps",

@@ -9,6 +9,8 @@ its own process (peak RSS = ``ru_maxrss`` of that process: the runtime, the weig
 * eager PyTorch with a KV cache (``EagerEngine.decoder``), the GGUF dequantized to float32;
 * the exported ExecuTorch program's ``prefill``/``decode`` methods (``ExecuTorchEngine.decoder``), float32 and
   with ``--quantize 8da8w`` (int8 linears with int8 dynamic activations, XNNPACK);
+* the native trainer's ``mobizo-train generate`` on a bundle of the float32 program (``mobizo bundle
+  --program``), a C++ process with no Python: its time is measured from outside (see ``native_row``);
 * llama.cpp (``llama-cpp-python``) on GGUF files of the same model at Q8_0 and F16 (``--llama-gguf``).
 
 Every row decodes exactly 64 tokens (EOS does not stop it), so the rows do the same work. Reported:
@@ -130,21 +132,70 @@ def run_row(row: str, args, extra: list[str] | None = None) -> dict:
     return result
 
 
-def export(args, out: Path, quantize: str) -> None:
-    """The training program of the model, with its generation methods, for 128 positions."""
-    if (out / "train.pte").is_file():
-        return
+def _decoded_prompt(args) -> str:
+    """The benchmark's 64 prompt tokens as text (the native trainer tokenizes text itself)."""
+    from mobizo.models import load_fast_tokenizer
+
+    tok = load_fast_tokenizer(Path(args.work) / "program-fp32" / "tokenizer")
+    return tok.decode(prompt_ids(tok), skip_special_tokens=True)
+
+
+def native_row(args) -> dict:
+    """``mobizo-train generate`` on the fp32 program's bundle, one thread. It prints no timings, so each
+    repeat runs the whole process twice, for 1 and for 64 new tokens: decode tokens/s = (n - 1) / the
+    difference of the two wall times; "prefill_s" is the 1-token process's wall time (load, checks, the
+    weights' packing and the prefill: an upper bound). Greedy: it stops at EOS, so the tokens it decoded
+    are counted from its --json output."""
+    from mobizo.native import build
+
+    bundle = Path(args.work) / "bundle"
+    if not (bundle / "run.json").is_file():
+        cmd = [sys.executable, "-m", "mobizo", "bundle", *_program_flags(args), "--steps", "1"]
+        cmd += ["--program", str(Path(args.work) / "program-fp32"), "--out", str(bundle), "--overwrite"]
+        subprocess.run(cmd, check=True, env=_env())
+    binary = build()
+    prompt = _decoded_prompt(args)
+
+    def once(n: int) -> tuple[float, dict]:
+        cmd = [str(binary), "generate", str(bundle), "--prompt", prompt, "--no-chat-template", "--json"]
+        cmd += ["--max-new-tokens", str(n), "--threads", "1"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return time.perf_counter() - t0, json.loads(proc.stdout.splitlines()[-1])
+
+    once(1)  # warm-up: the page cache
+    runs = []
+    for _ in range(args.repeat):
+        (t1, _), (tn, rec) = once(1), once(NEW_TOKENS)
+        runs.append((t1, (rec["tokens"] - 1) / (tn - t1), tn, rec))
+    # peak RSS: one more 64-token run under /usr/bin/time (its output lands in WORK/native.log)
+    cmd = [str(binary), "generate", str(bundle), "--prompt", prompt, "--no-chat-template", "--threads", "1"]
+    rss = run_row("native", args, [*cmd, "--max-new-tokens", str(NEW_TOKENS)])
+    rec = runs[-1][3]
+    return {
+        "prefill_s": statistics.median(r[0] for r in runs),
+        "decode_tok_s": statistics.median(r[1] for r in runs),
+        "process_s": statistics.median(r[2] for r in runs),
+        "prompt_tokens": rec.get("prompt_tokens"),
+        "new_tokens": rec.get("tokens"),
+        "peak_rss_mib": rss.get("peak_rss_mib"),
+        "rc": rss.get("rc"),
+    }
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+
+
+def _program_flags(args) -> list[str]:
+    """The model, task and length of the programs (a four-word task: generation needs none of it)."""
     data = Path(args.work) / "data"
     data.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation"):
         (data / f"{split}.jsonl").write_text(
             "\n".join(json.dumps({"text": w, "label": i % 2}) for i, w in enumerate(["good", "bad", "fine", "poor"]))
         )
-    cmd = [
-        sys.executable,
-        "-m",
-        "mobizo",
-        "export",
+    return [
         "--model",
         args.gguf,
         "--task",
@@ -157,6 +208,21 @@ def export(args, out: Path, quantize: str) -> None:
         "negative,positive",
         "--max-length",
         str(PROMPT_TOKENS + NEW_TOKENS),
+        "--optimizer",
+        "sgd",
+    ]
+
+
+def export(args, out: Path, quantize: str) -> None:
+    """The training program of the model, with its generation methods, for 128 positions."""
+    if (out / "train.pte").is_file():
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobizo",
+        "export",
+        *_program_flags(args),
         "--fixed-length",
         "--quantize",
         quantize,
@@ -165,8 +231,7 @@ def export(args, out: Path, quantize: str) -> None:
         "--overwrite",
         "--no-progress",
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=_env())
 
 
 def main() -> None:
@@ -176,6 +241,7 @@ def main() -> None:
     ap.add_argument("--llama-gguf", action="append", default=[], help="NAME=FILE: a llama.cpp row per file")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-native", action="store_true", help="skip the native trainer's row (no compiler)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -186,6 +252,8 @@ def main() -> None:
     export(args, Path(args.work) / "program-8da8w", "8da8w")
     rows = ["eager", "executorch fp32", "executorch 8da8w"] + [f"llama.cpp {x.split('=')[0]}" for x in args.llama_gguf]
     results = {row: run_row(row, args) for row in rows}
+    if not args.no_native:
+        results["native fp32 (mobizo-train)"] = native_row(args)
     (Path(args.work) / "results.json").write_text(json.dumps(results, indent=1))
     print(
         f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, greedy, {args.threads} thread(s), median of "
@@ -199,6 +267,13 @@ def main() -> None:
         print(
             f"| {row} | {r.get('prefill_s', float('nan')):.3f} | {r.get('decode_tok_s', float('nan')):.1f} | "
             f"{r.get('peak_rss_mib')} |"
+        )
+    native = results.get("native fp32 (mobizo-train)")
+    if native and not native.get("rc"):
+        print(
+            f"\nnative: prefill column = the whole 1-token process (load, checks, packing, prefill of "
+            f"{native['prompt_tokens']} tokens); decode over {native['new_tokens']} new tokens; a 64-token process "
+            f"{native['process_s']:.2f} s"
         )
 
 

@@ -31,6 +31,7 @@ CONFIG = dict(
     model="tiny",
     task="synthetic",
     estimator="prge",
+    optimizer="sgd",
     queries=4,
     batch_size=8,
     max_length=48,

@@ -77,6 +77,7 @@ def main(argv=None) -> int:
             queries=args.queries,
             batch_size=args.batch_size,
             max_length=args.max_length,
+            optimizer="sgd",
             lr=0.1,
             eps=0.05,
             eval_every=0,

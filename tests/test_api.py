@@ -26,6 +26,8 @@ FAST = [
     "--no-progress",
     "--eval-every",
     0,
+    "--optimizer",
+    "sgd",
     "--lr",
     2.0,
     "--eps",
@@ -56,6 +58,7 @@ def test_api_resume_equals_an_uninterrupted_run_and_the_cli(tmp_path, run_cli):
     cfg = TrainConfig.from_flat(
         queries=2,
         batch_size=4,
+        optimizer="sgd",
         lr=2.0,
         eps=0.02,
         max_length=32,
@@ -154,13 +157,17 @@ def test_overwrite_refuses_foreign_folders_and_replaces_only_mobizo_entries(tmp_
 @pytest.mark.slow  # two exports
 def test_export_overwrite_replaces_a_program_with_its_tokenizer(tmp_path, run_cli):
     prog = tmp_path / "prog"
-    lengths = []
-    for extra in ([], ["--overwrite", "--fixed-length"]):  # the second export replaces the first, tokenizer included
+    lengths, rules = [], []
+    # the second export replaces the first, tokenizer included; the update rule is the program's own
+    for extra in ([], ["--overwrite", "--fixed-length", "--optimizer", "momentum"]):
         code, err = run_cli(["export", "--out", prog, "--no-progress", "--max-length", 24, *extra])
         assert code == 0, err
-        lengths.append(json.loads((prog / "manifest.json").read_text())["dynamic_length"])
+        manifest = json.loads((prog / "manifest.json").read_text())
+        lengths.append(manifest["dynamic_length"])
+        rules.append(manifest["optimizer"])
     assert sorted(p.name for p in prog.iterdir()) == [".mobizo", "manifest.json", "tokenizer", "train.pte"]
     assert lengths == [True, False]  # --fixed-length: a program for exactly --max-length tokens
+    assert rules == ["fzoo", "momentum"]  # the default rule, spelled out
 
 
 def test_resume_and_overwrite_exclude_each_other_and_out_defaults_under_runs(tmp_path, run_cli):

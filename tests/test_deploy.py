@@ -301,7 +301,9 @@ def test_run_directory_export_and_peft_after_convert(world, llama_cpp_model, tmp
 
     run = tmp_path / "run"
     cfg = dict(task="synthetic", queries=2, batch_size=4, max_length=32, steps=2, eval_every=0, save_every=0)
-    cfg.update(eval_examples=8, lr=1.0, eps=0.05, progress=False, out=str(run), model=str(world["base"]))
+    cfg.update(
+        eval_examples=8, optimizer="sgd", lr=1.0, eps=0.05, progress=False, out=str(run), model=str(world["base"])
+    )
     train(TrainConfig.from_flat(**cfg))
     mine, _ = load_model(str(world["base"]))
     load_adapter(mine, run / "adapter")

@@ -25,6 +25,7 @@ from mobizo.tasks import get_task
 
 FAST = ["--model", "tiny", "--eval-every", "0", "--eval-examples", "8", "--batch-size", "4", "--queries", "2"]
 FAST += ["--max-length", "32", "--train-examples", "64", "--no-progress", "--lr", "0.05", "--eps", "0.01"]
+FAST += ["--optimizer", "sgd"]
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

@@ -30,6 +30,7 @@ FLAGS = dict(
     max_length=32,
     eval_examples=16,
     eval_every=0,
+    optimizer="sgd",
     lr=2.0,
     eps=0.02,
     save_every=3,

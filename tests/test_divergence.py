@@ -16,7 +16,7 @@ from mobizo.errors import MobizoError
 from mobizo.replay import replay
 
 FLAGS = dict(model="tiny", task="synthetic", queries=2, batch_size=4, max_length=32, eval_examples=16, lr=1.0)
-FLAGS.update(eps=0.05, eval_every=0, save_every=10, progress=False)
+FLAGS.update(optimizer="sgd", eps=0.05, eval_every=0, save_every=10, progress=False)
 
 
 def test_the_monitor_flags_a_sustained_climb_and_nothing_else():

@@ -536,7 +536,7 @@ def monkeypatch_module():
         raise Accepted()
 
     def assemble(cfg, need_train=True, **objects):
-        cfg.validate()
+        cfg = cfg.validate().resolved()
         task = mobizo.build.load_task(cfg)
         task.load("validation", cfg.data.eval_examples, cfg.seed)
         # what was accepted is sane

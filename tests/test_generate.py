@@ -29,6 +29,7 @@ RUN = dict(
     eval_every=3,
     eval_examples=16,
     eval_batch_size=8,
+    optimizer="sgd",
     lr=4.0,
     eps=0.05,
     seed=3,

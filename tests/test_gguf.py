@@ -76,6 +76,7 @@ def test_train_eval_convert_and_peft_round_trip(tiny_gguf, tmp_path, run_cli):
             eval_every=0,
             save_every=0,
             eval_examples=16,
+            optimizer="sgd",
             lr=1.0,
             eps=0.05,
             progress=False,

@@ -258,6 +258,8 @@ def test_a_program_of_another_scheme_is_refused(programs, tmp_path, run_cli):
             4,
             "--max-length",
             32,
+            "--optimizer",
+            "sgd",
             "--lr",
             1.0,
             "--eps",

@@ -64,7 +64,9 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train(capsys, out, *extra) -> tuple[int, str]:
-    return run_cli(capsys, "train", *FAST, "--out", out, *extra)
+    """A run in ``out``: ZO-SGD unless ``extra`` names a rule (a resumed run keeps its own)."""
+    rule = [] if {"--optimizer", "--resume"} & set(extra) else ["--optimizer", "sgd"]
+    return run_cli(capsys, "train", *FAST, *rule, "--out", out, *extra)
 
 
 def same_bits(a: dict, b: dict) -> bool:

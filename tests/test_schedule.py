@@ -66,6 +66,8 @@ def test_resume_with_a_decaying_schedule_keeps_steps(tmp_path, run_cli):
         8,
         "--eval-every",
         0,
+        "--optimizer",
+        "sgd",
         "--lr",
         2.0,
         "--eps",

@@ -111,7 +111,7 @@ def run_convergence(
                     batch_size=c["batch_size"],
                     lr=c["lr"],
                     eps=c["eps"],
-                    optimizer=c["optimizer"] if c["estimator"] == "fo" else None,
+                    optimizer=c["optimizer"],
                     steps=p.steps,
                     rank=8,
                     alpha=16.0,

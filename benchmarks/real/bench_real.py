@@ -71,6 +71,7 @@ def main() -> None:
         **task,
         queries=args.queries,
         batch_size=args.batch_size,
+        optimizer="sgd",
         lr=1e-3,
         eps=1e-3,
         max_length=args.max_length,

@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("data")
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--optimizer", default="sgd", help="the update rule (the results in results/ used sgd)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -42,6 +43,7 @@ def main() -> None:
             template="Word: {text}\nSentiment:",
             label_words="negative,positive",
             estimator="prge",
+            optimizer=args.optimizer,
             queries=4,
             batch_size=8,
             lr=args.lr,

@@ -97,6 +97,8 @@ def run_variant(name: str, args) -> dict:
             "4",
             "--batch-size",
             "8",
+            "--optimizer",
+            "sgd",
             "--lr",
             "1e-2",
             "--eps",

@@ -291,7 +291,7 @@ def assemble(
     from .resources import cap_threads, warn_batch
     from .threads import apply_threads
 
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     cfg = cfg.replace(threads=cap_threads(cfg.run.threads))
     apply_threads(cfg.run.threads, runtime=False)
     d = cfg.data

@@ -325,7 +325,7 @@ def make_bundle(
         )
     check_cpu_float32(cfg.engine.device, cfg.engine.dtype, "mobizo bundle")
     # the native trainer pads every batch to --max-length: a program for exactly that length exports quicker
-    cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate()
+    cfg = cfg.replace(engine="executorch", program=None, fixed_length=True).validate().resolved()
     out = Path(out_dir)
     check_replaceable(out, "bundle", overwrite, entries=BUNDLE_ENTRIES, exclusive=True)  # before any work
     binary = None

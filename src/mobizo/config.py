@@ -151,9 +151,10 @@ class OptimArgs:
         choices=("auto", "answer", "choice"),
         trajectory=True,
     )
-    lr: float | str = opt(
-        1e-2,
-        "learning rate: B -= lr * mean_i(g_i z_i); auto: a short probe of a few learning rates at the start picks it "
+    lr: float | str | None = opt(
+        None,
+        "learning rate (default: the update rule's: fzoo 0.03, sgd 0.01, momentum 0.001, adam 0.01, sign 0.01, "
+        "hizoo 0.01; fo: sgd 0.01, adamw 0.001); auto: a short probe of a few learning rates at the start picks it "
         "(docs/optimizers.md)",
         trajectory=True,
         recovery=True,
@@ -175,8 +176,8 @@ class OptimArgs:
     steps: int = opt(1000, "total training steps (with --resume: continue up to this)", setting=True, minimum=1)
     optimizer: str | None = opt(
         None,
-        "update rule. Zeroth-order: sgd (default), momentum, adam, sign, fzoo (each direction's projection "
-        "normalised by the step's spread), hizoo (diagonal curvature; one more copy per forward); fo: sgd "
+        "update rule. Zeroth-order: fzoo (default: each direction's projection normalised by the step's spread), "
+        "sgd (MeZO's), momentum, adam, sign, hizoo (diagonal curvature; one more copy per forward); fo: sgd "
         "(default) or adamw (docs/optimizers.md)",
         choices=ZO_RULES + FO_OPTIMIZERS[1:],
         trajectory=True,
@@ -336,6 +337,21 @@ class TrainConfig:
             out.update(dataclasses.asdict(getattr(self, part)))
         return out
 
+    def rule(self) -> str:
+        """The update rule: ``--optimizer``, else the estimator's default (fzoo for zeroth-order, sgd for fo)."""
+        from .zo_optim import DEFAULT_RULE
+
+        return self.optim.optimizer or ("sgd" if self.optim.estimator == "fo" else DEFAULT_RULE)
+
+    def resolved(self) -> TrainConfig:
+        """The run's rule and lr spelled out (``--optimizer`` / ``--lr`` not given: the defaults), so that
+        logs and checkpoints never hold a default whose meaning a later version could change."""
+        from .zo_optim import default_lr
+
+        o, rule = self.optim, self.rule()
+        lr = default_lr(o.estimator == "fo", rule) if o.lr is None else o.lr
+        return self if (o.optimizer, o.lr) == (rule, lr) else self.replace(optimizer=rule, lr=lr)
+
     def trajectory(self) -> dict:
         """The fields that shape the updates (saved in the log header and the checkpoint)."""
         return {k: v for k, v in self.flat().items() if FIELDS[k].metadata.get("trajectory")}
@@ -361,13 +377,15 @@ class TrainConfig:
                 raise MobizoError(f"{flag(name)} must be a finite number, got {value}")
             if lo is not None and value < lo:
                 raise MobizoError(f"{flag(name)} must be >= {lo:g}, got {value}")
-        if flat["lr"] == "auto":
+        if flat["lr"] is None:
+            pass  # the rule's default (resolved)
+        elif flat["lr"] == "auto":
             if self.run.resume:
                 raise MobizoError("--lr auto chooses the lr of a new run; a resumed run keeps its own (omit --lr)")
         elif not isinstance(flat["lr"], (int, float)) or isinstance(flat["lr"], bool):
             raise MobizoError(f"--lr must be a positive number or auto, got {flat['lr']!r}")
         for name in ("lr", "eps", "alpha"):
-            if name == "lr" and flat[name] == "auto":
+            if name == "lr" and flat[name] in (None, "auto"):
                 continue
             if not flat[name] > 0:
                 raise MobizoError(f"{flag(name)} must be a positive number, got {flat[name]}")
@@ -548,6 +566,13 @@ def given(args: argparse.Namespace, names=None) -> dict:
     return out
 
 
+def legacy_trajectory(saved: dict) -> dict:
+    """A saved run's trajectory fields as this version reads them: a run from before the update rules
+    saved no ``optimizer``, or null, and trained with sgd (ZO-SGD, or fo's sgd); since the defaults are
+    written out (:meth:`TrainConfig.resolved`) a null cannot mean anything else."""
+    return {**saved, "optimizer": saved.get("optimizer") or "sgd"} if saved else saved
+
+
 def non_default(cfg: TrainConfig) -> set[str]:
     """Flat names whose value differs from the default: what a Python caller 'gave'."""
     return {k for k, v in cfg.flat().items() if v != DEFAULTS[k]}
@@ -557,7 +582,9 @@ def non_default(cfg: TrainConfig) -> set[str]:
 MODEL_FLAGS = ("model", "trust_remote_code") + tuple(f.name for f in dataclasses.fields(QuantArgs))
 DATA_FLAGS = tuple(f.name for f in dataclasses.fields(DataArgs))
 ADAPTER_FLAGS = tuple(f.name for f in dataclasses.fields(AdapterArgs))
+# what an exported program bakes in (lr, eps and the lr schedule are the step's inputs, not the program's)
 STEP_FLAGS = ("estimator", "queries", "batch_size", "data_mode", "objective", "weight_decay", "max_grad", "seed")
+STEP_FLAGS += ("optimizer", "beta1", "beta2", "hessian_smoothing")
 TRAIN_FLAGS = (
     MODEL_FLAGS
     + ("seed",)

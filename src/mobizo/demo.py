@@ -18,6 +18,7 @@ DEMO = dict(
     model="tiny",
     task="synthetic",
     estimator="prge",
+    optimizer="sgd",  # (its lr: the random-init model needs far larger steps than a pretrained one)
     queries=4,
     batch_size=8,
     lr=4.0,

@@ -447,7 +447,7 @@ def _train(group: Group, cfg, given: set, on_step, objects: dict) -> dict:
         out.check(c.run.resume, c.run.overwrite)
         if c.run.resume:
             c = resolve_resume(c, given, out).validate()
-        c = c.replace(out=str(out.path))
+        c = c.replace(out=str(out.path)).resolved()
         check_config(c, group.world)
         _check_flags(c, given_per_rank, c.engine.dist_mode == "federated")
         return c.flat()

@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .build import Run, assemble, build_engine, needs_weights
 from .checkpoint import read_rollback
-from .config import DEFAULTS, FIELDS, TrainConfig, flag, non_default
+from .config import DEFAULTS, FIELDS, TrainConfig, flag, legacy_trajectory, non_default
 from .data import collate, collate_choices, step_indices
 from .divergence import FACTOR, LR_CUT, MAX_ROLLBACKS, PATIENCE, Monitor
 from .errors import MobizoError
@@ -94,7 +94,7 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
     is an error, except lr / eps / max_grad (a recovery after the divergence guard stopped a run: every
     step's lr is logged, so `mobizo replay` still rebuilds the adapter), which change with a warning."""
     state = out.read_state()
-    saved = state.get("config") or {}
+    saved = legacy_trajectory(state.get("config") or {})
     settings = state.get("settings") if isinstance(state.get("settings"), dict) else {}
     updates = {
         k: v for k, v in settings.items() if k in FIELDS and FIELDS[k].metadata.get("setting") and k not in given
@@ -137,7 +137,7 @@ def restore(run: Run, out: RunDir) -> dict:
     configuration); the loop's starting counters."""
     cfg = run.cfg
     adapter, _, state, opt_state = out.load_checkpoint()
-    saved = state.get("config") or {}
+    saved = legacy_trajectory(state.get("config") or {})
     # a field the checkpoint predates (e.g. --quantize) had its default in that run
     if saved and _fixed({k: saved.get(k, DEFAULTS[k]) for k in cfg.trajectory()}) != _fixed(cfg.trajectory()):
         raise MobizoError(f"--resume: the checkpoint in {out.path} belongs to a different run configuration")
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
     out.check(cfg.run.resume, cfg.run.overwrite)
     if cfg.run.resume:
         cfg = resolve_resume(cfg, non_default(cfg) if given is None else set(given), out).validate()
-    cfg = cfg.replace(out=str(out.path))
+    cfg = cfg.replace(out=str(out.path)).resolved()  # (after --resume: a resumed run keeps its rule and lr)
     existed = out.path.exists()
     e = cfg.engine
     # The run directory's program/ is in use when the run exports into it (or points --program at it).
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None, on_step=None, **objec
     return Trainer(run, out, start, on_step, summary_fields={"lr_probe": probe} if probe else None).fit()
 
 
-# --lr auto: a short probe around the rule's usual learning rate (zo_optim.DEFAULT_LR)
+# --lr auto: a short probe around the rule's default learning rate (zo_optim.DEFAULT_LR)
 PROBE_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 PROBE_STEPS = 20
 PROBE_EXAMPLES = 64
@@ -217,12 +217,12 @@ def probe_lr(run: Run) -> tuple[float, list[dict]]:
     after each, and keep the learning rate with the lowest (ties: the larger lr); the adapter and the rule's
     state are put back before the run starts. Every candidate's result is printed and kept in the summary
     (``lr_probe``). Costs ``len(PROBE_FACTORS) x PROBE_STEPS`` steps and as many small evals."""
-    from .zo_optim import DEFAULT_LR
+    from .zo_optim import default_lr
 
     cfg, engine = run.cfg, run.engine
     if not run.validation:
         raise MobizoError("--lr auto measures each candidate on the validation split, and this run has none")
-    base = DEFAULT_LR["fo" if cfg.optim.estimator == "fo" else (cfg.optim.optimizer or "sgd")]
+    base = default_lr(cfg.optim.estimator == "fo", cfg.rule())
     candidates = [float(f"{base * f:.3g}") for f in PROBE_FACTORS]
     examples = run.validation[:PROBE_EXAMPLES]
     adapter, optimizer = engine.adapter_state(), engine.optimizer_state()
