@@ -6,7 +6,8 @@ Each row is one whole ``mobizo`` process (its peak RSS, ``ru_maxrss`` of that ch
 interpreter, libraries, model or program, and the work), run on the same data: a custom
 classification task whose prompts all fill ``--length`` tokens (long texts cut from the left), so
 the eager engine pads to the same length as the program. Settings: prge, batch 4, q 2, three steps,
-eval on 8 examples at the end.
+eval on 8 examples at the end; every other setting mobizo's default (``--eval-batch-size`` 32: the
+program's ``score`` takes one copy of the step's batch, 4 rows, and eval is chunked to it).
 
 * export: ``mobizo export`` (the program alone), with its wall time;
 * ET ZO (Python): ``mobizo train --engine executorch --program P``;
@@ -173,8 +174,6 @@ def measure(model: str, work: Path, length: int, native: bool, et_fo: bool = Tru
         "2",
         "--eval-examples",
         "8",
-        "--eval-batch-size",
-        "4",
         "--seed",
         "0",
         "--no-progress",

@@ -360,6 +360,7 @@ def test_eval_with_a_quantized_base(tmp_path, run_cli):
 def test_resume_keeps_the_scheme(tmp_path, run_cli):
     out = tmp_path / "r"
     base = ["train", "--model", "tiny", "--eval-every", 0, "--eval-examples", 8, "--out", out, "--no-progress"]
+    base += ["--optimizer", "sgd"]  # a constant lr: --resume may extend --steps
     assert run_cli(base + ["--quantize", "8da4w", "--steps", 2])[0] == 0
     code, err = run_cli(base + ["--quantize", "8da8w", "--steps", 3, "--resume"])
     assert code == 2 and "used --quantize 8da4w, not 8da8w" in err

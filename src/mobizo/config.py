@@ -160,9 +160,10 @@ class OptimArgs:
         recovery=True,
         auto=True,
     )
-    lr_schedule: str = opt(
-        "constant",
-        "learning-rate schedule over --steps (after the warmup)",
+    lr_schedule: str | None = opt(
+        None,
+        "learning-rate schedule over --steps (after the warmup); default: the update rule's (cosine for fzoo, "
+        "constant for the others)",
         choices=("constant", "linear", "cosine"),
         trajectory=True,
     )
@@ -343,14 +344,22 @@ class TrainConfig:
 
         return self.optim.optimizer or ("sgd" if self.optim.estimator == "fo" else DEFAULT_RULE)
 
+    def schedule(self) -> str:
+        """The lr schedule: ``--lr-schedule``, else the rule's default."""
+        from .zo_optim import default_schedule
+
+        return self.optim.lr_schedule or default_schedule(self.optim.estimator == "fo", self.rule())
+
     def resolved(self) -> TrainConfig:
-        """The run's rule and lr spelled out (``--optimizer`` / ``--lr`` not given: the defaults), so that
-        logs and checkpoints never hold a default whose meaning a later version could change."""
+        """The run's rule, lr and lr schedule spelled out (not given: the rule's defaults), so that logs
+        and checkpoints never hold a default whose meaning a later version could change."""
         from .zo_optim import default_lr
 
-        o, rule = self.optim, self.rule()
+        o, rule, schedule = self.optim, self.rule(), self.schedule()
         lr = default_lr(o.estimator == "fo", rule) if o.lr is None else o.lr
-        return self if (o.optimizer, o.lr) == (rule, lr) else self.replace(optimizer=rule, lr=lr)
+        if (o.optimizer, o.lr, o.lr_schedule) == (rule, lr, schedule):
+            return self
+        return self.replace(optimizer=rule, lr=lr, lr_schedule=schedule)
 
     def trajectory(self) -> dict:
         """The fields that shape the updates (saved in the log header and the checkpoint)."""
@@ -396,7 +405,7 @@ class TrainConfig:
         o, e, r = self.optim, self.engine, self.run
         from .schedule import check_schedule
 
-        check_schedule(o.lr_schedule, o.warmup_steps, o.steps)
+        check_schedule(self.schedule(), o.warmup_steps, o.steps)
         if r.resume and r.overwrite:
             raise MobizoError("--resume and --overwrite exclude each other (continue the run, or replace it)")
         if r.out is not None and not str(r.out).strip():
@@ -568,9 +577,16 @@ def given(args: argparse.Namespace, names=None) -> dict:
 
 def legacy_trajectory(saved: dict) -> dict:
     """A saved run's trajectory fields as this version reads them: a run from before the update rules
-    saved no ``optimizer``, or null, and trained with sgd (ZO-SGD, or fo's sgd); since the defaults are
-    written out (:meth:`TrainConfig.resolved`) a null cannot mean anything else."""
-    return {**saved, "optimizer": saved.get("optimizer") or "sgd"} if saved else saved
+    saved no ``optimizer``, or null, and trained with sgd (ZO-SGD, or fo's sgd) at a constant lr unless
+    it named a schedule; since the defaults are written out (:meth:`TrainConfig.resolved`) a null cannot
+    mean anything else."""
+    if not saved:
+        return saved
+    return {
+        **saved,
+        "optimizer": saved.get("optimizer") or "sgd",
+        "lr_schedule": saved.get("lr_schedule") or "constant",
+    }
 
 
 def non_default(cfg: TrainConfig) -> set[str]:

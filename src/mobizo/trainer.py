@@ -111,9 +111,9 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
         updates[k] = v
     cfg = cfg.replace(**updates)
     saved_steps = settings.get("steps")
-    if cfg.optim.lr_schedule != "constant" and saved_steps is not None and cfg.optim.steps != saved_steps:
+    if cfg.schedule() != "constant" and saved_steps is not None and cfg.optim.steps != saved_steps:
         raise MobizoError(
-            f"--resume: with --lr-schedule {cfg.optim.lr_schedule} --steps shapes every step's lr; the run "
+            f"--resume: with --lr-schedule {cfg.schedule()} --steps shapes every step's lr; the run "
             f"in {out.path} used --steps {saved_steps}"
         )
     return cfg

@@ -49,11 +49,20 @@ RULES = ("sgd", "momentum", "adam", "sign", "fzoo", "hizoo")
 DEFAULT_LR = {"sgd": 1e-2, "momentum": 1e-3, "adam": 1e-2, "sign": 1e-2, "fzoo": 3e-2, "hizoo": 1e-2}
 FO_DEFAULT_LR = {"sgd": 1e-2, "adamw": 1e-3}  # --estimator fo's optimizers
 DEFAULT_RULE = "fzoo"  # the zeroth-order default: scale-free steps learn on every benchmark task and model
+# Each rule's --lr-schedule when none is given. A normalised step does not shrink as the gradient does,
+# so at a constant lr fzoo hovers around the optimum it reached early (SmolLM2, 300 steps: 0.853 at
+# step 100, 0.803 at 300); decayed over --steps it keeps the early speed and settles (0.857 at 200).
+DEFAULT_SCHEDULE = {"fzoo": "cosine"}
 
 
 def default_lr(first_order: bool, optimizer: str) -> float:
     """The learning rate of ``optimizer`` (a ZO rule, or fo's sgd / adamw) when --lr is not given."""
     return (FO_DEFAULT_LR if first_order else DEFAULT_LR)[optimizer]
+
+
+def default_schedule(first_order: bool, optimizer: str) -> str:
+    """The --lr-schedule of ``optimizer`` when none is given."""
+    return "constant" if first_order else DEFAULT_SCHEDULE.get(optimizer, "constant")
 
 
 ADAM_DELTA = 1e-8  # Adam's denominator floor
