@@ -64,18 +64,17 @@ def _time_decoder(make_decoder, ids: list[int], repeat: int) -> dict:
 
 def worker(row: str, args) -> dict:
     """One row, in this process."""
-    import torch
-
-    torch.set_num_threads(args.threads)
     if row.startswith("llama.cpp"):
         from llama_cpp import Llama
 
         path = dict(x.split("=", 1) for x in args.llama_gguf)[row.split(" ", 1)[1]]
         llm = Llama(model_path=path, n_ctx=PROMPT_TOKENS + NEW_TOKENS, n_threads=args.threads, verbose=False)
-        from mobizo.models import load_model
+        from tokenizers import Tokenizer
 
-        _, tok = load_model(args.gguf)
-        ids = prompt_ids(tok)
+        # the tokenizer library alone (the model's tokenizer.json, beside the program), no torch and no
+        # model: they would count in this row's peak RSS
+        tok = Tokenizer.from_file(str(Path(args.work) / "program-fp32" / "tokenizer" / "tokenizer.json"))
+        ids = tok.encode(TEXT * 3, add_special_tokens=True).ids[:PROMPT_TOKENS]
 
         def once():
             llm.reset()
@@ -93,6 +92,9 @@ def worker(row: str, args) -> dict:
             "prefill_s": statistics.median(r[0] for r in runs),
             "decode_tok_s": statistics.median(r[1] for r in runs),
         }
+    import torch
+
+    torch.set_num_threads(args.threads)
     if row == "eager":
         from mobizo.engines.eager import EagerEngine
         from mobizo.models import load_model

@@ -304,3 +304,33 @@ def test_lr_auto_probes_and_logs_its_choice(capsys, tmp_path):
     assert rc == 2 and "a resumed run keeps its own" in err
     rc, err = cli(capsys, "bundle", "--lr", "auto", "--out", tmp_path / "b")
     assert rc == 2 and "--lr auto probes" in err and not (tmp_path / "b").exists()
+
+
+def test_the_defaults_are_written_out_and_replay(capsys, tmp_path):
+    """No --optimizer, --lr or --lr-schedule: the run is fzoo at 3e-2 decayed by a cosine over --steps, and
+    its log header, checkpoint and summary say so (a later change of defaults cannot change what --resume or
+    replay does); each step's logged lr follows the cosine, and the log replays to the adapter bit for bit.
+    ZO-SGD's own defaults are 1e-2 at a constant lr. A decayed run's --steps is kept on --resume."""
+    from mobizo.checkpoint import read_state
+    from mobizo.schedule import lr_at
+
+    base = FAST[: FAST.index("--lr")]  # FAST without its --lr / --eps
+    out, sgd = tmp_path / "default", tmp_path / "sgd"
+    assert cli(capsys, "train", *base, "--steps", 4, "--save-every", 2, "--out", out)[0] == 0
+    assert cli(capsys, "train", *base, "--steps", 2, "--optimizer", "sgd", "--out", sgd)[0] == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    saved = [
+        json.loads(lines[0])["config"],
+        read_state(out / "checkpoint")["config"],
+        json.loads((out / "summary.json").read_text())["config"],
+    ]
+    assert all((c["optimizer"], c["lr"], c["lr_schedule"]) == ("fzoo", 0.03, "cosine") for c in saved)
+    lrs = [json.loads(line)["lr"] for line in lines[1:] if "step" in json.loads(line)]
+    assert lrs == [lr_at(s, 0.03, 4, "cosine") for s in range(1, 5)] and lrs[0] > lrs[-1]
+    assert cli(capsys, "replay", "--log", out / "metrics.jsonl", "--out", tmp_path / "re")[0] == 0
+    a, r = read_adapter(out / "adapter")[0], read_adapter(tmp_path / "re")[0]
+    assert all(torch.equal(a[k].view(torch.uint8), r[k].view(torch.uint8)) for k in a)
+    header = json.loads((sgd / "metrics.jsonl").read_text().splitlines()[0])["config"]
+    assert (header["optimizer"], header["lr"], header["lr_schedule"]) == ("sgd", 0.01, "constant")
+    rc, err = cli(capsys, "train", "--out", out, "--resume", "--steps", 8, "--no-progress")
+    assert rc == 2 and "with --lr-schedule cosine --steps shapes every step's lr" in err
