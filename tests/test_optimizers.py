@@ -334,3 +334,17 @@ def test_the_defaults_are_written_out_and_replay(capsys, tmp_path):
     assert (header["optimizer"], header["lr"], header["lr_schedule"]) == ("sgd", 0.01, "constant")
     rc, err = cli(capsys, "train", "--out", out, "--resume", "--steps", 8, "--no-progress")
     assert rc == 2 and "with --lr-schedule cosine --steps shapes every step's lr" in err
+
+
+def test_the_flags_help_states_the_defaults_zo_optim_holds():
+    """config stays free of torch, so the --lr / --optimizer / --lr-schedule help spells the defaults out:
+    it must say what zo_optim holds."""
+    from mobizo.config import FIELDS
+    from mobizo.zo_optim import DEFAULT_LR, DEFAULT_RULE, DEFAULT_SCHEDULE, FO_DEFAULT_LR
+
+    lr_help = FIELDS["lr"].metadata["help"]
+    assert all(f"{rule} {lr:g}" in lr_help for rule, lr in DEFAULT_LR.items())
+    assert f"fo: sgd {FO_DEFAULT_LR['sgd']:g}, adamw {FO_DEFAULT_LR['adamw']:g}" in lr_help
+    assert f"{DEFAULT_RULE} (default" in FIELDS["optimizer"].metadata["help"]
+    schedule_help = FIELDS["lr_schedule"].metadata["help"]
+    assert all(f"{schedule} for {rule}" in schedule_help for rule, schedule in DEFAULT_SCHEDULE.items())
