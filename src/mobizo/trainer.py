@@ -114,7 +114,7 @@ def resolve_resume(cfg: TrainConfig, given: set[str], out: RunDir) -> TrainConfi
     if cfg.schedule() != "constant" and saved_steps is not None and cfg.optim.steps != saved_steps:
         raise MobizoError(
             f"--resume: with --lr-schedule {cfg.schedule()} --steps shapes every step's lr; the run "
-            f"in {out.path} used --steps {saved_steps}"
+            f"in {out.path} used --steps {saved_steps} (a run to extend later needs --lr-schedule constant)"
         )
     return cfg
 
