@@ -925,6 +925,17 @@ def test_custom_records_with_choices_are_multiple_choice(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and summary["config"]["task"] == "custom"
     assert summary["config"]["objective"] == "auto" and summary["eval"]["n"] == 6
+    # `mobizo predict --run` ranks each new record's own choices (the run's data tells it is multiple choice)
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"question": "Which one?", "choices": ["a rock", FOODS[0], "a cloud"]}) + "\n")
+    capsys.readouterr()
+    assert main(["predict", "--run", out, "--input", new, "--json", "--no-progress"]) == 0
+    (pred,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert pred["candidates"] == ["a rock", FOODS[0], "a cloud"] and len(pred["probabilities"]) == 3
+    assert abs(sum(pred["probabilities"]) - 1) < 1e-6 and pred["label"] in pred["candidates"]
+    new.write_text(json.dumps({"question": "Which one?"}) + "\n")
+    assert main(["predict", "--run", out, "--input", new]) == 2
+    assert "new.jsonl:1: 'choices' should be a list of at least two strings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _adapter_arguments(p, "omit both to use the untouched model")
     C.add_arguments(
         p,
-        C.MODEL_FLAGS + ("task", "template", "label_words", "max_length", "truncation", "eval_batch_size"),
-        {"eval_batch_size": {"help": "inputs per forward"}},
+        C.MODEL_FLAGS + ("task", "data", "template", "label_words", "max_length", "truncation", "eval_batch_size"),
+        {
+            "eval_batch_size": {"help": "inputs per forward"},
+            "data": {"help": "--task custom's data folder: only read to tell multiple choice (records with choices)"},
+        },
     )
     C.add_arguments(p, ("threads", "progress"))
     p.add_argument(
@@ -379,7 +382,7 @@ def cmd_predict(args) -> int:
     from .inference import format_prediction, input_examples, load_predictor, predict, read_inputs
     from .util import dumps
 
-    names = C.MODEL_FLAGS + ("task", "template", "label_words", "max_length", "truncation", "eval_batch_size")
+    names = C.MODEL_FLAGS + ("task", "data", "template", "label_words", "max_length", "truncation", "eval_batch_size")
     _, items = read_inputs(args.input)  # bad input fails before anything loads
     cfg, src = _use(args, names + ("threads", "progress"))
     pred = load_predictor(cfg, src)

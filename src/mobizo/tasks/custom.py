@@ -131,17 +131,29 @@ class CustomMultipleChoice(Task):
         self.template = template or self.TEMPLATE
         template_fields(self.template)
 
+    def input_fields(self) -> list[str]:
+        return [*template_fields(self.template), "choices"]
+
+    @staticmethod
+    def _choices(rec: dict, where: str) -> list[str]:
+        choices = rec.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise MobizoError(f"{where}: 'choices' should be a list of at least two strings")
+        choices = [check_text(c.strip(), f"{where}: a choice") for c in choices]
+        if any(not c for c in choices) or len(set(choices)) != len(choices):
+            raise MobizoError(f"{where}: choices must be non-empty and distinct, got {choices!r}")
+        return choices
+
+    def example(self, record: dict, where: str) -> Example:
+        choices = self._choices(record, where)
+        return Example(prompt=render(self.template, record, where), candidates=[" " + c for c in choices])
+
     def load_split(self, split: str) -> list[Example]:
         path = find_split(self.data, split)
         out = []
         for i, rec in enumerate(read_records(path, split), 1):
             where = f"{path} record {i}"
-            choices = rec.get("choices")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise MobizoError(f"{where}: 'choices' should be a list of at least two strings")
-            choices = [check_text(c.strip(), f"{where}: a choice") for c in choices]
-            if any(not c for c in choices) or len(set(choices)) != len(choices):
-                raise MobizoError(f"{where}: choices must be non-empty and distinct, got {choices!r}")
+            choices = self._choices(rec, where)
             if "answer" not in rec:
                 raise MobizoError(f"{where}: missing 'answer' (the index of the right choice, or its text)")
             answer = rec["answer"]
