@@ -643,6 +643,8 @@ def test_cli_native_train_then_eval_equals_the_python_executorch_run(binary, bun
         24,
         "--eval-batch-size",
         8,
+        "--optimizer",
+        "sgd",
         "--lr",
         1.0,
         "--eps",

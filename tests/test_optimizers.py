@@ -202,7 +202,8 @@ def test_eager_executorch_and_native_follow_one_trajectory(tmp_path, rule):
     from mobizo.replay import replay
 
     flat = dict(model="tiny", task="synthetic", queries=2, batch_size=2, max_length=16, eval_examples=8, seed=3)
-    flat.update(optimizer=rule, lr=LR[rule], eps=0.05, steps=6, save_every=3, progress=False)
+    # a constant lr: the Python engine and eager below are driven at LR[rule] on every step
+    flat.update(optimizer=rule, lr=LR[rule], lr_schedule="constant", eps=0.05, steps=6, save_every=3, progress=False)
     cfg = TrainConfig.from_flat(**flat)
     bundle = make_bundle(cfg, tmp_path / "bundle")
     exe = build()
