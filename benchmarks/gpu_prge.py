@@ -35,20 +35,11 @@ import sys
 import time
 from pathlib import Path
 
+from mobizo_bench.common import TINYLLAMA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ESTIMATORS = ("prge", "prge-outer", "mezo")
-TINYLLAMA = dict(
-    hidden_size=2048,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    intermediate_size=5632,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 ANSWER = 8  # supervised tokens per row (the answer window)
 
 

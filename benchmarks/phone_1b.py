@@ -27,18 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from mobizo_bench.common import TINYLLAMA
+
 ROOT = Path(__file__).resolve().parents[1]
-TINYLLAMA = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    vocab_size=32000,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
 STEP = ["--max-length", "64", "--batch-size", "4", "--queries", "2", "--seed", "0", "--eval-examples", "8"]
 QUANT = ["--quantize", "8da4w", "--quantize-embeddings"]
 

@@ -28,6 +28,18 @@ LLAMA_100M = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
+# TinyLlama-1.1B's shape (random weights: they cost what trained ones cost): gpu_prge.py, phone_1b.py.
+TINYLLAMA = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 MODELS = ("tiny", "100m")
 RANK, ALPHA, TARGETS, ADAPTER_SEED = 8, 16.0, ("q_proj", "v_proj"), 0
 LENGTH = 64  # tokens per sequence in the speed and memory benchmarks
