@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -610,6 +611,10 @@ class Terminal:
     def __init__(self, *argv):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes mobizo
+            # as a shell starts it: Ctrl-C's SIGINT neither ignored nor blocked, whatever this test process
+            # inherited from the tests before it (an ignored or blocked signal survives exec)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.execve(sys.executable, [sys.executable, "-m", "mobizo", *map(str, argv)], _env())
         self.seen = ""
 
@@ -658,8 +663,13 @@ class Terminal:
                     rest += chunk.decode("utf-8", "replace")
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status), rest
+        try:  # what the child did with its signals, for the message
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            signals = " ".join(line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+        except OSError:
+            signals = "?"
         os.kill(self.pid, 9)
-        raise AssertionError(f"mobizo chat did not exit: {rest!r}")
+        raise AssertionError(f"mobizo chat did not exit: {rest!r} ({signals})")
 
 
 @pytest.mark.slow
