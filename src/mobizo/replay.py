@@ -19,6 +19,7 @@ import torch
 
 from . import rundir
 from .checkpoint import save_adapter
+from .config import legacy_trajectory
 from .errors import MobizoError
 from .step import ZO_ESTIMATORS, ZOConfig, ZOStep, apply_rule
 from .zo_optim import directions
@@ -115,7 +116,7 @@ def replay(
         if not (out / "adapter_config.json").is_file():
             raise MobizoError(f"--overwrite: {out} is not an adapter directory; not replacing it")
     header, records = read_log(log)
-    cfg = header["config"]
+    cfg = legacy_trajectory(header["config"])  # (a log from before the rules: ZO-SGD)
     estimator = cfg["estimator"]
     try:
         queries, seed, rank = int(cfg["queries"]), int(cfg["seed"]), int(cfg["rank"])
@@ -149,7 +150,7 @@ def replay(
             seed,
             cfg.get("data_mode", "repeat"),
             wd,
-            optimizer=cfg.get("optimizer") or "sgd",  # (a log from before the rules: ZO-SGD)
+            optimizer=cfg["optimizer"],
             beta1=float(cfg.get("beta1", 0.9)),
             beta2=float(cfg.get("beta2", 0.999)),
             hessian_smoothing=float(cfg.get("hessian_smoothing", 1e-6)),
